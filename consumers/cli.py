@@ -1,0 +1,6 @@
+import click
+
+
+@click.group()
+def consume() -> None:
+    """Not built yet."""

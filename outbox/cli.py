@@ -1,0 +1,54 @@
+"""The ``outbox`` command: it only assembles the commands each package owns."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from outbox.config import default_map_for, load_file
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="OUTBOX_CONFIG",
+              help="TOML file with one table per command ([relay], [install], [consume.readstore], ...). "
+                   "Command-line options and OUTBOX_* environment variables override it.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="outbox-relay")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
+    """outbox-relay: every change in your PostgreSQL store databases, as ordered events on Kafka.
+
+    \b
+    Quick start on this machine:
+      outbox dev up && eval "$(outbox dev env)"
+      outbox demo
+    """
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config_path:
+        assert isinstance(ctx.command, click.Group)
+        ctx.default_map = default_map_for(ctx.command, load_file(config_path), config_path)
+
+
+def _register() -> None:
+    from consumers.cli import consume
+    from outbox.demo import demo
+    from outbox.install import install, uninstall
+    from outbox.sandbox import dev
+    from relay.cli import relay
+
+    for command in (dev, install, uninstall, relay, consume, demo):
+        cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> Any:
+    return cli.main(args=argv, prog_name="outbox", auto_envvar_prefix="OUTBOX")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,227 @@
+"""One typed settings object per command, from command line, environment and a TOML file.
+
+Precedence, highest first: command-line option, environment variable (click's
+``auto_envvar_prefix="OUTBOX"`` convention: ``OUTBOX_RELAY_DSN``, ``OUTBOX_CONSUME_READSTORE_GROUP``),
+the ``--config`` TOML file (one table per command: ``[relay]``, ``[consume.readstore]``), then
+defaults. Everything is validated once at start; an error names the bad key in one line.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from outbox import contract
+from outbox.dsn import parse as parse_dsn
+from outbox.errors import ConfigError
+
+_IDENT = re.compile(r"^[A-Za-z0-9_.-]+$")
+_QUALIFIED = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$")
+
+F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=BaseModel)
+
+
+# --------------------------------------------------------------------------- the TOML file
+def load_file(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def default_map_for(command: click.Command, data: dict[str, Any], path: str, where: str = "") -> dict[str, Any]:
+    """Check a config table against a command tree and turn it into click's ``default_map``.
+
+    Unknown keys are an error, so that a misspelt key is never silently ignored.
+    """
+    result: dict[str, Any] = {}
+    params = {p.name: p for p in command.params if p.name and p.name not in ("config", "help")}
+    subcommands = command.commands if isinstance(command, click.Group) else {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        name = f"{where}.{raw_key}" if where else raw_key
+        if raw_key in subcommands and isinstance(value, dict):
+            result[raw_key] = default_map_for(subcommands[raw_key], value, path, name)
+        elif key in params and not isinstance(value, dict):
+            result[key] = value
+        else:
+            raise ConfigError(f"config file {path}: unknown key '{name}'")
+    return result
+
+
+# --------------------------------------------------------------------------- validation
+def build(model: type[M], **values: Any) -> M:
+    """Validate command parameters into a settings object; one line naming the bad key."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or model.__name__
+        raise ConfigError(f"invalid setting '{key}': {err['msg']}") from None
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_dsn(value: str) -> str:
+    parse_dsn(value)
+    return value
+
+
+class KafkaSettings(_Settings):
+    """How to reach Kafka. Passwords come from the environment only, never from argv."""
+
+    bootstrap: str = Field(min_length=1)
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @field_validator("security_protocol")
+    @classmethod
+    def _protocol(cls, v: str) -> str:
+        allowed = {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}
+        if v.upper() not in allowed:
+            raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
+        return v.upper()
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by aiokafka producers, consumers and admin clients."""
+        kw: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kw["ssl_context"] = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile)
+        if self.security_protocol.startswith("SASL"):
+            kw["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            kw["sasl_plain_username"] = self.sasl_username
+            kw["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        return kw
+
+
+def kafka_options(func: F) -> F:
+    """The Kafka connection options, shared by every command that talks to Kafka."""
+    options = [
+        click.option("--kafka-bootstrap", "kafka_bootstrap", metavar="HOST:PORT", required=True,
+                     envvar=["KAFKA_BOOTSTRAP_SERVERS"], show_envvar=True,
+                     help="Kafka bootstrap servers, comma separated (also read from KAFKA_BOOTSTRAP_SERVERS)."),
+        click.option("--kafka-security-protocol", default="PLAINTEXT", show_default=True,
+                     help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."),
+        click.option("--kafka-sasl-mechanism", default=None, help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),
+        click.option("--kafka-sasl-username", default=None, help="SASL user; the password is read from OUTBOX_KAFKA_SASL_PASSWORD."),
+        click.option("--kafka-ssl-cafile", default=None, type=click.Path(dir_okay=False), help="CA bundle for TLS."),
+        click.option("--kafka-ssl-certfile", default=None, type=click.Path(dir_okay=False), help="Client certificate for TLS."),
+        click.option("--kafka-ssl-keyfile", default=None, type=click.Path(dir_okay=False), help="Client key for TLS."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def kafka_from_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Pop the kafka_* click parameters into the dict KafkaSettings wants."""
+    return {
+        "bootstrap": params.pop("kafka_bootstrap"),
+        "security_protocol": params.pop("kafka_security_protocol"),
+        "sasl_mechanism": params.pop("kafka_sasl_mechanism"),
+        "sasl_username": params.pop("kafka_sasl_username"),
+        "sasl_password": os.environ.get("OUTBOX_KAFKA_SASL_PASSWORD"),
+        "ssl_cafile": params.pop("kafka_ssl_cafile"),
+        "ssl_certfile": params.pop("kafka_ssl_certfile"),
+        "ssl_keyfile": params.pop("kafka_ssl_keyfile"),
+    }
+
+
+def dsn_option(func: F) -> F:
+    return click.option(
+        "--dsn", required=True, metavar="DSN",
+        help="Store database: a libpq string ('dbname=store1 host=...') or a postgresql:// URL; "
+             "PGHOST, PGPORT, PGUSER, PGPASSWORD... fill what it leaves out, as with psql.",
+    )(func)
+
+
+# --------------------------------------------------------------------------- the settings
+class Capture(_Settings):
+    table: str  # schema.table
+    aggregate: str
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        if not _QUALIFIED.match(v):
+            raise ValueError("must be SCHEMA.TABLE (unquoted identifiers)")
+        return v
+
+    @field_validator("aggregate")
+    @classmethod
+    def _aggregate(cls, v: str) -> str:
+        contract.topic_for(contract.DEFAULT_TOPIC_PREFIX, v)  # raises ContractError (a ValueError)
+        return v
+
+    @classmethod
+    def parse(cls, text: str) -> "Capture":
+        table, sep, aggregate = text.partition("=")
+        if not sep or not table or not aggregate:
+            raise ConfigError(f"invalid --capture {text!r}: expected SCHEMA.TABLE=AGGREGATE, e.g. pos.customers=customer")
+        return build(cls, table=table.strip(), aggregate=aggregate.strip())
+
+
+class InstallSettings(_Settings):
+    dsn: str
+    captures: tuple[Capture, ...] = ()
+    slot: str | None = None
+    sql: bool = False
+
+    _dsn = field_validator("dsn")(_check_dsn)
+
+
+class RelaySettings(_Settings):
+    dsn: str
+    source_id: str
+    kafka: KafkaSettings
+    topic_prefix: str = contract.DEFAULT_TOPIC_PREFIX
+    slot: str | None = None
+    max_in_flight: int = Field(default=20_000, ge=1)
+    status_interval: float = Field(default=10.0, gt=0)
+
+    _dsn = field_validator("dsn")(_check_dsn)
+
+    @field_validator("source_id", "topic_prefix")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not _IDENT.match(v):
+            raise ValueError("use only letters, digits, '.', '_' and '-'")
+        return v
+
+
+class ReadStoreSettings(_Settings):
+    dsn: str
+    kafka: KafkaSettings
+    topic_prefix: str = contract.DEFAULT_TOPIC_PREFIX
+    group: str = "outbox-readstore"
+    batch_size: int = Field(default=2000, ge=1)
+
+    _dsn = field_validator("dsn")(_check_dsn)
+
+
+def slot_name_for(dbname: str) -> str:
+    """Default replication slot name for a store database (slot names are cluster-wide)."""
+    cleaned = re.sub(r"[^a-z0-9_]", "_", dbname.lower())
+    return f"outbox_{cleaned}"[:63]
+
+

@@ -1,0 +1,185 @@
+"""The event contract: topic, key, value and CloudEvents headers. Pure values, no I/O.
+
+Consumer teams code against what this module produces; tests pin it (tests/unit/test_contract.py).
+Changing it is a versioned, documented decision (docs/event-contract.md).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = "application/json"
+DEFAULT_TOPIC_PREFIX = "outbox"
+DLQ_SUFFIX = ".dlq"
+
+# The store-side objects every part agrees on.
+SCHEMA = "outbox"
+EVENTS_TABLE = "events"
+PUBLICATION = "outbox_events"
+CAPTURE_TRIGGER = "outbox_capture"
+ORIGIN_SETTING = "outbox.origin"  # transaction-local: SET LOCAL outbox.origin = 'crm'
+
+# Kafka header names (CloudEvents 1.0, Kafka protocol binding, binary mode).
+H_SPECVERSION = "ce_specversion"
+H_ID = "ce_id"
+H_SOURCE = "ce_source"
+H_TYPE = "ce_type"
+H_TIME = "ce_time"
+H_SUBJECT = "ce_subject"
+H_CONTENT_TYPE = "content-type"
+# Extensions: the source position, the aggregate type, the origin of the change.
+H_COMMIT_LSN = "ce_commitlsn"  # commit LSN of the source transaction, PostgreSQL text form "0/16B3748"
+H_TXSEQ = "ce_txseq"  # index of the event inside its transaction, from 0
+H_XID = "ce_xid"  # source transaction id
+H_AGGREGATE_TYPE = "ce_aggregatetype"
+H_ORIGIN = "ce_origin"  # present when the change carried outbox.origin
+H_TRACEPARENT = "traceparent"  # W3C trace context, when the application gave one
+
+_TOPIC_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in microseconds since the Unix epoch
+
+
+class ContractError(ValueError):
+    """An event that cannot be expressed in the contract (a poison event)."""
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int:
+    hi, sep, lo = text.partition("/")
+    if not sep:
+        raise ValueError(f"not an LSN: {text!r}")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def pg_timestamp_to_datetime(us_since_2000: int) -> datetime:
+    """Convert a pgoutput timestamp (microseconds since 2000-01-01 UTC) to an aware datetime."""
+    us = us_since_2000 + _PG_EPOCH_US
+    return datetime.fromtimestamp(us // 1_000_000, tz=timezone.utc).replace(microsecond=us % 1_000_000)
+
+
+def format_time(ts: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, as CloudEvents wants."""
+    return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def topic_for(prefix: str, aggregate_type: str) -> str:
+    if not _TOPIC_PART.match(aggregate_type) or len(prefix) + 1 + len(aggregate_type) > 249:
+        raise ContractError(f"aggregate type {aggregate_type!r} cannot name a Kafka topic (use letters, digits, '.', '_', '-')")
+    return f"{prefix}.{aggregate_type}" if prefix else aggregate_type
+
+
+def key_for(source_id: str, aggregate_id: str) -> str:
+    return f"{source_id}:{aggregate_id}"
+
+
+def source_for(source_id: str) -> str:
+    return f"/stores/{source_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an event stands in its source: commit LSN, then index inside the transaction."""
+
+    commit_lsn: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{format_lsn(self.commit_lsn)}#{self.seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One row of outbox.events as it arrives from the WAL (values as PostgreSQL text)."""
+
+    id: str
+    aggregatetype: str
+    aggregateid: str
+    type: str
+    payload: str  # JSON text, passed through to Kafka without re-encoding
+    origin: str | None = None
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What goes to Kafka for one event."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def build_record(row: OutboxRow, *, source_id: str, prefix: str, position: Position, commit_time: datetime, xid: int) -> Record:
+    """Turn one outbox row into its Kafka record, following the contract."""
+    headers = [
+        (H_SPECVERSION, SPECVERSION.encode()),
+        (H_ID, row.id.encode()),
+        (H_SOURCE, source_for(source_id).encode()),
+        (H_TYPE, row.type.encode()),
+        (H_TIME, format_time(commit_time).encode()),
+        (H_SUBJECT, row.aggregateid.encode()),
+        (H_CONTENT_TYPE, CONTENT_TYPE.encode()),
+        (H_AGGREGATE_TYPE, row.aggregatetype.encode()),
+        (H_COMMIT_LSN, format_lsn(position.commit_lsn).encode()),
+        (H_TXSEQ, str(position.seq).encode()),
+        (H_XID, str(xid).encode()),
+    ]
+    if row.origin:
+        headers.append((H_ORIGIN, row.origin.encode()))
+    if row.traceparent:
+        headers.append((H_TRACEPARENT, row.traceparent.encode()))
+    return Record(
+        topic=topic_for(prefix, row.aggregatetype),
+        key=key_for(source_id, row.aggregateid).encode(),
+        value=row.payload.encode(),
+        headers=headers,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedEvent:
+    """An event as a consumer sees it, parsed back from a Kafka record's headers."""
+
+    id: str
+    source_id: str
+    aggregate_type: str
+    aggregate_id: str
+    type: str
+    time: datetime
+    position: Position
+    origin: str | None
+    payload: bytes
+
+
+def parse_record(headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...], value: bytes | None) -> ReceivedEvent:
+    """Read a record back into an event; raises ContractError when a required header is missing."""
+    h = {k: v.decode() for k, v in headers if v is not None}
+    try:
+        source = h[H_SOURCE]
+        if not source.startswith("/stores/"):
+            raise ContractError(f"unexpected {H_SOURCE} {source!r}")
+        return ReceivedEvent(
+            id=h[H_ID],
+            source_id=source[len("/stores/"):],
+            aggregate_type=h[H_AGGREGATE_TYPE],
+            aggregate_id=h[H_SUBJECT],
+            type=h[H_TYPE],
+            time=datetime.fromisoformat(h[H_TIME].replace("Z", "+00:00")),
+            position=Position(parse_lsn(h[H_COMMIT_LSN]), int(h[H_TXSEQ])),
+            origin=h.get(H_ORIGIN),
+            payload=value if value is not None else b"null",
+        )
+    except KeyError as exc:
+        raise ContractError(f"record lacks header {exc.args[0]}") from None
+    except ValueError as exc:
+        raise ContractError(f"record has a malformed header: {exc}") from None
+
+
+def is_deletion(event_type: str) -> bool:
+    return event_type.endswith(".deleted")

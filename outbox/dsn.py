@@ -1,0 +1,62 @@
+"""Connecting to PostgreSQL from a DSN, with one-line errors and no secrets in them.
+
+A DSN is a libpq keyword string (``dbname=store1 host=...``) or a ``postgresql://`` URL; the
+libpq environment variables (PGHOST, PGPORT, PGUSER, PGPASSWORD, ...) fill what it leaves out,
+exactly as ``psql`` does, because libpq itself reads them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+
+from outbox.errors import ConfigError, DatabaseUnavailable
+
+_SECRET_KEYS = {"password", "sslpassword", "sslkey"}
+_URL_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@")
+_KW_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Remove passwords from a DSN or from a message that may quote one."""
+    text = _URL_PASSWORD.sub(r"\1:***@", text)
+    return _KW_PASSWORD.sub(r"\1***", text)
+
+
+def parse(dsn: str) -> dict[str, str]:
+    """Validate a DSN's syntax and return its keywords (libpq defaults not applied)."""
+    try:
+        return conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"invalid DSN {redact(dsn)!r}: {redact(str(exc).strip())}") from None
+
+
+def describe(dsn: str) -> str:
+    """A short, secret-free name for a database: ``host:port/dbname``, env defaults applied."""
+    parse(dsn)
+    try:
+        info = conninfo.conninfo_to_dict(dsn)
+        import os
+
+        host = info.get("host") or os.environ.get("PGHOST") or "localhost"
+        port = info.get("port") or os.environ.get("PGPORT") or "5432"
+        db = info.get("dbname") or os.environ.get("PGDATABASE") or info.get("user") or os.environ.get("PGUSER") or "?"
+        return f"{host}:{port}/{db}"
+    except Exception:  # pragma: no cover - describe must never fail an error path
+        return "the database"
+
+
+def connect(dsn: str, *, autocommit: bool = False, application_name: str = "outbox", **kwargs: Any) -> psycopg.Connection[Any]:
+    """Open a connection, turning libpq failures into one clear line."""
+    parse(dsn)
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, application_name=application_name, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to {describe(dsn)}: {first_line(exc)} (check --dsn and the PG* environment variables)") from None
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return redact(lines[0]) if lines else type(exc).__name__

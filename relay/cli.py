@@ -1,0 +1,6 @@
+import click
+
+
+@click.command()
+def relay() -> None:
+    """Not built yet."""

@@ -1,0 +1,123 @@
+"""Shared fixtures: real PostgreSQL and Kafka servers, throw-away databases and topics.
+
+By default the session starts the project's own sandbox in ``.pytest-sandbox/`` (ports apart
+from a developer's sandbox) and leaves it running for the next run; ``outbox dev down
+--dir .pytest-sandbox`` stops it. With ``OUTBOX_TEST_EXTERNAL=1`` the tests use the servers
+named by PGHOST/PGPORT/PGUSER and KAFKA_BOOTSTRAP_SERVERS instead.
+
+When a server cannot be had, integration tests fail under CI (CI=true) and skip elsewhere.
+Everything a test creates on the servers (databases, replication slots, topics) is removed.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SANDBOX_DIR = Path(os.environ.get("OUTBOX_TEST_SANDBOX_DIR", ROOT / ".pytest-sandbox"))
+TEST_PG_PORT = int(os.environ.get("OUTBOX_TEST_PG_PORT", "54339"))
+TEST_KAFKA_PORT = int(os.environ.get("OUTBOX_TEST_KAFKA_PORT", "39192"))
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"integration servers unavailable under CI: {reason}", pytrace=False)
+    pytest.skip(f"integration servers unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def servers() -> dict[str, str]:
+    """Environment for libpq and Kafka clients that reaches the test servers."""
+    if os.environ.get("OUTBOX_TEST_EXTERNAL") == "1":
+        env = {k: os.environ[k] for k in ("PGHOST", "PGPORT", "PGUSER", "KAFKA_BOOTSTRAP_SERVERS") if k in os.environ}
+        if len(env) < 4:
+            _unavailable("OUTBOX_TEST_EXTERNAL=1 needs PGHOST, PGPORT, PGUSER and KAFKA_BOOTSTRAP_SERVERS")
+    else:
+        from outbox.errors import OutboxError
+        from outbox.sandbox import Sandbox
+
+        sandbox = Sandbox(TEST_SANDBOX_DIR, pg_port=TEST_PG_PORT, kafka_port=TEST_KAFKA_PORT)
+        try:
+            sandbox.up()
+        except OutboxError as exc:
+            _unavailable(exc.message)
+        env = sandbox.env()
+    os.environ.update(env)  # libpq and our commands read these, as psql would
+    try:
+        psycopg.connect(dbname="postgres", connect_timeout=10).close()
+    except psycopg.OperationalError as exc:
+        _unavailable(str(exc).strip().splitlines()[0])
+    return env
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(servers: dict[str, str]) -> str:
+    return servers["KAFKA_BOOTSTRAP_SERVERS"]
+
+
+def admin_conn() -> psycopg.Connection[Any]:
+    return psycopg.connect(dbname="postgres", autocommit=True)
+
+
+def drop_database(name: str) -> None:
+    """Drop a database and every replication slot in it (a slot left behind pins WAL forever)."""
+    with admin_conn() as conn:
+        for (slot, pid) in conn.execute(
+            "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (name,)
+        ).fetchall():
+            if pid:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            for _ in range(50):
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                    break
+                except psycopg.errors.ObjectInUse:
+                    import time
+
+                    time.sleep(0.1)
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def new_database(servers: dict[str, str]) -> Iterator[Callable[..., str]]:
+    """Factory: ``dsn = new_database()`` creates an empty database and returns its DSN."""
+    created: list[str] = []
+
+    def make(prefix: str = "t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with admin_conn() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return f"dbname={name}"
+
+    yield make
+    for name in created:
+        drop_database(name)
+
+
+@pytest.fixture
+def topic_prefix(kafka_bootstrap: str) -> Iterator[str]:
+    """A topic prefix of this test's own; its topics are deleted afterwards."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    yield prefix
+    asyncio.run(delete_topics(kafka_bootstrap, prefix))
+
+
+async def delete_topics(bootstrap: str, prefix: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        topics = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
+        if topics:
+            await admin.delete_topics(topics)
+    finally:
+        await admin.close()
