@@ -118,8 +118,8 @@ def kafka_options(func: F) -> F:
     """The Kafka connection options, shared by every command that talks to Kafka."""
     options = [
         click.option("--kafka-bootstrap", "kafka_bootstrap", metavar="HOST:PORT", required=True,
-                     envvar=["KAFKA_BOOTSTRAP_SERVERS"], show_envvar=True,
-                     help="Kafka bootstrap servers, comma separated (also read from KAFKA_BOOTSTRAP_SERVERS)."),
+                     default=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
+                     help="Kafka bootstrap servers, comma separated [default: $KAFKA_BOOTSTRAP_SERVERS]."),
         click.option("--kafka-security-protocol", default="PLAINTEXT", show_default=True,
                      help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."),
         click.option("--kafka-sasl-mechanism", default=None, help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),

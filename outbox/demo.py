@@ -1,6 +1,318 @@
+"""``outbox demo``: a few POS store databases streaming into a central read store, end to end.
+
+It starts the sandbox, creates store databases with a small legacy POS schema, installs the
+outbox, runs one relay per store and the read-store consumer (as the real commands, in
+subprocesses), drives a workload, and ends by checking that the read store matches the stores
+and reporting how fast events flowed.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
 import click
+import psycopg
+
+from outbox.errors import OutboxError
+
+POS_SCHEMA = """
+CREATE SCHEMA pos;
+CREATE TABLE pos.customers (
+    id          serial PRIMARY KEY,
+    name        text NOT NULL,
+    email       text,
+    phone       text,
+    loyalty_pts integer NOT NULL DEFAULT 0,
+    balance     numeric(12,2) NOT NULL DEFAULT 0,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE pos.orders (
+    id          bigserial PRIMARY KEY,
+    customer_id integer REFERENCES pos.customers(id) ON DELETE SET NULL,
+    status      text NOT NULL DEFAULT 'open',
+    total       numeric(14,4) NOT NULL DEFAULT 0,
+    placed_at   timestamptz NOT NULL DEFAULT now(),
+    note        text
+);
+CREATE TABLE pos.order_lines (
+    order_id    bigint NOT NULL REFERENCES pos.orders(id) ON DELETE CASCADE,
+    line_no     integer NOT NULL,
+    sku         text NOT NULL,
+    qty         integer NOT NULL,
+    unit_price  numeric(10,2) NOT NULL,
+    PRIMARY KEY (order_id, line_no)
+);
+"""
+
+#: table -> (aggregate type, SQL expression giving the aggregate id exactly as the capture trigger does)
+POS_CAPTURES: dict[str, tuple[str, str]] = {
+    "pos.customers": ("customer", "id::text"),
+    "pos.orders": ("order", "id::text"),
+    "pos.order_lines": ("order_line", "order_id::text || ':' || line_no::text"),
+}
+
+NAMES = ["Zoë Müller", "José Álvarez", "Łukasz Kowalski", "Søren Østergaard", "Ana Lúcia", "Ólafur Þór",
+         "李雷", "Chloé Dubois", "Mårten Ek", "Γιώργος Παπαδόπουλος", "O'Brien", "Ærøskøbing Shop"]
+SKUS = [f"SKU-{i:05d}" for i in range(1, 400)]
+
+
+# --------------------------------------------------------------------------- the workload
+@dataclass
+class WorkloadResult:
+    committed: int = 0
+    rolled_back: int = 0
+
+
+def run_workload(dsn: str, transactions: int, seed: int, rollback_share: float = 0.05) -> WorkloadResult:
+    """POS-like transactions of mixed sizes: new customers, orders with lines, updates, deletes, rollbacks."""
+    rng = random.Random(seed)
+    result = WorkloadResult()
+    with psycopg.connect(dsn) as conn:
+        customers: list[int] = [r[0] for r in conn.execute("SELECT id FROM pos.customers").fetchall()]
+        orders: list[int] = [r[0] for r in conn.execute("SELECT id FROM pos.orders").fetchall()]
+        conn.commit()
+        for _ in range(transactions):
+            kind = rng.random()
+            pending_customers: list[int] = []
+            pending_orders: list[int] = []
+            rolled_back = rng.random() < rollback_share
+            with conn.transaction(force_rollback=rolled_back):
+                if kind < 0.25 or not customers:
+                    cid = conn.execute(
+                        "INSERT INTO pos.customers (name, email, phone, balance) VALUES (%s, %s, %s, %s) RETURNING id",
+                        (rng.choice(NAMES), f"c{rng.randrange(10**6)}@example.com" if rng.random() < 0.8 else None,
+                         None if rng.random() < 0.5 else f"+49 30 {rng.randrange(10**7):07d}",
+                         Decimal(rng.randrange(0, 100000)) / 100),
+                    ).fetchone()[0]  # type: ignore[index]
+                    pending_customers.append(cid)
+                elif kind < 0.70:
+                    oid = conn.execute(
+                        "INSERT INTO pos.orders (customer_id, note) VALUES (%s, %s) RETURNING id",
+                        (rng.choice(customers), None if rng.random() < 0.7 else "livraison à domicile"),
+                    ).fetchone()[0]  # type: ignore[index]
+                    lines = rng.randint(1, 6)
+                    with conn.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO pos.order_lines (order_id, line_no, sku, qty, unit_price) VALUES (%s, %s, %s, %s, %s)",
+                            [(oid, n, rng.choice(SKUS), rng.randint(1, 5), Decimal(rng.randrange(99, 99999)) / 100)
+                             for n in range(1, lines + 1)],
+                        )
+                    conn.execute(
+                        "UPDATE pos.orders SET total = (SELECT sum(qty * unit_price) FROM pos.order_lines WHERE order_id = %s),"
+                        " status = 'paid' WHERE id = %s", (oid, oid))
+                    pending_orders.append(oid)
+                elif kind < 0.85:
+                    conn.execute("UPDATE pos.customers SET loyalty_pts = loyalty_pts + %s, balance = balance + %s WHERE id = %s",
+                                 (rng.randint(1, 50), Decimal(rng.randrange(-500, 500)) / 100, rng.choice(customers)))
+                elif kind < 0.95 and orders:
+                    oid = rng.choice(orders)
+                    conn.execute("UPDATE pos.orders SET status = 'returned', note = %s WHERE id = %s", ("retour – défaut", oid))
+                    conn.execute("DELETE FROM pos.order_lines WHERE order_id = %s AND line_no = 1", (oid,))
+                elif orders:
+                    oid = orders.pop(rng.randrange(len(orders)))
+                    conn.execute("DELETE FROM pos.orders WHERE id = %s", (oid,))
+                    # a bulk UPDATE in the same transaction, touching many rows
+                    conn.execute("UPDATE pos.customers SET loyalty_pts = loyalty_pts + 1 WHERE id %% 17 = %s", (rng.randrange(17),))
+            if rolled_back:
+                result.rolled_back += 1
+            else:
+                customers.extend(pending_customers)
+                orders.extend(pending_orders)
+                result.committed += 1
+    return result
+
+
+# --------------------------------------------------------------------------- comparing
+def source_checksum(conn: psycopg.Connection[Any]) -> dict[str, tuple[int, str]]:
+    """Per aggregate type: (row count, md5 over id=row image) of the legacy tables."""
+    out = {}
+    for table, (aggregate, id_expr) in POS_CAPTURES.items():
+        count, digest = conn.execute(
+            f"SELECT count(*), coalesce(md5(string_agg(aid || '=' || img, ',' ORDER BY aid)), '')"
+            f" FROM (SELECT {id_expr} AS aid, to_jsonb(t)::text AS img FROM {table} t) s"
+        ).fetchone()  # type: ignore[misc]
+        out[aggregate] = (count, digest)
+    return out
+
+
+def readstore_checksum(conn: psycopg.Connection[Any], source_id: str) -> dict[str, tuple[int, str]]:
+    out = {}
+    for aggregate, _ in POS_CAPTURES.values():
+        count, digest = conn.execute(
+            "SELECT count(*), coalesce(md5(string_agg(aggregate_id || '=' || payload::text, ',' ORDER BY aggregate_id)), '')"
+            " FROM readstore.current_entities WHERE source_id = %s AND aggregate_type = %s",
+            (source_id, aggregate),
+        ).fetchone()  # type: ignore[misc]
+        out[aggregate] = (count, digest)
+    return out
+
+
+# --------------------------------------------------------------------------- processes
+def outbox_command() -> list[str]:
+    return [sys.executable, "-m", "outbox.cli"]
+
+
+def run_checked(args: list[str], what: str) -> str:
+    proc = subprocess.run(outbox_command() + args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise OutboxError(f"{what} failed: {lines[-1] if lines else 'exit ' + str(proc.returncode)}")
+    return proc.stdout
+
+
+def recreate_database(name: str) -> None:
+    with psycopg.connect(dbname="postgres", autocommit=True) as conn:
+        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)).fetchall():
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+async def _delete_demo_topics(bootstrap: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        old = [t for t in await admin.list_topics() if t.startswith("demo-")]
+        if old:
+            await admin.delete_topics(old)
+    finally:
+        await admin.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 @click.command()
-def demo() -> None:
-    """Not built yet."""
+@click.option("--stores", default=3, show_default=True, type=click.IntRange(1, 20), help="Store databases to create.")
+@click.option("--transactions", default=1500, show_default=True, type=click.IntRange(1),
+              help="Transactions per store.")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the read store to converge.")
+@click.option("--seed", default=1, show_default=True, help="Workload random seed.")
+def demo(stores: int, transactions: int, timeout: float, seed: int) -> None:
+    """Run the whole pipeline on the local sandbox and check the result.
+
+    Starts the sandbox (outbox dev up), creates the store databases demo_store1..N with a small
+    legacy POS schema (customers, orders, order lines), installs the outbox into each, starts a
+    relay per store and the read-store consumer, runs a workload (with rollbacks), waits until
+    the read store (database demo_readstore) matches every store, and reports events/s and
+    commit-to-read-store latency. The databases and topics are left for you to explore.
+    """
+    from outbox.sandbox import Sandbox
+
+    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    sandbox = Sandbox()
+    sandbox.up()
+    os.environ.update(sandbox.env())
+    bootstrap = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+    prefix = time.strftime("demo-%Y%m%d%H%M%S")
+    asyncio.run(_delete_demo_topics(bootstrap))
+
+    store_names = [f"demo_store{i}" for i in range(1, stores + 1)]
+    for name in store_names + ["demo_readstore"]:
+        recreate_database(name)
+    for name in store_names:
+        with psycopg.connect(dbname=name) as conn:
+            conn.execute(POS_SCHEMA)
+        captures = [arg for table, (agg, _) in POS_CAPTURES.items() for arg in ("--capture", f"{table}={agg}")]
+        run_checked(["install", "--dsn", f"dbname={name}", *captures], f"outbox install into {name}")
+    say(f"created {stores} store databases with the POS schema and installed the outbox; topics {prefix}.*")
+
+    procs: list[subprocess.Popen[bytes]] = []
+    logdir = Path(sandbox.dir) / "demo-logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+
+    def spawn(args: list[str], log_name: str) -> None:
+        log = open(logdir / log_name, "wb")
+        procs.append(subprocess.Popen(outbox_command() + args, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+
+    try:
+        for i, name in enumerate(store_names, 1):
+            spawn(["relay", "--dsn", f"dbname={name}", "--source-id", f"store{i}", "--kafka-bootstrap", bootstrap,
+                   "--topic-prefix", prefix], f"relay-store{i}.log")
+        spawn(["consume", "readstore", "--dsn", "dbname=demo_readstore", "--kafka-bootstrap", bootstrap,
+               "--topic-prefix", prefix, "--group", f"{prefix}-readstore"], "readstore.log")
+        say(f"started {stores} relays and the read-store consumer (logs in {logdir})")
+
+        say(f"running the workload: {transactions} transactions in each store, concurrently...")
+        results: list[WorkloadResult] = [WorkloadResult() for _ in store_names]
+        started = time.time()
+        threads = [threading.Thread(target=lambda i=i, n=n: results.__setitem__(i, run_workload(f"dbname={n}", transactions, seed + i)))
+                   for i, n in enumerate(store_names)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        written = time.time() - started
+        committed = sum(r.committed for r in results)
+        say(f"workload done in {written:.1f} s: {committed} transactions committed, "
+            f"{sum(r.rolled_back for r in results)} rolled back; waiting for the read store to converge...")
+
+        expected = {}
+        events = 0
+        for i, name in enumerate(store_names, 1):
+            with psycopg.connect(dbname=name) as conn:
+                expected[f"store{i}"] = source_checksum(conn)
+                events += conn.execute("SELECT count(*) FROM outbox.events").fetchone()[0]  # type: ignore[index]
+        deadline = time.time() + timeout
+        with psycopg.connect(dbname="demo_readstore", autocommit=True) as rs:
+            while True:
+                for p in procs:
+                    if p.poll() is not None:
+                        raise OutboxError(f"a pipeline process exited with {p.returncode}: see the logs in {logdir}")
+                actual = {}
+                try:
+                    actual = {s: readstore_checksum(rs, s) for s in expected}
+                except psycopg.errors.UndefinedTable:
+                    pass
+                if actual == expected:
+                    break
+                if time.time() > deadline:
+                    raise OutboxError(f"the read store did not converge within {timeout:.0f} s: see the logs in {logdir}")
+                time.sleep(0.25)
+            converged = time.time()
+            latencies = [r[0] for r in rs.execute(
+                "SELECT extract(epoch FROM applied_at - source_committed_at) * 1000 FROM readstore.entities").fetchall()]
+            last_applied, first_commit = rs.execute(
+                "SELECT extract(epoch FROM max(applied_at)), extract(epoch FROM min(source_committed_at)) FROM readstore.entities"
+            ).fetchone()  # type: ignore[misc]
+        span = float(last_applied) - max(float(first_commit), started)
+        lat = [float(v) for v in latencies]
+        click.echo("")
+        click.echo(f"{'store':<10}{'aggregate':<12}{'rows':>8}  match")
+        for source, sums in expected.items():
+            for aggregate, (count, _) in sums.items():
+                click.echo(f"{source:<10}{aggregate:<12}{count:>8}  yes")
+        click.echo("")
+        click.echo(f"read store matches all {stores} stores: {events} events from {committed} transactions "
+                   f"in {converged - started:.1f} s")
+        click.echo(f"throughput: {events / span:,.0f} events/s (first commit to last event applied)")
+        click.echo(f"commit-to-read-store latency over the {len(lat)} current rows: p50 {statistics.median(lat):.0f} ms, "
+                   f"p99 {percentile(lat, 0.99):.0f} ms, max {max(lat):.0f} ms")
+        click.echo(f"explore: eval \"$(outbox dev env)\"; psql -d demo_readstore -c 'SELECT * FROM readstore.current_entities LIMIT 5'")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -1,6 +1,41 @@
+"""``outbox relay``: one relay per store database."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
 import click
+
+from outbox import contract
+from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, kafka_options
 
 
 @click.command()
-def relay() -> None:
-    """Not built yet."""
+@dsn_option
+@click.option("--source-id", required=True, metavar="ID",
+              help="Name of this store in the event stream: keys are '<ID>:<aggregate id>', ce_source is /stores/<ID>.")
+@kafka_options
+@click.option("--topic-prefix", default=contract.DEFAULT_TOPIC_PREFIX, show_default=True,
+              help="Events go to '<prefix>.<aggregate type>'.")
+@click.option("--slot", default=None, metavar="NAME",
+              help="Replication slot (default: outbox_<database name>, as created by 'outbox install').")
+@click.option("--max-in-flight", default=20_000, show_default=True, type=int,
+              help="Events sent and not yet acknowledged before the relay stops reading the WAL.")
+@click.option("--status-interval", default=10.0, show_default=True, type=float,
+              help="Seconds between standby status updates to PostgreSQL when nothing moves.")
+def relay(**params: Any) -> None:
+    """Stream the outbox of one store database to Kafka.
+
+    Reads the outbox publication through its logical replication slot (pgoutput, streaming
+    replication protocol) and publishes every event to Kafka (acks=all, idempotent producer).
+    An LSN is confirmed to PostgreSQL only after Kafka acknowledged every event up to it, so a
+    relay killed at any moment resumes from its slot without losing anything.
+
+    SIGTERM or Ctrl-C: stop reading, wait for in-flight events, confirm them, exit 0.
+    """
+    from relay.runner import run_relay
+
+    kafka = kafka_from_params(params)
+    settings = build(RelaySettings, kafka=kafka, **params)
+    stats = asyncio.run(run_relay(settings))
+    click.echo(f"relay stopped: {stats.events} events in {stats.transactions} transactions published", err=True)

@@ -1,0 +1,159 @@
+"""The PostgreSQL edge of the relay: preflight checks and the streaming replication connection.
+
+Thin I/O: it opens a ``replication=database`` connection, starts pgoutput on the slot, hands
+raw CopyData buffers to the caller and sends standby status updates. Decoding is in
+``relay.pgoutput``; what to confirm is decided in ``relay.positions``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+from outbox import contract
+from outbox.dsn import connect, describe, first_line
+from outbox.errors import DatabaseUnavailable, NotInstalled, PreconditionFailed
+from outbox.config import slot_name_for
+from relay import pgoutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    name: str
+    database: str
+    confirmed_flush: int
+
+
+def preflight(dsn: str, slot: str | None) -> SlotInfo:
+    """Check the store database before streaming; every failure is one line naming the fix."""
+    where = describe(dsn)
+    with connect(dsn, autocommit=True, application_name="outbox-relay-preflight") as conn:
+        wal_level = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
+        if wal_level != "logical":
+            raise PreconditionFailed(
+                f"wal_level is '{wal_level}' on {where}: set wal_level = logical in postgresql.conf and restart PostgreSQL"
+            )
+        dbname = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        name = slot or slot_name_for(dbname)
+        pub = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (contract.PUBLICATION,)).fetchone()
+        if pub is None:
+            raise NotInstalled(
+                f"publication {contract.PUBLICATION} not found in {where}: install the outbox first (outbox install --dsn ...)"
+            )
+        row = conn.execute(
+            "SELECT database, plugin, slot_type, active_pid, wal_status, confirmed_flush_lsn::text"
+            " FROM pg_replication_slots WHERE slot_name = %s",
+            (name,),
+        ).fetchone()
+    if row is None:
+        raise PreconditionFailed(
+            f"replication slot {name} does not exist on {where}: run 'outbox install --dsn ...' to create it; "
+            "if it was dropped, events since then are gone from the WAL: re-snapshot the tables with a backfill"
+        )
+    database, plugin, slot_type, active_pid, wal_status, confirmed = row
+    if slot_type != "logical" or plugin != "pgoutput" or database != dbname:
+        raise PreconditionFailed(
+            f"replication slot {name} on {where} is not a pgoutput slot of database {dbname} "
+            f"(type {slot_type}, plugin {plugin}, database {database}): choose another --slot"
+        )
+    if wal_status == "lost":
+        raise PreconditionFailed(
+            f"replication slot {name} on {where} was invalidated (WAL it needed was removed): drop it, "
+            "reinstall, and re-snapshot the tables with a backfill"
+        )
+    if active_pid is not None:
+        raise PreconditionFailed(
+            f"replication slot {name} on {where} is in use by process {active_pid}: another relay already streams this database"
+        )
+    return SlotInfo(name=name, database=dbname, confirmed_flush=contract.parse_lsn(confirmed) if confirmed else 0)
+
+
+class ReplicationStream:
+    """A logical replication stream of the outbox publication, read without blocking the loop."""
+
+    def __init__(self, dsn: str, slot: str, publication: str = contract.PUBLICATION) -> None:
+        self._dsn = dsn
+        self._slot = slot
+        self._publication = publication
+        self._conn: psycopg.Connection[Any] | None = None
+        self._readable = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._conn = await asyncio.to_thread(
+            connect, self._dsn, autocommit=True, replication="database", application_name="outbox-relay"
+        )
+        pgconn = self._conn.pgconn
+        command = (
+            f'START_REPLICATION SLOT "{self._slot}" LOGICAL 0/0 '
+            f"(proto_version '1', publication_names '{self._publication}')"
+        ).encode()
+        result = await asyncio.to_thread(pgconn.exec_, command)
+        if result.status != pq.ExecStatus.COPY_BOTH:
+            message = (result.error_message or b"").decode(errors="replace").strip()
+            self.close()
+            if "is active" in message:
+                raise PreconditionFailed(f"replication slot {self._slot} is in use: another relay already streams this database")
+            raise PreconditionFailed(f"cannot start replication on slot {self._slot}: {message}")
+        self._loop.add_reader(pgconn.socket, self._readable.set)
+
+    async def read(self, timeout: float) -> list[pgoutput.XLogData | pgoutput.Keepalive]:
+        """Everything the server has sent so far; waits up to ``timeout`` seconds when nothing is there."""
+        assert self._conn is not None
+        pgconn = self._conn.pgconn
+        out: list[pgoutput.XLogData | pgoutput.Keepalive] = []
+        for attempt in (0, 1):
+            try:
+                pgconn.consume_input()
+                while True:
+                    nbytes, data = pgconn.get_copy_data(1)
+                    if nbytes > 0:
+                        out.append(pgoutput.parse_copy_data(data))
+                        continue
+                    if nbytes == 0:
+                        break
+                    raise DatabaseUnavailable(f"replication stream ended: {self._error(pgconn)}")
+            except psycopg.OperationalError as exc:
+                raise DatabaseUnavailable(f"replication connection lost: {first_line(exc)}") from None
+            if out or attempt:
+                return out
+            self._readable.clear()
+            try:
+                await asyncio.wait_for(self._readable.wait(), timeout)
+            except TimeoutError:
+                return out
+        return out
+
+    def send_status(self, write_lsn: int, flush_lsn: int, reply: bool = False) -> None:
+        assert self._conn is not None
+        pgconn = self._conn.pgconn
+        message = pgoutput.standby_status_update(write_lsn, flush_lsn, flush_lsn, pgoutput.pg_now_us(), reply)
+        try:
+            if pgconn.put_copy_data(message) != 1 or pgconn.flush() != 0:
+                raise DatabaseUnavailable(f"cannot send status to PostgreSQL: {self._error(pgconn)}")
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"replication connection lost: {first_line(exc)}") from None
+
+    def close(self) -> None:
+        if self._conn is None:
+            return
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self._conn.pgconn.socket)
+            except Exception:  # the socket may already be gone
+                pass
+        self._conn.close()
+        self._conn = None
+
+    @staticmethod
+    def _error(pgconn: Any) -> str:
+        result = pgconn.get_result()
+        text = (result.error_message if result is not None else pgconn.error_message) or b""
+        return text.decode(errors="replace").strip() or "no message"

@@ -1,0 +1,71 @@
+"""Pins the event contract: topic, key, value and headers (docs/event-contract.md)."""
+from datetime import datetime, timezone
+
+import pytest
+
+from outbox import contract
+from outbox.contract import ContractError, OutboxRow, Position
+
+
+def _row(**kw: str) -> OutboxRow:
+    base = dict(id="6c0f7d6e-8a51-4f7e-9d1e-0b7d9a3c2f10", aggregatetype="customer", aggregateid="42",
+                type="customer.updated", payload='{"id": 42, "name": "Zoë"}')
+    base.update(kw)
+    return OutboxRow(**base)  # type: ignore[arg-type]
+
+
+def test_record_follows_the_contract() -> None:
+    t = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=timezone.utc)
+    r = contract.build_record(_row(traceparent="00-abc-def-01"), source_id="store7", prefix="pos",
+                              position=Position(0x1_0000_00A0, 3), commit_time=t, xid=991)
+    assert r.topic == "pos.customer"
+    assert r.key == b"store7:42"
+    assert r.value == '{"id": 42, "name": "Zoë"}'.encode()
+    assert dict(r.headers) == {
+        "ce_specversion": b"1.0",
+        "ce_id": b"6c0f7d6e-8a51-4f7e-9d1e-0b7d9a3c2f10",
+        "ce_source": b"/stores/store7",
+        "ce_type": b"customer.updated",
+        "ce_time": b"2026-11-23T10:00:00.123456Z",
+        "ce_subject": b"42",
+        "content-type": b"application/json",
+        "ce_aggregatetype": b"customer",
+        "ce_commitlsn": b"1/A0",
+        "ce_txseq": b"3",
+        "ce_xid": b"991",
+        "traceparent": b"00-abc-def-01",
+    }
+
+
+def test_origin_header_only_when_set() -> None:
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    plain = contract.build_record(_row(), source_id="s", prefix="p", position=Position(1, 0), commit_time=t, xid=1)
+    assert "ce_origin" not in dict(plain.headers)
+    crm = contract.build_record(_row(origin="crm"), source_id="s", prefix="p", position=Position(1, 0), commit_time=t, xid=1)
+    assert dict(crm.headers)["ce_origin"] == b"crm"
+
+
+def test_round_trip_through_parse_record() -> None:
+    t = datetime(2026, 11, 23, 10, 0, 0, 5, tzinfo=timezone.utc)
+    r = contract.build_record(_row(), source_id="s1", prefix="p", position=Position(77, 2), commit_time=t, xid=5)
+    e = contract.parse_record(r.headers, r.value)
+    assert (e.id, e.source_id, e.aggregate_type, e.aggregate_id, e.type) == (
+        "6c0f7d6e-8a51-4f7e-9d1e-0b7d9a3c2f10", "s1", "customer", "42", "customer.updated")
+    assert e.time == t and e.position == Position(77, 2) and e.payload == r.value
+
+
+def test_missing_header_is_a_contract_error() -> None:
+    with pytest.raises(ContractError, match="ce_id"):
+        contract.parse_record([("ce_source", b"/stores/x")], b"{}")
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x/y", "é"])
+def test_aggregate_type_must_name_a_topic(bad: str) -> None:
+    with pytest.raises(ContractError):
+        contract.topic_for("outbox", bad)
+
+
+def test_lsn_text_form() -> None:
+    assert contract.format_lsn(0x16B3748) == "0/16B3748"
+    assert contract.parse_lsn("1/A0") == 0x1_0000_00A0
+    assert contract.pg_timestamp_to_datetime(0) == datetime(2000, 1, 1, tzinfo=timezone.utc)
