@@ -14,7 +14,7 @@ from outbox.config import default_map_for, load_file
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="OUTBOX_CONFIG",
               help="TOML file with one table per command ([relay], [install], [consume.readstore], ...). "
                    "Command-line options and OUTBOX_* environment variables override it.")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More log output: -v debug for outbox-relay, -vv for every library too.")
 @click.version_option(package_name="outbox-relay")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
@@ -25,8 +25,14 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
       outbox dev up && eval "$(outbox dev env)"
       outbox demo
     """
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose == 1:
+        for ours in ("outbox", "relay", "consumers"):
+            logging.getLogger(ours).setLevel(logging.DEBUG)
+    if verbose < 2:
+        # the Kafka client logs every reconnect and first-seen topic; keep its warnings and worse
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
     if config_path:
         assert isinstance(ctx.command, click.Group)
         ctx.default_map = default_map_for(ctx.command, load_file(config_path), config_path)

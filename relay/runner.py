@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for in-flight events before giving up on them
 STATUS_EVERY = 1.0  # seconds between status updates while the confirmed position moves
+PROGRESS_EVERY = 30.0  # seconds between progress log lines
 
 
 class PublishFailed(OutboxError):
@@ -53,6 +54,7 @@ class Relay:
         self._error: BaseException | None = None
         self._last_status = 0.0
         self._reported = -1
+        self._last_progress = (time.monotonic(), 0)
 
     async def run(self, stop: asyncio.Event) -> RelayStats:
         s = self.settings
@@ -62,7 +64,7 @@ class Relay:
         try:
             self._stream = ReplicationStream(s.dsn, slot.name)
             await self._stream.start()
-            log.warning("relay %s streaming slot %s of %s from %s to Kafka %s", s.source_id, slot.name, slot.database,
+            log.info("relay %s streaming slot %s of %s from %s to Kafka %s", s.source_id, slot.name, slot.database,
                         contract.format_lsn(slot.confirmed_flush), s.kafka.bootstrap)
             await self._loop(stop)
             await self._drain()
@@ -154,6 +156,12 @@ class Relay:
             self._stream.send_status(self.tracker.received, self.tracker.confirmed)
             self._reported = self.tracker.confirmed
             self._last_status = now
+        since, events = self._last_progress
+        if now - since >= PROGRESS_EVERY:
+            log.info("published %d events (%.0f/s), %d in flight, confirmed %s", self.stats.events,
+                     (self.stats.events - events) / (now - since), self.tracker.in_flight,
+                     contract.format_lsn(self.tracker.confirmed))
+            self._last_progress = (now, self.stats.events)
 
     async def _drain(self) -> None:
         """On stop: wait (bounded) for in-flight events, confirm what was acknowledged."""
