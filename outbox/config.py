@@ -198,6 +198,7 @@ class RelaySettings(_Settings):
     slot: str | None = None
     max_in_flight: int = Field(default=20_000, ge=1)
     status_interval: float = Field(default=10.0, gt=0)
+    retention: float = Field(default=3600.0, ge=0)
 
     _dsn = field_validator("dsn")(_check_dsn)
 

@@ -23,6 +23,9 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
               help="Events sent and not yet acknowledged before the relay stops reading the WAL.")
 @click.option("--status-interval", default=10.0, show_default=True, type=float,
               help="Seconds between standby status updates to PostgreSQL when nothing moves.")
+@click.option("--retention", default=3600.0, show_default=True, type=float,
+              help="Seconds to keep published rows in outbox.events as an audit trail (0: keep forever). "
+                   "Events travel through the WAL, so purging never loses one.")
 def relay(**params: Any) -> None:
     """Stream the outbox of one store database to Kafka.
 

@@ -74,6 +74,26 @@ def preflight(dsn: str, slot: str | None) -> SlotInfo:
     return SlotInfo(name=name, database=dbname, confirmed_flush=contract.parse_lsn(confirmed) if confirmed else 0)
 
 
+def purge_events(dsn: str, older_than_s: float, batch: int = 10_000) -> int:
+    """Delete published history from outbox.events (the WAL, not the table, carries events).
+
+    Rows are only an audit trail once committed: the relay reads the WAL, so deleting them never
+    loses an event. Deleted in batches to keep locks and WAL bursts small.
+    """
+    total = 0
+    with connect(dsn, autocommit=True, application_name="outbox-relay-purge") as conn:
+        while True:
+            deleted = conn.execute(
+                f"DELETE FROM {contract.SCHEMA}.{contract.EVENTS_TABLE} WHERE id IN ("
+                f" SELECT id FROM {contract.SCHEMA}.{contract.EVENTS_TABLE}"
+                "  WHERE created_at < now() - make_interval(secs => %s) LIMIT %s)",
+                (older_than_s, batch),
+            ).rowcount
+            total += deleted
+            if deleted < batch:
+                return total
+
+
 class ReplicationStream:
     """A logical replication stream of the outbox publication, read without blocking the loop."""
 

@@ -21,12 +21,13 @@ from relay import pgoutput
 from relay.events import outbox_row
 from relay.positions import PositionTracker, Txn
 from relay.publisher import Publisher
-from relay.replication import ReplicationStream, preflight
+from relay.replication import ReplicationStream, preflight, purge_events
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for in-flight events before giving up on them
 STATUS_EVERY = 1.0  # seconds between status updates while the confirmed position moves
+PURGE_EVERY = 60.0  # seconds between purges of old rows from outbox.events
 PROGRESS_EVERY = 30.0  # seconds between progress log lines
 
 
@@ -66,8 +67,13 @@ class Relay:
             await self._stream.start()
             log.info("relay %s streaming slot %s of %s from %s to Kafka %s", s.source_id, slot.name, slot.database,
                         contract.format_lsn(slot.confirmed_flush), s.kafka.bootstrap)
-            await self._loop(stop)
-            await self._drain()
+            purger = asyncio.create_task(self._purge_periodically(stop)) if s.retention > 0 else None
+            try:
+                await self._loop(stop)
+                await self._drain()
+            finally:
+                if purger is not None:
+                    purger.cancel()
         finally:
             if self._stream is not None:
                 self._stream.close()
@@ -162,6 +168,17 @@ class Relay:
                      (self.stats.events - events) / (now - since), self.tracker.in_flight,
                      contract.format_lsn(self.tracker.confirmed))
             self._last_progress = (now, self.stats.events)
+
+    async def _purge_periodically(self, stop: asyncio.Event) -> None:
+        """Keep outbox.events from growing forever: rows older than --retention go."""
+        while not stop.is_set():
+            try:
+                deleted = await asyncio.to_thread(purge_events, self.settings.dsn, self.settings.retention)
+                if deleted:
+                    log.info("purged %d events older than %.0f s from outbox.events", deleted, self.settings.retention)
+            except OutboxError as exc:  # not fatal: streaming does not depend on it
+                log.warning("could not purge outbox.events: %s", exc.message)
+            await asyncio.sleep(PURGE_EVERY)
 
     async def _drain(self) -> None:
         """On stop: wait (bounded) for in-flight events, confirm what was acknowledged."""

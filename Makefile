@@ -1,0 +1,19 @@
+# The two commands of the README. Each does its own set-up first (.ci/setup: OS packages when
+# root on Debian/Ubuntu, the Kafka jars, a Python venv), so both work on a fresh machine.
+.PHONY: setup demo test unit clean-sandbox
+
+setup:
+	@bash .ci/setup
+
+demo: setup
+	.venv/bin/outbox demo
+
+test: setup
+	.venv/bin/pytest
+
+unit: setup
+	.venv/bin/pytest tests/unit
+
+clean-sandbox:
+	-.venv/bin/outbox dev down
+	-.venv/bin/outbox dev down --dir .pytest-sandbox
