@@ -39,7 +39,11 @@ def preflight(dsn: str, slot: str | None) -> SlotInfo:
             raise PreconditionFailed(
                 f"wal_level is '{wal_level}' on {where}: set wal_level = logical in postgresql.conf and restart PostgreSQL"
             )
-        dbname = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        dbname, encoding = conn.execute("SELECT current_database(), current_setting('server_encoding')").fetchone()  # type: ignore[misc]
+        if encoding != "UTF8":
+            raise PreconditionFailed(
+                f"database {dbname} on {where} is encoded {encoding}: the relay needs UTF8 (events are JSON text)"
+            )
         name = slot or slot_name_for(dbname)
         pub = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (contract.PUBLICATION,)).fetchone()
         if pub is None:
