@@ -1,11 +1,688 @@
+"""``outbox install`` / ``outbox uninstall``: put the outbox into a store database, or take it out.
+
+The work is cut in three layers:
+
+* pure SQL builders and checks (``capture_sql``, ``check_install``, ``plan_captures`` ...): values
+  in, SQL text or a one-line error out, unit-tested without a server;
+* ``read_facts``: the one function that asks the database what is there (read-only);
+* ``install_outbox`` / ``uninstall_outbox`` / ``install_sql`` / ``uninstall_sql``: the typed
+  functions the click commands wrap. Schema changes run through Alembic (``migrations/store``)
+  with the version table inside the ``outbox`` schema, in one transaction together with the
+  capture triggers; the replication slot is created after that commit (PostgreSQL refuses to
+  create a logical slot in a transaction that has written).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import click
+import psycopg
+
+from outbox import config as cfg
+from outbox import contract
+from outbox.dsn import connect, describe, first_line
+from outbox.errors import ConfigError, OutboxError, PreconditionFailed
+
+HEAD = "0001"  # the newest revision in migrations/store/versions
+VERSION_TABLE = "alembic_version"  # in schema outbox
+CAPTURE_FUNCTION = f"{contract.SCHEMA}.capture_change"
+_SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+_LOCK_KEY = 0x6F7574626F78  # "outbox": serialises concurrent installs on one database
+
+Echo = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# =========================================================================== pure SQL
+def quote_ident(name: str) -> str:
+    """Quote an identifier the way PostgreSQL's quote_ident does (only when needed)."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) and name not in _RESERVED:
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+_RESERVED = frozenset(
+    "all analyse analyze and any array as asc asymmetric both case cast check collate column constraint create "
+    "current_catalog current_date current_role current_time current_timestamp current_user default deferrable desc "
+    "distinct do else end except false fetch for foreign from grant group having in initially intersect into lateral "
+    "leading limit localtime localtimestamp not null offset on only or order placing primary references returning "
+    "select session_user some symmetric table then to trailing true union unique user using variadic when where "
+    "window with".split()
+)
+
+
+def quote_literal(value: str) -> str:
+    """A SQL string literal, correct whatever standard_conforming_strings says."""
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def qualified(schema: str, table: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(table)}"
+
+
+def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, replace: bool = False) -> list[str]:
+    """The statements that start capturing ``table`` (already quoted, ``schema.table``).
+
+    ``replace`` drops an existing outbox_capture trigger first (aggregate or key changed).
+    The same statements run online and are printed by ``--sql``.
+    """
+    if not key_columns:
+        raise ValueError(f"{table} has no key columns")
+    contract.topic_for(contract.DEFAULT_TOPIC_PREFIX, aggregate)  # raises ContractError
+    args = ", ".join(quote_literal(v) for v in (aggregate, *key_columns))
+    keys = ", ".join(quote_literal(c) for c in key_columns)
+    statements = []
+    if replace:
+        statements.append(f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRIGGER} ON {table}")
+    statements.append(
+        f"CREATE TRIGGER {contract.CAPTURE_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {table} "
+        f"FOR EACH ROW EXECUTE FUNCTION {CAPTURE_FUNCTION}({args})"
+    )
+    statements.append(
+        f"INSERT INTO {contract.SCHEMA}.captures (table_name, aggregate_type, key_columns) "
+        f"VALUES ({quote_literal(table)}, {quote_literal(aggregate)}, ARRAY[{keys}]::text[]) "
+        "ON CONFLICT (table_name) DO UPDATE SET aggregate_type = EXCLUDED.aggregate_type, "
+        "key_columns = EXCLUDED.key_columns, installed_at = now()"
+    )
+    return statements
+
+
+def uncapture_sql(table: str) -> str:
+    """Stop capturing a table (its row in outbox.captures goes with the downgrade)."""
+    return f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRIGGER} ON {table}"
+
+
+def create_slot_sql(slot: str) -> str:
+    return f"SELECT pg_create_logical_replication_slot({quote_literal(slot)}, 'pgoutput')"
+
+
+def drop_slot_sql(slot: str) -> str:
+    return f"SELECT pg_drop_replication_slot({quote_literal(slot)})"
+
+
+def drop_schema_sql() -> list[str]:
+    return [f"DROP TABLE {contract.SCHEMA}.{VERSION_TABLE}", f"DROP SCHEMA {contract.SCHEMA}"]
+
+
+def check_slot_name(name: str) -> str:
+    if not _SLOT_NAME.match(name):
+        raise ConfigError(f"invalid --slot {name!r}: use 1 to 63 lowercase letters, digits and '_'")
+    return name
+
+
+# =========================================================================== facts and checks
+@dataclass(frozen=True)
+class TableFacts:
+    """What the database says about one table named by --capture."""
+
+    requested: str  # as written on the command line
+    name: str | None = None  # canonical, quoted where needed: schema.table; None when not found
+    relkind: str | None = None
+    key_columns: tuple[str, ...] = ()
+    can_trigger: bool = True
+
+
+@dataclass(frozen=True)
+class SlotFacts:
+    name: str
+    database: str | None
+    plugin: str | None
+    active_pid: int | None
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything install and uninstall decide on, read in one place (``read_facts``)."""
+
+    where: str  # host:port/db
+    database: str
+    server_version: int
+    wal_level: str
+    max_replication_slots: int
+    slots_used: int
+    can_create: bool  # CREATE on the database: schema and publication
+    can_replicate: bool  # superuser or REPLICATION: the slot
+    schema_exists: bool
+    schema_empty: bool
+    publication_exists: bool
+    revision: str | None
+    slot: SlotFacts | None
+    captured: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # table -> (aggregate, keys)
+    triggered: frozenset[str] = frozenset()  # tables that carry an outbox_capture trigger
+    tables: tuple[TableFacts, ...] = ()
+
+
+def wal_level_problem(wal_level: str, where: str) -> str | None:
+    if wal_level == "logical":
+        return None
+    return f"wal_level is {wal_level!r} on {where}: set wal_level = logical in postgresql.conf and restart PostgreSQL"
+
+
+def check_wal_level(wal_level: str, where: str) -> None:
+    problem = wal_level_problem(wal_level, where)
+    if problem:
+        raise PreconditionFailed(problem)
+
+
+def install_problems(facts: Facts, slot: str) -> list[str]:
+    """Every reason install cannot proceed, each one line with the fix; empty when all is well."""
+    problems: list[str] = []
+    where = facts.where
+    if facts.server_version < 130000:
+        problems.append(f"{where} runs PostgreSQL {facts.server_version // 10000}: outbox needs 13 or newer")
+    wal = wal_level_problem(facts.wal_level, where)
+    if wal:
+        problems.append(wal)
+    if facts.schema_exists and facts.revision is None and not facts.schema_empty:
+        problems.append(f"schema {contract.SCHEMA} already exists on {where} but was not installed by outbox "
+                        f"(no {contract.SCHEMA}.{VERSION_TABLE}): rename or drop it, then install again")
+    if facts.revision is not None and facts.revision != HEAD:
+        problems.append(f"the outbox on {where} is at revision {facts.revision}, which this outbox-relay does not "
+                        f"know (newest: {HEAD}): use the outbox-relay version that installed it or a newer one")
+    needs_create = not facts.schema_exists or not facts.publication_exists or facts.revision is None
+    if needs_create and not facts.can_create:
+        problems.append(f"the current user cannot create schemas or publications in {where}: "
+                        f"GRANT CREATE ON DATABASE {quote_ident(facts.database)} TO <user>, or install as the database owner")
+    if facts.slot is None:
+        if not facts.can_replicate:
+            problems.append(f"the current user cannot create replication slot {slot} on {where}: "
+                            "ALTER ROLE <user> REPLICATION, or install as a superuser")
+        if facts.slots_used >= facts.max_replication_slots:
+            problems.append(f"no free replication slot on {where} (max_replication_slots = {facts.max_replication_slots}, "
+                            f"{facts.slots_used} in use): raise max_replication_slots in postgresql.conf and restart PostgreSQL")
+    elif facts.slot.database != facts.database or facts.slot.plugin != "pgoutput":
+        problems.append(f"replication slot {slot} already exists for database {facts.slot.database} with plugin "
+                        f"{facts.slot.plugin}: choose another name with --slot")
+    for t in facts.tables:
+        problems.extend(table_problems(t, where))
+    return problems
+
+
+def table_problems(t: TableFacts, where: str) -> list[str]:
+    if t.name is None:
+        return [f"table {t.requested} does not exist in {where}: check the --capture SCHEMA.TABLE name"]
+    if t.relkind not in ("r", "p"):
+        return [f"{t.name} is not a table (relkind {t.relkind!r}): only tables can be captured"]
+    if t.name.split(".")[0] == contract.SCHEMA:
+        return [f"{t.name} belongs to the outbox itself and cannot be captured"]
+    if not t.key_columns:
+        return [f"table {t.name} has no primary key: add one (ALTER TABLE {t.name} ADD PRIMARY KEY (...)) "
+                "so its events have an aggregate id, then install again"]
+    if not t.can_trigger:
+        return [f"the current user cannot create triggers on {t.name}: GRANT TRIGGER ON {t.name} TO <user>, "
+                "or install as its owner"]
+    return []
+
+
+def check_install(facts: Facts, slot: str) -> None:
+    problems = install_problems(facts, slot)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise PreconditionFailed(problems[0] + more)
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    table: str
+    aggregate: str
+    key_columns: tuple[str, ...]
+    action: str  # "create", "replace" or "keep"
+    previous: str | None = None  # the aggregate it had, when replaced
+
+    def statements(self) -> list[str]:
+        if self.action == "keep":
+            return []
+        return capture_sql(self.table, self.aggregate, self.key_columns, replace=self.action == "replace")
+
+    def describe(self) -> str:
+        keys = ", ".join(self.key_columns)
+        if self.action == "keep":
+            return f"{self.table} already captured as {self.aggregate} (key: {keys})"
+        if self.action == "replace" and self.previous and self.previous != self.aggregate:
+            return f"capturing {self.table} as {self.aggregate} (key: {keys}; was {self.previous})"
+        return f"capturing {self.table} as {self.aggregate} (key: {keys})"
+
+
+def plan_captures(facts: Facts, captures: Iterable[cfg.Capture]) -> list[CapturePlan]:
+    """Decide, per requested capture, whether to create, replace or keep its trigger."""
+    by_request = {t.requested: t for t in facts.tables}
+    plans: list[CapturePlan] = []
+    seen: dict[str, str] = {}
+    for c in captures:
+        t = by_request[c.table]
+        assert t.name is not None, "check_install runs first"
+        if t.name in seen:
+            raise ConfigError(f"--capture names {t.name} twice ({seen[t.name]} and {c.table})")
+        seen[t.name] = c.table
+        before = facts.captured.get(t.name)
+        if before == (c.aggregate, t.key_columns) and t.name in facts.triggered:
+            action = "keep"
+        elif t.name in facts.triggered:
+            action = "replace"
+        else:
+            action = "create"
+        plans.append(CapturePlan(t.name, c.aggregate, t.key_columns, action, before[0] if before else None))
+    return plans
+
+
+# =========================================================================== reading the database
+_FACTS_SQL = """
+SELECT current_database(),
+       current_setting('server_version_num')::int,
+       current_setting('wal_level'),
+       current_setting('max_replication_slots')::int,
+       (SELECT count(*) FROM pg_replication_slots)::int,
+       has_database_privilege(current_database(), 'CREATE'),
+       (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user),
+       n.oid IS NOT NULL,
+       NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid
+                   UNION ALL SELECT 1 FROM pg_proc p WHERE p.pronamespace = n.oid
+                   UNION ALL SELECT 1 FROM pg_type t WHERE t.typnamespace = n.oid AND t.typrelid = 0),
+       EXISTS (SELECT 1 FROM pg_publication WHERE pubname = %(publication)s),
+       to_regclass(%(version_table)s) IS NOT NULL,
+       to_regclass(%(captures)s) IS NOT NULL
+FROM (SELECT 1) one LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
+"""
+
+_TABLE_SQL = """
+SELECT format('%%I.%%I', n.nspname, c.relname), c.relkind,
+       has_table_privilege(c.oid, 'TRIGGER'),
+       ARRAY(SELECT a.attname::text
+             FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord), pg_attribute a
+             WHERE i.indrelid = c.oid AND i.indisprimary AND a.attrelid = c.oid AND a.attnum = k.attnum
+             ORDER BY k.ord)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass(%s)
+"""
+
+
+def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str] = ()) -> Facts:
+    """Read, without changing anything, what install and uninstall need to know."""
+    version_table = f"{contract.SCHEMA}.{VERSION_TABLE}"
+    row = conn.execute(_FACTS_SQL, {
+        "publication": contract.PUBLICATION, "version_table": version_table,
+        "captures": f"{contract.SCHEMA}.captures", "schema": contract.SCHEMA,
+    }).fetchone()
+    assert row is not None
+    (database, version, wal_level, max_slots, used, can_create, can_replicate,
+     schema_exists, schema_empty, pub_exists, has_version, has_captures) = row
+    revision = None
+    if has_version:
+        rev = conn.execute(f"SELECT version_num FROM {version_table}").fetchone()
+        revision = rev[0] if rev else None
+    captured: dict[str, tuple[str, tuple[str, ...]]] = {}
+    if has_captures:
+        for name, aggregate, keys in conn.execute(
+            f"SELECT table_name, aggregate_type, key_columns FROM {contract.SCHEMA}.captures ORDER BY table_name"
+        ):
+            captured[name] = (aggregate, tuple(keys))
+    triggered = frozenset(r[0] for r in conn.execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = %s AND NOT t.tgisinternal",
+        (contract.CAPTURE_TRIGGER,),
+    ))
+    slot_row = conn.execute(
+        "SELECT slot_name, database, plugin, active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()
+    table_facts = []
+    for requested in tables:
+        t = conn.execute(_TABLE_SQL, (requested,)).fetchone()
+        if t is None:
+            table_facts.append(TableFacts(requested))
+        else:
+            table_facts.append(TableFacts(requested, t[0], t[1], tuple(t[3]), bool(t[2])))
+    return Facts(
+        where=_where(conn), database=database, server_version=version, wal_level=wal_level,
+        max_replication_slots=max_slots, slots_used=used, can_create=bool(can_create),
+        can_replicate=bool(can_replicate), schema_exists=schema_exists, schema_empty=bool(schema_empty),
+        publication_exists=pub_exists, revision=revision,
+        slot=SlotFacts(*slot_row) if slot_row else None,
+        captured=captured, triggered=triggered, tables=tuple(table_facts),
+    )
+
+
+def _where(conn: psycopg.Connection[Any]) -> str:
+    info = conn.info
+    host = info.host if not info.host.startswith("/") else "localhost"
+    return f"{host}:{info.port}/{info.dbname}"
+
+
+# =========================================================================== Alembic
+def alembic_config(*, before: Sequence[str] = (), after: Sequence[str] = (), connection: Any = None,
+                   output: io.StringIO | None = None) -> Any:
+    """An Alembic Config for migrations/store, built in code (no alembic.ini)."""
+    from alembic.config import Config
+
+    config = Config(output_buffer=output, stdout=io.StringIO())
+    location = store_migrations_dir()
+    config.set_main_option("script_location", str(location).replace("%", "%%"))
+    config.attributes["outbox_before"] = list(before)
+    config.attributes["outbox_after"] = list(after)
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def store_migrations_dir() -> Path:
+    """migrations/store, found through the ``migrations`` package (a namespace package in some installs)."""
+    import migrations
+
+    for entry in migrations.__path__:
+        candidate = Path(entry) / "store"
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise OutboxError("the store migrations (migrations/store/env.py) are missing from this installation")
+
+
+def _quiet_alembic() -> None:
+    """Alembic logs each step at INFO; our own lines say what happened. -vv (DEBUG) shows them."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _engine(dsn: str) -> Any:
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    return create_engine("postgresql+psycopg://", creator=lambda: connect(dsn), poolclass=NullPool)
+
+
+@contextlib.contextmanager
+def _sql_errors(where: str) -> Iterator[None]:
+    """Turn errors raised while changing the schema into one line (the transaction rolls back)."""
+    from alembic.util import CommandError
+    from sqlalchemy import exc as sa_exc
+
+    try:
+        yield
+    except sa_exc.DBAPIError as e:
+        raise OutboxError(f"{where}: {first_line(e.orig or e)} (nothing was changed)") from None
+    except psycopg.Error as e:
+        raise OutboxError(f"{where}: {first_line(e)} (nothing was changed)") from None
+    except CommandError as e:
+        raise OutboxError(f"{where}: alembic: {first_line(e)}") from None
+
+
+# =========================================================================== install
+@dataclass(frozen=True)
+class InstallResult:
+    where: str
+    revision: str
+    schema_created: bool
+    captures: tuple[CapturePlan, ...]
+    slot: str
+    slot_created: bool
+
+    def summary(self) -> str:
+        changed = sum(1 for c in self.captures if c.action != "keep")
+        return (f"outbox installed on {self.where}: revision {self.revision}, publication {contract.PUBLICATION}, "
+                f"{len(self.captures)} capture{'s' if len(self.captures) != 1 else ''} requested ({changed} changed), "
+                f"slot {self.slot}")
+
+
+def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> InstallResult:
+    """Install or bring up to date the outbox in one store database; idempotent."""
+    _quiet_alembic()
+    from alembic import command
+
+    engine = _engine(settings.dsn)
+    try:
+        with _sql_errors(describe(settings.dsn)), engine.begin() as sa_conn:
+            raw: psycopg.Connection[Any] = sa_conn.connection.driver_connection  # type: ignore[assignment]
+            raw.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            slot = _slot_name(settings.slot, raw)
+            facts = read_facts(raw, slot=slot, tables=[c.table for c in settings.captures])
+            check_install(facts, slot)
+            plans = plan_captures(facts, settings.captures)
+            where = facts.where
+            after = [s for p in plans for s in p.statements()]
+            config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after,
+                                    connection=sa_conn)
+            command.upgrade(config, "head")
+            echo(f"outbox schema at revision {HEAD}" + (" (created)" if facts.revision is None else " (up to date)"))
+            for p in plans:
+                echo(p.describe())
+    finally:
+        engine.dispose()
+    slot_created = ensure_slot(settings.dsn, slot, echo=echo) if facts.slot is None else False
+    if not slot_created:
+        echo(f"replication slot {slot} exists (kept)")
+    result = InstallResult(where, HEAD, facts.revision is None, tuple(plans), slot, slot_created)
+    echo(result.summary())
+    return result
+
+
+def ensure_slot(dsn: str, slot: str, *, echo: Echo = _quiet) -> bool:
+    """Create the logical replication slot unless it exists; True when created here."""
+    with connect(dsn, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone():
+            return False
+        try:
+            conn.execute(create_slot_sql(slot))
+        except psycopg.errors.DuplicateObject:
+            return False
+        except psycopg.Error as e:
+            raise PreconditionFailed(f"the outbox schema is installed but replication slot {slot} could not be created "
+                                     f"on {_where(conn)}: {first_line(e)}; fix it and run install again") from None
+    echo(f"replication slot {slot} created")
+    return True
+
+
+def _slot_name(slot: str | None, conn: psycopg.Connection[Any]) -> str:
+    if slot:
+        return check_slot_name(slot)
+    row = conn.execute("SELECT current_database()").fetchone()
+    assert row is not None
+    return cfg.slot_name_for(row[0])
+
+
+def _read_only_facts(dsn: str, slot: str | None, tables: Sequence[str]) -> tuple[Facts, str]:
+    with connect(dsn) as conn:
+        conn.read_only = True
+        name = _slot_name(slot, conn)
+        facts = read_facts(conn, slot=name, tables=tables)
+        conn.rollback()
+    return facts, name
+
+
+def install_sql(settings: cfg.InstallSettings) -> str:
+    """The SQL install would run, for review. Reads the database (read-only), changes nothing."""
+    _quiet_alembic()
+    from alembic import command
+
+    facts, slot = _read_only_facts(settings.dsn, settings.slot, [c.table for c in settings.captures])
+    for t in facts.tables:  # fatal only when no SQL can be written; privileges become warnings
+        problems = table_problems(dataclasses.replace(t, can_trigger=True), facts.where)
+        if problems:
+            raise PreconditionFailed(problems[0])
+    plans = plan_captures(facts, settings.captures)
+    out = io.StringIO()
+    out.write(f"-- outbox install for {facts.where} (outbox-relay revision {HEAD})\n")
+    for problem in install_problems(facts, slot):
+        out.write(f"-- WARNING: {problem}\n")
+    for p in plans:
+        if p.action == "keep":
+            out.write(f"-- {p.describe()}\n")
+    buffer = io.StringIO()
+    after = [s for p in plans for s in p.statements()]
+    config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after, output=buffer)
+    start = f"{facts.revision}:head" if facts.revision else "head"
+    command.upgrade(config, start, sql=True)
+    out.write(buffer.getvalue())
+    if facts.slot is None:
+        out.write("\n-- after the COMMIT above, outside any transaction block:\n")
+        out.write(create_slot_sql(slot) + ";\n")
+    else:
+        out.write(f"\n-- replication slot {slot} already exists\n")
+    return out.getvalue()
+
+
+# =========================================================================== uninstall
+@dataclass(frozen=True)
+class UninstallResult:
+    where: str
+    nothing: bool
+    tables: tuple[str, ...] = ()
+    slot_dropped: bool = False
+    schema_dropped: bool = False
+
+
+def _our_slot(facts: Facts) -> SlotFacts | None:
+    s = facts.slot
+    return s if s is not None and s.database == facts.database and s.plugin == "pgoutput" else None
+
+
+def uninstall_outbox(dsn: str, *, slot: str | None = None, echo: Echo = _quiet) -> UninstallResult:
+    """Remove what install created: capture triggers, the slot, the schema. Legacy data untouched."""
+    _quiet_alembic()
+    from alembic import command
+
+    facts, slot_name = _read_only_facts(dsn, slot, ())
+    ours = _our_slot(facts)
+    if not facts.schema_exists and not facts.publication_exists and ours is None:
+        echo(f"nothing to uninstall on {facts.where}: no outbox schema, publication or replication slot {slot_name}")
+        return UninstallResult(facts.where, nothing=True)
+    if facts.schema_exists and facts.revision is None and not facts.schema_empty:
+        raise PreconditionFailed(f"schema {contract.SCHEMA} on {facts.where} was not installed by outbox "
+                                 f"(no {contract.SCHEMA}.{VERSION_TABLE}): leaving it alone")
+    if ours is not None and ours.active_pid:
+        raise PreconditionFailed(f"replication slot {slot_name} on {facts.where} is active (a relay is connected, "
+                                 f"pid {ours.active_pid}): stop the relay, then run uninstall again")
+    slot_dropped = False
+    if ours is not None:
+        with connect(dsn, autocommit=True) as conn:
+            try:
+                conn.execute(drop_slot_sql(slot_name))
+            except psycopg.errors.ObjectInUse:
+                raise PreconditionFailed(f"replication slot {slot_name} on {facts.where} became active (a relay "
+                                         "connected): stop the relay, then run uninstall again") from None
+        slot_dropped = True
+        echo(f"replication slot {slot_name} dropped")
+    tables = tuple(sorted(set(facts.captured) | facts.triggered)) if facts.revision else ()
+    if facts.schema_exists or facts.publication_exists:
+        before = [uncapture_sql(t) for t in tables]
+        engine = _engine(dsn)
+        try:
+            with _sql_errors(facts.where), engine.begin() as sa_conn:
+                if facts.revision is not None:
+                    command.downgrade(alembic_config(before=before, after=drop_schema_sql(), connection=sa_conn), "base")
+                elif facts.schema_exists:
+                    sa_conn.exec_driver_sql(f"DROP SCHEMA {contract.SCHEMA}")
+        finally:
+            engine.dispose()
+        for t in tables:
+            echo(f"stopped capturing {t}")
+        echo(f"schema {contract.SCHEMA} and publication {contract.PUBLICATION} dropped")
+    result = UninstallResult(facts.where, False, tables, slot_dropped, facts.schema_exists)
+    echo(f"outbox uninstalled from {facts.where}: {len(tables)} capture trigger{'s' if len(tables) != 1 else ''} "
+         f"removed, slot {'dropped' if slot_dropped else 'absent'}, legacy tables untouched")
+    return result
+
+
+def uninstall_sql(dsn: str, *, slot: str | None = None) -> str:
+    """The SQL uninstall would run, for review. Reads the database (read-only), changes nothing."""
+    _quiet_alembic()
+    from alembic import command
+
+    facts, slot_name = _read_only_facts(dsn, slot, ())
+    out = io.StringIO()
+    out.write(f"-- outbox uninstall for {facts.where}\n")
+    ours = _our_slot(facts)
+    if not facts.schema_exists and not facts.publication_exists and ours is None:
+        out.write("-- nothing to uninstall\n")
+        return out.getvalue()
+    if ours is not None:
+        if ours.active_pid:
+            out.write(f"-- WARNING: slot {slot_name} is active (pid {ours.active_pid}): stop the relay first\n")
+        out.write(drop_slot_sql(slot_name) + ";\n\n")
+    if facts.revision is not None:
+        tables = sorted(set(facts.captured) | facts.triggered)
+        buffer = io.StringIO()
+        config = alembic_config(before=[uncapture_sql(t) for t in tables], after=drop_schema_sql(), output=buffer)
+        command.downgrade(config, f"{facts.revision}:base", sql=True)
+        out.write(buffer.getvalue())
+    elif facts.schema_exists:
+        out.write(f"DROP SCHEMA {contract.SCHEMA};\n")
+    return out.getvalue()
+
+
+# =========================================================================== click
+def parse_capture(text: str) -> cfg.Capture:
+    """``SCHEMA.TABLE=AGGREGATE``; a bad one is one line naming the option and an example."""
+    try:
+        return cfg.Capture.parse(text)
+    except ConfigError as exc:
+        if exc.message.startswith("invalid --capture"):
+            raise
+        reason = exc.message.split(": ", 1)[-1].replace("Value error, ", "")
+        raise ConfigError(f"invalid --capture {text!r}: {reason} (expected SCHEMA.TABLE=AGGREGATE, "
+                          "e.g. pos.customers=customer)") from None
+
+
+def _slot_option(func: Any) -> Any:
+    return click.option("--slot", default=None, metavar="NAME",
+                        help="Replication slot name (default: outbox_<database>).")(func)
 
 
 @click.command()
-def install() -> None:
-    """Not built yet."""
+@cfg.dsn_option
+@click.option("--capture", "captures", multiple=True, metavar="SCHEMA.TABLE=AGGREGATE",
+              help="Capture a legacy table's changes as events of AGGREGATE (repeatable), e.g. pos.customers=customer.")
+@click.option("--sql", is_flag=True, default=False,
+              help="Print the SQL for review instead of running it. Connects read-only to read primary keys "
+                   "and what is already installed; changes nothing.")
+@_slot_option
+def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None) -> None:
+    """Install the outbox into a store database (idempotent; run again to add captures).
+
+    Creates schema outbox (events table, publication outbox_events, capture registry and
+    trigger function, version table outbox.alembic_version), an outbox_capture trigger on each
+    captured table, and the logical replication slot the relay reads. Checks wal_level,
+    privileges and primary keys before changing anything.
+    """
+    settings = cfg.build(cfg.InstallSettings, dsn=dsn, captures=tuple(parse_capture(c) for c in captures),
+                         slot=check_slot_name(slot) if slot else None, sql=sql)
+    if settings.sql:
+        click.echo(install_sql(settings), nl=False)
+    else:
+        install_outbox(settings, echo=click.echo)
 
 
 @click.command()
-def uninstall() -> None:
-    """Not built yet."""
+@cfg.dsn_option
+@_slot_option
+@click.option("--sql", is_flag=True, default=False,
+              help="Print the SQL for review instead of running it (connects read-only; changes nothing).")
+def uninstall(dsn: str, slot: str | None, sql: bool) -> None:
+    """Remove the outbox from a store database: capture triggers, slot, schema. Legacy data untouched.
+
+    Refuses while a relay is connected to the slot.
+    """
+    cfg.build(cfg.InstallSettings, dsn=dsn, slot=slot)
+    if slot:
+        check_slot_name(slot)
+    if sql:
+        click.echo(uninstall_sql(dsn, slot=slot), nl=False)
+    else:
+        uninstall_outbox(dsn, slot=slot, echo=click.echo)
+
+
+__all__ = [
+    "CapturePlan", "Facts", "InstallResult", "SlotFacts", "TableFacts", "UninstallResult",
+    "capture_sql", "check_install", "check_wal_level", "create_slot_sql", "drop_slot_sql", "install", "install_outbox",
+    "install_problems", "install_sql", "plan_captures", "read_facts", "uncapture_sql", "uninstall", "uninstall_outbox",
+    "uninstall_sql", "wal_level_problem",
+]

@@ -51,7 +51,7 @@ def test_every_change_type_reaches_kafka_following_the_contract(store: str, topi
         conn.commit()
         conn.execute("UPDATE pos.customers SET name = name WHERE id = %s", (cid,))  # changes nothing: no event
         conn.commit()
-        oid = conn.execute("INSERT INTO pos.orders (customer_id, total) VALUES (%s, 12345678901.2345) RETURNING id", (cid,)).fetchone()[0]  # type: ignore[index]
+        oid = conn.execute("INSERT INTO pos.orders (customer_id, total) VALUES (%s, 1234567890.1234) RETURNING id", (cid,)).fetchone()[0]  # type: ignore[index]
         conn.execute("INSERT INTO pos.order_lines VALUES (%s, 1, 'SKU-1', 2, 9.99), (%s, 2, 'SKU-2', 1, 0.01)", (oid, oid))
         conn.commit()
         conn.execute("DELETE FROM pos.order_lines WHERE order_id = %s AND line_no = 2", (oid,))
@@ -87,7 +87,7 @@ def test_every_change_type_reaches_kafka_following_the_contract(store: str, topi
     assert json.loads(customer[1]["payload"])["email"] == "zoe@example.com"
     assert json.loads(customer[2]["payload"]) == {"points": 50, "reason": "Geburtstag"}
     assert customer[3]["headers"]["ce_origin"] == "crm"
-    assert json.loads(order[0]["payload"], parse_float=Decimal)["total"] == Decimal("12345678901.2345")
+    assert json.loads(order[0]["payload"], parse_float=Decimal)["total"] == Decimal("1234567890.1234")
     deleted = next(r for r in line if r["headers"]["ce_type"] == "order_line.deleted")
     assert deleted["key"] == f"s1:{oid}:2"
     assert json.loads(deleted["payload"], parse_float=Decimal) == {
@@ -174,7 +174,7 @@ def test_sigkill_during_a_workload_loses_nothing_and_sigterm_confirms(store: str
     assert seen <= ids, "events that were never committed reached Kafka"
     # SIGTERM drains and confirms: a restarted relay sends nothing again
     assert relay.terminate() == 0
-    published = sum(len(rs) for rs in got.values())
+    published = sum(len(kcat_read(kafka_bootstrap, t)) for t in topics)
     relays(store, "s1", topic_prefix, kafka_bootstrap).start()
     time.sleep(3)
     again = sum(len(kcat_read(kafka_bootstrap, t)) for t in topics)

@@ -1,0 +1,51 @@
+"""Alembic environment for the store side: the ``outbox`` schema in a store database.
+
+Driven from code (``outbox.install``), never from an alembic.ini. The version table lives in
+the ``outbox`` schema itself (``outbox.alembic_version``), so the legacy application's own
+``public.alembic_version`` and tables are never read or written.
+
+``config.attributes`` carries what the caller hands over:
+
+* ``connection``: an open SQLAlchemy Connection, already in the caller's transaction (online);
+* ``outbox_before`` / ``outbox_after``: SQL statements run in the same transaction, before and
+  after the revisions (the schema that holds the version table; the capture triggers), so that
+  ``--sql`` prints exactly what the online run executes.
+"""
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import DDL
+
+from outbox import contract
+
+VERSION_TABLE = "alembic_version"
+
+config = context.config
+
+
+def _run() -> None:
+    with context.begin_transaction():
+        for stmt in config.attributes.get("outbox_before", ()):
+            context.execute(_ddl(stmt))
+        context.run_migrations()
+        for stmt in config.attributes.get("outbox_after", ()):
+            context.execute(_ddl(stmt))
+
+
+def _ddl(stmt: str) -> DDL:
+    # DDL, not text(): no bind-parameter parsing of ':' inside the statement.
+    return DDL(stmt.replace("%", "%%"))
+
+
+common = {
+    "version_table": VERSION_TABLE,
+    "version_table_schema": contract.SCHEMA,
+    "transactional_ddl": True,
+}
+
+if context.is_offline_mode():
+    context.configure(dialect_name="postgresql", literal_binds=True, **common)
+    _run()
+else:
+    context.configure(connection=config.attributes["connection"], **common)
+    _run()

@@ -1,0 +1,329 @@
+"""outbox install / uninstall on a real PostgreSQL with a legacy schema already in place."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner, Result
+
+import outbox.install as inst
+from outbox.cli import cli
+
+pytestmark = pytest.mark.integration
+
+LEGACY = """
+CREATE SCHEMA pos;
+CREATE TABLE pos.customers (id serial PRIMARY KEY, name text, email text, balance numeric,
+                            seen_at timestamptz, prefs json);
+CREATE TABLE pos.orders (id bigserial PRIMARY KEY, customer_id int REFERENCES pos.customers, total numeric(18,4));
+CREATE TABLE pos.order_lines (order_id bigint NOT NULL, line_no int NOT NULL, sku text, qty int,
+                              PRIMARY KEY (order_id, line_no));
+CREATE TABLE pos.audit (happened_at timestamptz, what text);
+CREATE TABLE public.alembic_version (version_num varchar(32) NOT NULL PRIMARY KEY);
+INSERT INTO public.alembic_version VALUES ('legacy_7f3a');
+INSERT INTO pos.customers (name, email, balance) VALUES ('Ada', 'ada@example.com', 10.5);
+INSERT INTO pos.orders (customer_id, total) VALUES (1, 99.9900);
+INSERT INTO pos.order_lines VALUES (1, 1, 'SKU-1', 2);
+INSERT INTO pos.audit VALUES (now(), 'legacy row');
+"""
+CAPTURES = ["--capture", "pos.customers=customer", "--capture", "pos.order_lines=order_line"]
+
+
+@pytest.fixture
+def legacy(new_database: Callable[..., str]) -> str:
+    dsn = new_database("inst")
+    with psycopg.connect(dsn) as conn:
+        conn.execute(LEGACY)
+    return dsn
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def ok(*args: str) -> str:
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def one_line_error(result: Result, exit_code: int = 1) -> str:
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql, params or None)
+        return cur.fetchall() if cur.description else []
+
+
+def legacy_state(dsn: str) -> dict[str, Any]:
+    return {
+        "alembic": query(dsn, "SELECT * FROM public.alembic_version"),
+        "tables": query(dsn, "SELECT table_schema, table_name FROM information_schema.tables "
+                             "WHERE table_schema IN ('pos', 'public') ORDER BY 1, 2"),
+        "customers": query(dsn, "SELECT * FROM pos.customers ORDER BY id"),
+        "orders": query(dsn, "SELECT * FROM pos.orders ORDER BY id"),
+        "lines": query(dsn, "SELECT * FROM pos.order_lines ORDER BY 1, 2"),
+        "audit": query(dsn, "SELECT * FROM pos.audit"),
+    }
+
+
+def outbox_objects(dsn: str) -> dict[str, Any]:
+    """Everything install may create; all empty on a database without the outbox."""
+    return {
+        "schema": query(dsn, "SELECT nspname FROM pg_namespace WHERE nspname = 'outbox'"),
+        "publication": query(dsn, "SELECT pubname FROM pg_publication"),
+        "triggers": query(dsn, "SELECT tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal"),
+        "functions": query(dsn, "SELECT proname FROM pg_proc WHERE proname = 'capture_change'"),
+        "slots": query(dsn, "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"),
+    }
+
+
+def events(dsn: str) -> list[tuple[Any, ...]]:
+    rows = query(dsn, "SELECT aggregatetype, aggregateid, type, payload::text, origin FROM outbox.events ORDER BY created_at")
+    return [(a, i, t, json.loads(p, parse_float=Decimal), o) for a, i, t, p, o in rows]
+
+
+def dbname(dsn: str) -> str:
+    return dsn.split("=", 1)[1]
+
+
+# --------------------------------------------------------------------------- install / uninstall
+def test_install_then_uninstall_leaves_legacy_untouched(legacy: str) -> None:
+    before = legacy_state(legacy)
+    out = ok("install", "--dsn", legacy, *CAPTURES)
+    slot = f"outbox_{dbname(legacy)}"
+    assert out.splitlines()[:4] == [
+        "outbox schema at revision 0001 (created)",
+        "capturing pos.customers as customer (key: id)",
+        "capturing pos.order_lines as order_line (key: order_id, line_no)",
+        f"replication slot {slot} created",
+    ]
+    assert out.splitlines()[-1].startswith("outbox installed on ")
+    assert legacy_state(legacy) == before
+    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [("0001",)]
+    assert query(legacy, "SELECT table_name, aggregate_type, key_columns FROM outbox.captures ORDER BY 1") == [
+        ("pos.customers", "customer", ["id"]), ("pos.order_lines", "order_line", ["order_id", "line_no"])]
+    objects = outbox_objects(legacy)
+    assert objects["publication"] == [("outbox_events",)]
+    assert sorted(objects["triggers"]) == [("pos.customers",), ("pos.order_lines",)]
+    assert objects["slots"] == [(slot,)]
+    assert query(legacy, "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication") == [
+        (True, False, False, False)]
+    assert query(legacy, "SELECT proconfig, prosecdef FROM pg_proc WHERE proname = 'capture_change'") == [
+        (["search_path=pg_catalog, pg_temp"], False)]
+
+    out = ok("uninstall", "--dsn", legacy)
+    assert f"replication slot {slot} dropped" in out
+    assert "stopped capturing pos.customers" in out
+    assert legacy_state(legacy) == before
+    assert outbox_objects(legacy) == {"schema": [], "publication": [], "triggers": [], "functions": [], "slots": []}
+
+    out = ok("uninstall", "--dsn", legacy)
+    assert out.startswith("nothing to uninstall on ")
+
+
+def test_install_twice_is_a_no_op_and_later_captures_are_added(legacy: str) -> None:
+    ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
+    triggers = query(legacy, "SELECT oid, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal")
+    captures = query(legacy, "SELECT * FROM outbox.captures")
+    out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
+    assert "outbox schema at revision 0001 (up to date)" in out
+    assert "pos.customers already captured as customer (key: id)" in out
+    assert "exists (kept)" in out
+    assert query(legacy, "SELECT oid, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal") == triggers
+    assert query(legacy, "SELECT * FROM outbox.captures") == captures
+
+    out = ok("install", "--dsn", legacy, "--capture", "pos.order_lines=order_line", "--capture", "pos.orders=order")
+    assert "capturing pos.order_lines as order_line (key: order_id, line_no)" in out
+    now = query(legacy, "SELECT oid, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal")
+    assert set(triggers) < set(now)  # the customers trigger is the same object
+    assert sorted(t for _, t in now) == ["pos.customers", "pos.order_lines", "pos.orders"]
+
+    # a capture whose aggregate changed is updated
+    out = ok("install", "--dsn", legacy, "--capture", "pos.orders=purchase")
+    assert "capturing pos.orders as purchase (key: id; was order)" in out
+    query(legacy, "INSERT INTO pos.orders (customer_id, total) VALUES (1, 5)")
+    assert [e[2] for e in events(legacy)] == ["purchase.created"]
+
+
+def test_captured_changes_become_events(legacy: str) -> None:
+    ok("install", "--dsn", legacy, *CAPTURES)
+    with psycopg.connect(legacy) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.execute("INSERT INTO pos.customers (id, name, email, balance, seen_at, prefs) VALUES "
+                     "(42, 'Zoë Ünal 東京', NULL, 12345678901234.5678, '2024-03-01 12:30:45.123456+02', '{\"a\": [1]}')")
+        conn.execute("UPDATE pos.customers SET name = name, prefs = prefs WHERE id = 42")  # changes nothing
+        conn.execute("UPDATE pos.customers SET email = 'zoe@example.com' WHERE id = 42")
+        conn.commit()
+        conn.execute("SET LOCAL outbox.origin = 'crm'")
+        conn.execute("UPDATE pos.customers SET balance = 0.1 WHERE id = 42")
+        conn.commit()
+        conn.execute("INSERT INTO pos.order_lines VALUES (7, 3, 'SKU:7\\a', 1)")
+        conn.execute("DELETE FROM pos.order_lines WHERE order_id = 7")
+        conn.execute("DELETE FROM pos.customers WHERE id = 42")
+        conn.commit()
+        conn.execute("INSERT INTO pos.audit VALUES (now(), 'not captured')")
+        conn.commit()
+    rows = events(legacy)
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
+        ("customer", "42", "customer.created", None),
+        ("customer", "42", "customer.updated", None),
+        ("customer", "42", "customer.updated", "crm"),
+        ("order_line", "7:3", "order_line.created", None),
+        ("order_line", "7:3", "order_line.deleted", None),
+        ("customer", "42", "customer.deleted", None),
+    ]
+    created = rows[0][3]
+    assert created == {"id": 42, "name": "Zoë Ünal 東京", "email": None, "balance": Decimal("12345678901234.5678"),
+                       "seen_at": "2024-03-01T10:30:45.123456+00:00", "prefs": {"a": [1]}}
+    assert rows[1][3]["email"] == "zoe@example.com"
+    assert rows[2][3]["balance"] == Decimal("0.1")
+    assert rows[3][3] == {"order_id": 7, "line_no": 3, "sku": "SKU:7\\a", "qty": 1}
+    assert rows[5][3]["email"] == "zoe@example.com"  # the last row image
+    # exact JSON text: numeric precision is kept, not turned into a float
+    text = query(legacy, "SELECT payload::text FROM outbox.events WHERE type = 'customer.created'")[0][0]
+    assert '"balance": 12345678901234.5678' in text
+
+
+def test_composite_key_values_are_escaped(legacy: str) -> None:
+    with psycopg.connect(legacy) as conn:
+        conn.execute("CREATE TABLE pos.skus (shop text, code text, PRIMARY KEY (code, shop))")
+    ok("install", "--dsn", legacy, "--capture", "pos.skus=sku")
+    query(legacy, "INSERT INTO pos.skus VALUES ('s:1', 'a\\b:c')")
+    assert [r[1] for r in events(legacy)] == ["a\\\\b\\:c:s\\:1"]  # key order: code, then shop
+
+
+# --------------------------------------------------------------------------- --sql
+def test_sql_prints_and_changes_nothing(legacy: str) -> None:
+    before = legacy_state(legacy)
+    out = ok("install", "--dsn", legacy, *CAPTURES, "--sql")
+    for needle in ("BEGIN;", "CREATE SCHEMA IF NOT EXISTS outbox;", "CREATE TABLE outbox.alembic_version",
+                   "CREATE TABLE outbox.events", "CREATE PUBLICATION outbox_events", "CREATE FUNCTION outbox.capture_change()",
+                   "CREATE TRIGGER outbox_capture AFTER INSERT OR UPDATE OR DELETE ON pos.customers",
+                   "outbox.capture_change('order_line', 'order_id', 'line_no')", "COMMIT;",
+                   f"SELECT pg_create_logical_replication_slot('outbox_{dbname(legacy)}', 'pgoutput');"):
+        assert needle in out, needle
+    assert out.index("COMMIT;") < out.index("pg_create_logical_replication_slot")
+    assert outbox_objects(legacy) == {"schema": [], "publication": [], "triggers": [], "functions": [], "slots": []}
+    assert legacy_state(legacy) == before
+
+    ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
+    out = ok("install", "--dsn", legacy, *CAPTURES, "--sql")  # only what is missing
+    assert "CREATE TABLE outbox.events" not in out
+    assert "-- pos.customers already captured as customer (key: id)" in out
+    assert "ON pos.order_lines" in out and "ON pos.customers FOR" not in out
+    assert "already exists" in out
+
+    installed = outbox_objects(legacy)
+    out = ok("uninstall", "--dsn", legacy, "--sql")
+    for needle in ("pg_drop_replication_slot", "DROP TRIGGER IF EXISTS outbox_capture ON pos.customers",
+                   "DROP PUBLICATION outbox_events", "DROP TABLE outbox.events", "DROP SCHEMA outbox;"):
+        assert needle in out, needle
+    assert outbox_objects(legacy) == installed
+
+
+def test_sql_runs_through_psql_like_a_dba_would(legacy: str) -> None:
+    """The printed script is complete: applying it by hand gives the same result as install."""
+    script = ok("install", "--dsn", legacy, *CAPTURES, "--sql")
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        transaction, _, slot = script.partition("COMMIT;")
+        conn.execute(transaction.replace("BEGIN;", "", 1))  # autocommit: one implicit transaction
+        conn.execute(slot)
+    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [("0001",)]
+    out = ok("install", "--dsn", legacy, *CAPTURES)
+    assert "(up to date)" in out and "already captured as order_line" in out and "exists (kept)" in out
+
+
+# --------------------------------------------------------------------------- errors
+def test_table_without_primary_key_changes_nothing(legacy: str) -> None:
+    line = one_line_error(run("install", "--dsn", legacy, "--capture", "pos.customers=customer",
+                              "--capture", "pos.audit=audit"))
+    assert "table pos.audit has no primary key: add one" in line
+    assert outbox_objects(legacy) == {"schema": [], "publication": [], "triggers": [], "functions": [], "slots": []}
+
+
+def test_unknown_table(legacy: str) -> None:
+    line = one_line_error(run("install", "--dsn", legacy, "--capture", "pos.nope=nope"))
+    assert "table pos.nope does not exist" in line
+    line = one_line_error(run("install", "--dsn", legacy, "--capture", "pos.nope=nope", "--sql"))
+    assert "table pos.nope does not exist" in line
+
+
+@pytest.mark.parametrize("capture", ["posnope=x", "pos.customers", "pos.customers=not a topic"])
+def test_bad_capture_syntax(legacy: str, capture: str) -> None:
+    line = one_line_error(run("install", "--dsn", legacy, "--capture", capture), exit_code=2)
+    assert f"invalid --capture {capture!r}" in line
+
+
+def test_unreachable_database() -> None:
+    line = one_line_error(run("install", "--dsn", "host=127.0.0.1 port=1 dbname=x connect_timeout=3"))
+    assert "cannot connect to 127.0.0.1:1/x" in line
+    line = one_line_error(run("uninstall", "--dsn", "postgresql://u:secret@127.0.0.1:1/x"))
+    assert "secret" not in line and "cannot connect" in line
+
+
+def test_wal_level_is_checked_before_anything_changes(legacy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = inst.read_facts
+
+    def replica(*args: Any, **kwargs: Any) -> inst.Facts:
+        return dataclasses.replace(real(*args, **kwargs), wal_level="replica")
+
+    monkeypatch.setattr(inst, "read_facts", replica)
+    line = one_line_error(run("install", "--dsn", legacy, *CAPTURES))
+    assert line == (f"Error: wal_level is 'replica' on {inst.describe(legacy)}: set wal_level = logical in "
+                    "postgresql.conf and restart PostgreSQL")
+    assert outbox_objects(legacy) == {"schema": [], "publication": [], "triggers": [], "functions": [], "slots": []}
+
+
+def test_foreign_outbox_schema_is_left_alone(legacy: str) -> None:
+    query(legacy, "CREATE SCHEMA outbox; CREATE TABLE outbox.mine (x int)")
+    line = one_line_error(run("install", "--dsn", legacy))
+    assert "already exists" in line and "not installed by outbox" in line
+    line = one_line_error(run("uninstall", "--dsn", legacy))
+    assert "leaving it alone" in line
+    assert query(legacy, "SELECT count(*) FROM outbox.mine") == [(0,)]
+
+
+def test_uninstall_refuses_while_a_relay_is_connected(legacy: str) -> None:
+    ok("install", "--dsn", legacy, *CAPTURES)
+    slot = f"outbox_{dbname(legacy)}"
+    repl = psycopg.connect(legacy + " replication=database", autocommit=True)
+    try:
+        repl.pgconn.send_query(f"START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', "
+                               f"publication_names 'outbox_events')".encode())
+        deadline = time.time() + 10
+        while not query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot):
+            assert time.time() < deadline, "slot never became active"
+            time.sleep(0.05)
+        line = one_line_error(run("uninstall", "--dsn", legacy))
+        assert f"replication slot {slot}" in line and "stop the relay" in line
+        assert outbox_objects(legacy)["schema"] == [("outbox",)]
+    finally:
+        repl.close()
+    deadline = time.time() + 10
+    while query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    ok("uninstall", "--dsn", legacy)
+
+
+def test_console_script_errors_are_one_line(legacy: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "outbox.cli", "install", "--dsn", legacy, "--capture", "pos.audit=audit"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "pos.audit has no primary key" in proc.stderr
+    assert "Traceback" not in proc.stderr
