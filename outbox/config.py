@@ -46,7 +46,13 @@ def default_map_for(command: click.Command, data: dict[str, Any], path: str, whe
     Unknown keys are an error, so that a misspelt key is never silently ignored.
     """
     result: dict[str, Any] = {}
-    params = {p.name: p for p in command.params if p.name and p.name not in ("config", "help")}
+    params: dict[str, str] = {}  # every accepted spelling -> the parameter's name
+    for p in command.params:
+        if p.name and p.name not in ("config", "help"):
+            params[p.name] = p.name
+            for opt in p.opts:
+                if opt.startswith("--"):
+                    params[opt[2:].replace("-", "_")] = p.name
     subcommands = command.commands if isinstance(command, click.Group) else {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
@@ -54,7 +60,7 @@ def default_map_for(command: click.Command, data: dict[str, Any], path: str, whe
         if raw_key in subcommands and isinstance(value, dict):
             result[raw_key] = default_map_for(subcommands[raw_key], value, path, name)
         elif key in params and not isinstance(value, dict):
-            result[key] = value
+            result[params[key]] = value
         else:
             raise ConfigError(f"config file {path}: unknown key '{name}'")
     return result
