@@ -1,0 +1,237 @@
+"""The Kafka side every sink shares: subscribe by pattern, fetch batches, hand them to a sink,
+commit to Kafka only after the sink has committed, stop cleanly on SIGTERM/SIGINT.
+
+A sink is anything with ``stored_offsets`` and ``apply`` (see :class:`Sink`). The loop never
+commits a Kafka offset before ``apply`` has returned, so Kafka's committed offsets are never
+ahead of what the sink holds. Sinks that keep their own offsets (the read store) return them
+from ``stored_offsets`` and the loop seeks there on every assignment: the sink is the truth.
+
+When ``apply`` raises an error whose ``retriable`` attribute is true, the loop rewinds the
+batch's partitions, waits (exponential backoff up to 30 s) and fetches the batch again; polling
+goes on meanwhile, so the consumer keeps its place in the group. Other errors end the loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from outbox.config import KafkaSettings
+from outbox.contract import DLQ_SUFFIX
+from outbox.errors import KafkaUnavailable, OutboxError
+
+log = logging.getLogger(__name__)
+
+# How often the consumer refreshes topic metadata, so topics created after start (a new
+# aggregate type) are subscribed within this many milliseconds.
+METADATA_MAX_AGE_MS = 5000
+POLL_TIMEOUT_MS = 500
+PROGRESS_INTERVAL = 10.0
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+
+class SinkUnavailable(OutboxError):
+    """A sink cannot take the batch right now (connection lost, failover): retry it."""
+
+    retriable = True
+
+
+class Sink(Protocol):
+    async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
+        """Next offset to read for each partition the sink knows; others are left out."""
+        ...
+
+    async def apply(self, records: Sequence[Any]) -> Mapping[str, int]:
+        """Apply a batch durably (records are aiokafka ``ConsumerRecord``s); return counters."""
+        ...
+
+
+def topic_pattern(prefix: str) -> str:
+    """Regex for the event topics ``<prefix>.<aggregate_type>``, dead-letter topics excluded.
+
+    Aggregate types may contain dots, so everything after the prefix is accepted unless it
+    ends with ``.dlq``.
+    """
+    dlq = re.escape(DLQ_SUFFIX)
+    if not prefix:
+        return rf"^(?!__)(?!.*{dlq}$).+$"
+    return rf"^{re.escape(prefix)}\.(?!.*{dlq}$).+$"
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGTERM and SIGINT while inside the block (main thread only)."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, _on_signal, stop, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no support
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop.is_set():
+        log.info("%s received: finishing the current batch, then stopping", sig.name)
+    stop.set()
+
+
+class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
+    """On assignment, start each partition where the sink says; on revocation, let the batch in
+    flight finish first (it commits its own offsets in the sink)."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, sink: Sink, busy: asyncio.Lock) -> None:
+        self._consumer = consumer
+        self._sink = sink
+        self._busy = busy
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._busy:
+            pass
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if not assigned:
+            return
+        # Nothing may be returned from Kafka's committed position while the sink is asked: pause
+        # first (before any await), seek, then resume.
+        self._consumer.pause(*assigned)
+        try:
+            stored = await self._sink.stored_offsets(sorted(assigned))
+        except Exception as exc:  # noqa: BLE001 - Kafka's offsets are never ahead of the sink's: safe
+            log.warning("cannot read the sink's offsets (%s); starting from Kafka's committed offsets", exc)
+            stored = {}
+        current = self._consumer.assignment()
+        for tp, offset in stored.items():
+            if tp in current:
+                self._consumer.seek(tp, offset)
+        self._consumer.resume(*(tp for tp in assigned if tp in current))
+        log.info("assigned %d partitions, %d positioned from the sink's offsets", len(assigned), len(stored))
+
+
+class Progress:
+    """Counts what the sink reports and logs a line every ``interval`` seconds."""
+
+    def __init__(self, name: str, interval: float = PROGRESS_INTERVAL) -> None:
+        self.name = name
+        self.interval = interval
+        self.totals: dict[str, int] = {}
+        self._window: dict[str, int] = {}
+        self._since = time.monotonic()
+
+    def add(self, counters: Mapping[str, int]) -> None:
+        for key, value in counters.items():
+            self.totals[key] = self.totals.get(key, 0) + value
+            self._window[key] = self._window.get(key, 0) + value
+        self.maybe_log()
+
+    def maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        elapsed = now - self._since
+        if not force and elapsed < self.interval:
+            return
+        if self._window or force:
+            records = self._window.get("records", 0)
+            rate = records / elapsed if elapsed > 0 else 0.0
+            extra = ", ".join(f"{k} {v}" for k, v in sorted(self._window.items()) if k != "records")
+            log.info("%s: %d records in %.1f s (%.0f/s)%s; total %d", self.name, records, elapsed, rate,
+                     f", {extra}" if extra else "", self.totals.get("records", 0))
+        self._window = {}
+        self._since = now
+
+
+async def run_consumer(
+    kafka: KafkaSettings,
+    *,
+    group: str,
+    pattern: str,
+    sink: Sink,
+    stop: asyncio.Event,
+    batch_size: int = 2000,
+    client_id: str = "outbox-consumer",
+    progress: Progress | None = None,
+    **consumer_options: Any,
+) -> None:
+    """Feed ``sink`` from the topics matching ``pattern`` until ``stop`` is set."""
+    consumer = AIOKafkaConsumer(
+        **kafka.client_kwargs(),
+        group_id=group,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        max_poll_records=batch_size,
+        **consumer_options,
+    )
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
+    busy = asyncio.Lock()
+    progress = progress or Progress(group)
+    try:
+        consumer.subscribe(pattern=pattern, listener=_SeekToStored(consumer, sink, busy))
+        log.info("consumer group %s subscribed to /%s/", group, pattern)
+        backoff = BACKOFF_FIRST
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=batch_size)
+            records = [r for part in batches.values() for r in part]
+            if not records:
+                progress.maybe_log()
+                continue
+            # The lock lets a revocation wait for the batch in flight: its new owner then starts
+            # from the offsets this batch writes in the sink. Kafka is told afterwards, outside it.
+            failure: Exception | None = None
+            counters: Mapping[str, int] = {}
+            async with busy:
+                try:
+                    counters = await sink.apply(records)
+                except Exception as exc:
+                    if not getattr(exc, "retriable", False):
+                        raise
+                    failure = exc
+            if failure is not None:
+                log.warning("batch of %d records not applied (%s); retrying in %.1f s", len(records), failure, backoff)
+                _rewind(consumer, batches)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_FIRST
+            await _commit(consumer, {tp: part[-1].offset + 1 for tp, part in batches.items()})
+            progress.add({"records": len(records), **counters})
+        progress.maybe_log(force=True)
+    finally:
+        await consumer.stop()
+
+
+def _rewind(consumer: AIOKafkaConsumer, batches: Mapping[TopicPartition, Sequence[Any]]) -> None:
+    for tp, part in batches.items():
+        try:
+            consumer.seek(tp, part[0].offset)
+        except KafkaError:  # revoked meanwhile: its new owner starts from the sink's offsets
+            pass
+
+
+async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    """Tell Kafka (for lag monitoring); a failure here loses nothing, the sink holds the truth."""
+    try:
+        await consumer.commit(offsets)
+    except KafkaError as exc:
+        log.warning("Kafka offset commit failed (%s); the sink's offsets stay authoritative", exc)

@@ -1,0 +1,470 @@
+"""The read store sink: one current row per aggregate in a central PostgreSQL database.
+
+Pure part (no I/O): :func:`classify` turns one Kafka record into a row to upsert or a rejection
+(a record that breaks the event contract); :func:`plan_batch` reduces a batch to at most one
+row per key, the one with the greatest source position, plus the next offset per partition.
+
+I/O edge: :class:`ReadStore` writes a plan in one transaction (one set-based upsert guarded by
+the source position, the rejections, the offsets); :func:`migrate` / :func:`migration_sql`
+run or print the schema migrations; :func:`run_readstore` wires it to the Kafka loop.
+See docs/readstore.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+from aiokafka import TopicPartition
+
+from consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals, topic_pattern
+from outbox import contract, dsn as dsnmod
+from outbox.config import ReadStoreSettings
+from outbox.errors import DatabaseUnavailable, NotInstalled
+
+log = logging.getLogger(__name__)
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at INFO: noise
+
+SCHEMA = "readstore"
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations" / "readstore"
+_INT4_MAX = 2**31 - 1
+# \u0000 that is not itself escaped (an odd number of backslashes before the 'u').
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+# --------------------------------------------------------------------------- pure: records
+class RecordLike(Protocol):
+    """What the sink reads from a Kafka record (aiokafka's ConsumerRecord fits)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One event as a row of readstore.entities."""
+
+    source_id: str
+    aggregate_type: str
+    aggregate_id: str
+    payload: str  # JSON text, checked; cast to jsonb in SQL
+    event_id: str
+    event_type: str
+    commit_lsn: int
+    txseq: int
+    committed_at: datetime
+    deleted: bool
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.source_id, self.aggregate_type, self.aggregate_id)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.commit_lsn, self.txseq)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record that breaks the contract (a poison event), kept whole in readstore.rejected."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: str
+    headers: tuple[tuple[str, bytes | None], ...]
+    key: bytes | None
+    value: bytes | None
+
+    def headers_json(self) -> str:
+        """Headers as a JSON array of [name, value] pairs (duplicates and order kept)."""
+        pairs = [[name, None if v is None else v.decode("utf-8", "replace").replace("\x00", "\ufffd")]
+                 for name, v in self.headers]
+        return json.dumps(pairs)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)  # NaN/Infinity: Python takes them, jsonb does not
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def check_payload(value: bytes | None) -> str:
+    """The payload as JSON text PostgreSQL's jsonb accepts; ValueError says why not."""
+    if value is None:
+        return "null"  # a Kafka tombstone: no image
+    text = value.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    _JSON.decode(text)
+    if "\\u0000" in text and _JSON_NUL.search(text):
+        raise ValueError("contains \\u0000, which jsonb cannot store")
+    return text
+
+
+def classify(record: RecordLike) -> Row | Rejected:
+    """Parse one record into a row, or say why it is poison. Never raises for bad input."""
+    try:
+        event = contract.parse_record(list(record.headers), record.value)
+        payload = check_payload(record.value)
+        for name in ("id", "source_id", "aggregate_type", "aggregate_id", "type"):
+            text = getattr(event, name)
+            if not text or "\x00" in text:
+                raise ValueError(f"{name} is empty or contains a NUL character")
+        if not _UUID.match(event.id):
+            uuid.UUID(event.id)  # other spellings PostgreSQL's uuid also reads
+        if not 0 <= event.position.seq <= _INT4_MAX:
+            raise ValueError(f"{contract.H_TXSEQ} {event.position.seq} out of range")
+        if event.time.tzinfo is None:
+            raise ValueError(f"{contract.H_TIME} has no time zone")
+    except (ValueError, UnicodeDecodeError) as exc:  # ContractError is a ValueError
+        error = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
+        return Rejected(record.topic, record.partition, record.offset, error, tuple(record.headers), record.key, record.value)
+    return Row(
+        source_id=event.source_id,
+        aggregate_type=event.aggregate_type,
+        aggregate_id=event.aggregate_id,
+        payload=payload,
+        event_id=event.id,
+        event_type=event.type,
+        commit_lsn=event.position.commit_lsn,
+        txseq=event.position.seq,
+        committed_at=event.time,
+        deleted=contract.is_deletion(event.type),
+    )
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one batch does to the read store."""
+
+    rows: list[Row] = field(default_factory=list)  # at most one per key: the greatest position
+    rejected: list[Rejected] = field(default_factory=list)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> next offset
+    received: int = 0
+    records: dict[tuple[str, str, str], RecordLike] = field(default_factory=dict)  # the record behind each row
+
+
+def plan_batch(records: Iterable[RecordLike]) -> Plan:
+    """Reduce a batch: per key keep the event with the greatest (commit_lsn, txseq).
+
+    On equal positions (the same event delivered twice) the later record wins; they are equal.
+    Deletes are events like any other: a delete after an update wins, an update older than a
+    delete loses (here, and in SQL against the stored row).
+    """
+    best: dict[tuple[str, str, str], Row] = {}
+    plan = Plan(records={})
+    for record in records:
+        plan.received += 1
+        tp = (record.topic, record.partition)
+        if record.offset + 1 > plan.offsets.get(tp, -1):
+            plan.offsets[tp] = record.offset + 1
+        item = classify(record)
+        if isinstance(item, Rejected):
+            plan.rejected.append(item)
+            continue
+        current = best.get(item.key)
+        if current is None or item.position >= current.position:
+            best[item.key] = item
+            plan.records[item.key] = record
+    plan.rows = list(best.values())
+    return plan
+
+
+def row_columns(rows: Sequence[Row]) -> list[list[Any]]:
+    """Column arrays for the set-based upsert (see UPSERT)."""
+    return [
+        [r.source_id for r in rows],
+        [r.aggregate_type for r in rows],
+        [r.aggregate_id for r in rows],
+        [r.payload for r in rows],
+        [r.event_id for r in rows],
+        [r.event_type for r in rows],
+        [contract.format_lsn(r.commit_lsn) for r in rows],
+        [r.txseq for r in rows],
+        [r.committed_at for r in rows],
+        [r.deleted for r in rows],
+    ]
+
+
+# --------------------------------------------------------------------------- SQL
+# Parameters go in binary (%b): dumping text arrays in text form costs psycopg a regex per
+# element, and took two thirds of the apply time.
+# One statement per batch. The WHERE clause is the idempotence guard: a duplicate, a replay or
+# an older event (smaller position) changes nothing, and a tombstone is never resurrected.
+# A delete without an image (JSON null) keeps the last image the row had.
+UPSERT = """
+INSERT INTO readstore.entities AS e
+       (source_id, aggregate_type, aggregate_id, payload, event_id, event_type,
+        commit_lsn, txseq, source_committed_at, applied_at, deleted)
+SELECT u.source_id, u.aggregate_type, u.aggregate_id, u.payload::jsonb, u.event_id::uuid, u.event_type,
+       u.commit_lsn::pg_lsn, u.txseq, u.committed_at, clock_timestamp(), u.deleted
+  FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+              %b::text[], %b::int4[], %b::timestamptz[], %b::bool[])
+       AS u(source_id, aggregate_type, aggregate_id, payload, event_id, event_type,
+            commit_lsn, txseq, committed_at, deleted)
+ON CONFLICT (source_id, aggregate_type, aggregate_id) DO UPDATE SET
+       payload = CASE WHEN EXCLUDED.deleted AND jsonb_typeof(EXCLUDED.payload) = 'null'
+                      THEN e.payload ELSE EXCLUDED.payload END,
+       event_id = EXCLUDED.event_id,
+       event_type = EXCLUDED.event_type,
+       commit_lsn = EXCLUDED.commit_lsn,
+       txseq = EXCLUDED.txseq,
+       source_committed_at = EXCLUDED.source_committed_at,
+       applied_at = EXCLUDED.applied_at,
+       deleted = EXCLUDED.deleted
+ WHERE (e.commit_lsn, e.txseq) < (EXCLUDED.commit_lsn, EXCLUDED.txseq)
+"""
+
+REJECT = """
+INSERT INTO readstore.rejected AS r (group_id, topic, partition, kafka_offset, error, received_at, headers, key, value)
+SELECT %b, u.topic, u.partition, u.kafka_offset, u.error, clock_timestamp(), u.headers::jsonb, u.key, u.value
+  FROM unnest(%b::text[], %b::int4[], %b::int8[], %b::text[], %b::text[], %b::bytea[], %b::bytea[])
+       AS u(topic, partition, kafka_offset, error, headers, key, value)
+ON CONFLICT (group_id, topic, partition, kafka_offset) DO NOTHING
+"""
+
+SAVE_OFFSETS = """
+INSERT INTO readstore.consumer_offsets AS o (group_id, topic, partition, next_offset, updated_at)
+SELECT %b, u.topic, u.partition, u.next_offset, clock_timestamp()
+  FROM unnest(%b::text[], %b::int4[], %b::int8[]) AS u(topic, partition, next_offset)
+ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+       next_offset = EXCLUDED.next_offset, updated_at = EXCLUDED.updated_at
+"""
+
+LOAD_OFFSETS = """
+SELECT topic, partition, next_offset FROM readstore.consumer_offsets
+ WHERE group_id = %b AND (topic, partition) IN (SELECT * FROM unnest(%b::text[], %b::int4[]))
+"""
+
+# What can heal by itself: a lost connection, a failover, a serialization failure or deadlock.
+_RETRIABLE = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+
+
+# --------------------------------------------------------------------------- I/O: the database
+async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
+    """Open an async connection with the same one-line errors as outbox.dsn.connect."""
+    dsnmod.parse(dsn)
+    try:
+        return await psycopg.AsyncConnection.connect(dsn, application_name="outbox-readstore")
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to {dsnmod.describe(dsn)}: {dsnmod.first_line(exc)} "
+                                  "(check --dsn and the PG* environment variables)") from None
+
+
+class ReadStore:
+    """The read store database, as a sink for the Kafka loop. ``async with`` opens and closes it."""
+
+    def __init__(self, dsn: str, group: str) -> None:
+        self.dsn = dsn
+        self.group = group
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def __aenter__(self) -> ReadStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._conn = await connect(self.dsn)
+        try:
+            await self._preflight(self._conn)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _preflight(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        head = _script_head()
+        cur = await conn.execute("SELECT to_regclass('readstore.alembic_version') IS NOT NULL")
+        row = await cur.fetchone()
+        version = None
+        if row and row[0]:
+            cur = await conn.execute("SELECT version_num FROM readstore.alembic_version")
+            found = await cur.fetchone()
+            version = found[0] if found else None
+        await conn.rollback()
+        if version != head:
+            where = dsnmod.describe(self.dsn)
+            state = "is not installed" if version is None else f"is at revision {version}, not {head}"
+            raise NotInstalled(f"the read store schema in {where} {state}: run outbox consume readstore "
+                               "--migrate (the default), or review the SQL with --sql")
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
+            try:
+                self._conn = await connect(self.dsn)
+            except DatabaseUnavailable as exc:
+                raise SinkUnavailable(exc.message) from None
+        return self._conn
+
+    # -- Sink protocol
+    async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """Read on a connection of its own: it runs in Kafka's rebalance callback, which may come
+        while a batch is being written on the main connection."""
+        try:
+            conn = await connect(self.dsn)
+        except DatabaseUnavailable as exc:
+            raise SinkUnavailable(exc.message) from None
+        try:
+            cur = await conn.execute(LOAD_OFFSETS, (self.group, [tp.topic for tp in partitions],
+                                                    [tp.partition for tp in partitions]))
+            rows = await cur.fetchall()
+        except _RETRIABLE as exc:
+            raise SinkUnavailable(f"read store: {dsnmod.first_line(exc)}") from None
+        finally:
+            await conn.close()
+        return {TopicPartition(topic, partition): offset for topic, partition, offset in rows}
+
+    async def apply(self, records: Sequence[RecordLike]) -> dict[str, int]:
+        plan = plan_batch(records)
+        for r in plan.rejected:
+            log.error("rejected %s[%d]@%d: %s (kept in readstore.rejected)", r.topic, r.partition, r.offset, r.error)
+        changed = await self.write(plan)
+        return {"changed": changed, "rejected": len(plan.rejected)}
+
+    async def write(self, plan: Plan) -> int:
+        """Write a plan in one transaction; returns how many rows changed. Retriable errors raise
+        SinkUnavailable. A row PostgreSQL refuses (a DataError the checks did not foresee) is
+        found row by row, moved to the rejections, and the batch goes through."""
+        conn = await self._connection()
+        try:
+            try:
+                async with conn.transaction():
+                    return await self._write(conn, plan)
+            except psycopg.DataError:
+                plan = await self._isolate(conn, plan)
+                async with conn.transaction():
+                    return await self._write(conn, plan)
+        except _RETRIABLE as exc:
+            raise SinkUnavailable(f"read store: {dsnmod.first_line(exc)}") from None
+
+    async def _write(self, conn: psycopg.AsyncConnection[Any], plan: Plan) -> int:
+        changed = 0
+        async with conn.cursor() as cur:
+            if plan.rows:
+                await cur.execute(UPSERT, row_columns(plan.rows))
+                changed = cur.rowcount
+            if plan.rejected:
+                rj = plan.rejected
+                await cur.execute(REJECT, (self.group, [r.topic for r in rj], [r.partition for r in rj],
+                                           [r.offset for r in rj], [r.error for r in rj],
+                                           [r.headers_json() for r in rj], [r.key for r in rj], [r.value for r in rj]))
+            if plan.offsets:
+                tps = sorted(plan.offsets)
+                await cur.execute(SAVE_OFFSETS, (self.group, [t for t, _ in tps], [p for _, p in tps],
+                                                 [plan.offsets[tp] for tp in tps]))
+        return changed
+
+    async def _isolate(self, conn: psycopg.AsyncConnection[Any], plan: Plan) -> Plan:
+        """Slow path: try each row alone (rolled back) to find the ones PostgreSQL refuses."""
+        good: list[Row] = []
+        rejected = list(plan.rejected)
+        async with conn.transaction(force_rollback=True):
+            for row in plan.rows:
+                try:
+                    async with conn.transaction():
+                        await conn.execute(UPSERT, row_columns([row]))
+                    good.append(row)
+                except psycopg.DataError as exc:
+                    rec = plan.records[row.key]
+                    bad = Rejected(rec.topic, rec.partition, rec.offset, f"DataError: {dsnmod.first_line(exc)}",
+                                   tuple(rec.headers), rec.key, rec.value)
+                    log.error("rejected %s[%d]@%d: %s (kept in readstore.rejected)", bad.topic, bad.partition,
+                              bad.offset, bad.error)
+                    rejected.append(bad)
+        return Plan(rows=good, rejected=rejected, offsets=plan.offsets, received=plan.received, records=plan.records)
+
+
+# --------------------------------------------------------------------------- migrations
+def _alembic_config(buffer: io.StringIO | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config(output_buffer=buffer) if buffer is not None else Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def _script_head() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def migrate(dsn: str, revision: str = "head") -> None:
+    """Bring the read store schema to ``revision`` (online; idempotent; one migrator at a time)."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    dsnmod.parse(dsn)
+    dsnmod.connect(dsn).close()  # one clear line when the database cannot be reached
+    engine = create_engine("postgresql+psycopg://", creator=lambda: dsnmod.connect(dsn, application_name="outbox-readstore"))
+    try:
+        with engine.connect() as connection:
+            cfg = _alembic_config()
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def migration_sql(revision: str = "head") -> str:
+    """The SQL ``migrate`` would run on an empty database, for a DBA to review (Alembic offline mode)."""
+    from alembic import command
+
+    buffer = io.StringIO()
+    command.upgrade(_alembic_config(buffer), revision, sql=True)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- wiring
+async def run_readstore(settings: ReadStoreSettings, stop: asyncio.Event | None = None) -> Mapping[str, int]:
+    """Apply events to the read store until ``stop`` is set (or SIGTERM/SIGINT when stop is None).
+
+    The schema must be migrated first (``migrate``). Returns the totals (records, changed, rejected).
+    """
+    own_stop = stop is None
+    stop = stop or asyncio.Event()
+    progress = Progress(f"readstore[{settings.group}]")
+    async with ReadStore(settings.dsn, settings.group) as store:
+        if own_stop:
+            with stop_on_signals(stop):
+                await _consume(settings, store, stop, progress)
+        else:
+            await _consume(settings, store, stop, progress)
+    return progress.totals
+
+
+async def _consume(settings: ReadStoreSettings, store: ReadStore, stop: asyncio.Event, progress: Progress) -> None:
+    await run_consumer(settings.kafka, group=settings.group, pattern=topic_pattern(settings.topic_prefix), sink=store,
+                       stop=stop, batch_size=settings.batch_size, client_id="outbox-readstore", progress=progress)
