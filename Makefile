@@ -16,4 +16,4 @@ unit: setup
 
 clean-sandbox:
 	-.venv/bin/outbox dev down
-	-.venv/bin/outbox dev down --dir .pytest-sandbox
+	-.venv/bin/outbox dev down --dir "$${OUTBOX_TEST_SANDBOX_DIR:-$$( [ "$$(id -u)" = 0 ] && echo /var/lib/outbox-relay/test-sandbox || echo .pytest-sandbox )}"

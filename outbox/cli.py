@@ -54,7 +54,16 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> Any:
-    return cli.main(args=argv, prog_name="outbox", auto_envvar_prefix="OUTBOX")
+    try:
+        return cli.main(args=argv, prog_name="outbox", auto_envvar_prefix="OUTBOX")
+    except Exception as exc:  # a bug: say so in one line; -v shows the traceback
+        if logging.getLogger("outbox").isEnabledFor(logging.DEBUG):
+            raise
+        from outbox.dsn import redact
+
+        click.echo(f"Error: unexpected {type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''} "
+                   "(a bug in outbox-relay: run again with -v for the traceback and report it)", err=True)
+        sys.exit(70)
 
 
 if __name__ == "__main__":  # pragma: no cover

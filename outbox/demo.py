@@ -179,8 +179,9 @@ def recreate_database(name: str) -> None:
         conn.execute(f'CREATE DATABASE "{name}"')
 
 
-async def _delete_demo_topics(bootstrap: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
+async def _prepare_topics(bootstrap: str, prefix: str) -> None:
+    """Drop the topics of earlier demo runs and create this run's, so consumers see them at once."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -188,8 +189,27 @@ async def _delete_demo_topics(bootstrap: str) -> None:
         old = [t for t in await admin.list_topics() if t.startswith("demo-")]
         if old:
             await admin.delete_topics(old)
+        await admin.create_topics([NewTopic(f"{prefix}.{agg}", num_partitions=3, replication_factor=1)
+                                   for agg, _ in POS_CAPTURES.values()])
     finally:
         await admin.close()
+
+
+def _wait_ready(store_names: list[str], consumer_log: Path, procs: list["subprocess.Popen[bytes]"], timeout: float = 60) -> None:
+    """Until every relay streams its slot and the consumer has its partitions."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise OutboxError(f"a pipeline process exited with {p.returncode} at start: see the logs in {consumer_log.parent}")
+        streaming = 0
+        with psycopg.connect(dbname="postgres", autocommit=True) as conn:
+            streaming = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE active AND database = ANY(%s)",
+                                     (store_names,)).fetchone()[0]  # type: ignore[index]
+        if streaming == len(store_names) and b"assigned" in consumer_log.read_bytes():
+            return
+        time.sleep(0.2)
+    raise OutboxError(f"the pipeline did not start within {timeout:.0f} s: see the logs in {consumer_log.parent}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -222,7 +242,7 @@ def demo(stores: int, transactions: int, timeout: float, seed: int) -> None:
     os.environ.update(sandbox.env())
     bootstrap = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
     prefix = time.strftime("demo-%Y%m%d%H%M%S")
-    asyncio.run(_delete_demo_topics(bootstrap))
+    asyncio.run(_prepare_topics(bootstrap, prefix))
 
     store_names = [f"demo_store{i}" for i in range(1, stores + 1)]
     for name in store_names + ["demo_readstore"]:
@@ -235,7 +255,7 @@ def demo(stores: int, transactions: int, timeout: float, seed: int) -> None:
     say(f"created {stores} store databases with the POS schema and installed the outbox; topics {prefix}.*")
 
     procs: list[subprocess.Popen[bytes]] = []
-    logdir = Path(sandbox.dir) / "demo-logs"
+    logdir = sandbox.directory / "demo-logs"
     logdir.mkdir(parents=True, exist_ok=True)
 
     def spawn(args: list[str], log_name: str) -> None:
@@ -249,6 +269,7 @@ def demo(stores: int, transactions: int, timeout: float, seed: int) -> None:
                    "--topic-prefix", prefix], f"relay-store{i}.log")
         spawn(["consume", "readstore", "--dsn", "dbname=demo_readstore", "--kafka-bootstrap", bootstrap,
                "--topic-prefix", prefix, "--group", f"{prefix}-readstore"], "readstore.log")
+        _wait_ready(store_names, logdir / "readstore.log", procs)
         say(f"started {stores} relays and the read-store consumer (logs in {logdir})")
 
         say(f"running the workload: {transactions} transactions in each store, concurrently...")

@@ -1,8 +1,9 @@
 """Shared fixtures: real PostgreSQL and Kafka servers, throw-away databases and topics.
 
-By default the session starts the project's own sandbox in ``.pytest-sandbox/`` (ports apart
-from a developer's sandbox) and leaves it running for the next run; ``outbox dev down
---dir .pytest-sandbox`` stops it. With ``OUTBOX_TEST_EXTERNAL=1`` the tests use the servers
+By default the session starts the project's own test sandbox (ports 54339 and 39192, apart from
+a developer's sandbox) in ``$OUTBOX_TEST_SANDBOX_DIR``, else ``/var/lib/outbox-relay/test-sandbox``
+as root or ``.pytest-sandbox/`` otherwise, and leaves it running for the next run;
+``make clean-sandbox`` stops it. With ``OUTBOX_TEST_EXTERNAL=1`` the tests use the servers
 named by PGHOST/PGPORT/PGUSER and KAFKA_BOOTSTRAP_SERVERS instead.
 
 When a server cannot be had, integration tests fail under CI (CI=true) and skip elsewhere.
@@ -21,7 +22,10 @@ import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_SANDBOX_DIR = Path(os.environ.get("OUTBOX_TEST_SANDBOX_DIR", ROOT / ".pytest-sandbox"))
+# As root, PostgreSQL runs as the postgres user, which may not be able to enter the checkout
+# (a clone under /root, say): the test sandbox then lives under /var/lib like the default one.
+TEST_SANDBOX_DIR = Path(os.environ.get("OUTBOX_TEST_SANDBOX_DIR")
+                        or ("/var/lib/outbox-relay/test-sandbox" if os.geteuid() == 0 else ROOT / ".pytest-sandbox"))
 TEST_PG_PORT = int(os.environ.get("OUTBOX_TEST_PG_PORT", "54339"))
 TEST_KAFKA_PORT = int(os.environ.get("OUTBOX_TEST_KAFKA_PORT", "39192"))
 
