@@ -1,0 +1,78 @@
+"""``python -m bench <name> [--quick]``: run a benchmark, print its figures, save them under bench/results/.
+
+``python -m bench all [--quick]`` runs every benchmark; ``python -m bench plot`` draws the PNG
+plots in docs/ from the newest saved full runs (needs matplotlib: pip install -e '.[bench]').
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from bench.common import ensure_servers, quiet_logs
+
+BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory")
+
+
+def _runner(name: str) -> Callable[[bool], Any]:
+    if name == "relay":
+        from bench import relay_throughput as mod
+    elif name == "latency":
+        from bench import latency as mod  # type: ignore[no-redef]
+    elif name == "overhead":
+        from bench import overhead as mod  # type: ignore[no-redef]
+    elif name == "consumer":
+        from bench import consumer as mod  # type: ignore[no-redef]
+    elif name == "memory":
+        from bench import memory as mod  # type: ignore[no-redef]
+    else:
+        raise click.UsageError(f"unknown benchmark {name}")
+    return lambda quick: asyncio.run(mod.run(quick))
+
+
+def _run(names: tuple[str, ...], quick: bool) -> None:
+    ensure_servers()
+    with quiet_logs():
+        for name in names:
+            started = time.monotonic()
+            print(f"== {name}{' (quick)' if quick else ''}", flush=True)
+            _runner(name)(quick)
+            print(f"== {name} took {time.monotonic() - started:.1f} s", flush=True)
+
+
+@click.group()
+def main() -> None:
+    """Benchmarks of the outbox relay against the physical limits of the machine."""
+
+
+def _command(name: str, doc: str) -> None:
+    @main.command(name, help=doc)
+    @click.option("--quick", is_flag=True, help="A short run printing the same figures (CI smoke test).")
+    def command(quick: bool) -> None:
+        _run((name,) if name != "all" else BENCHMARKS, quick)
+
+
+_command("relay", "Backlog throughput of outbox relay vs pg_recvlogical and kcat.")
+_command("latency", "Commit-to-Kafka and commit-to-read-store latency at fixed rates.")
+_command("overhead", "pgbench TPS of a POS workload with and without capture triggers.")
+_command("consumer", "Read-store apply rate.")
+_command("memory", "Relay RSS idle and under load.")
+_command("all", "Every benchmark, one after the other.")
+
+
+@main.command("plot")
+@click.option("--out", "out_dir", default=None, help="Directory for the PNG files [default: docs/].")
+def plot(out_dir: str | None) -> None:
+    """Draw PNG plots into docs/ from the newest saved full (not --quick) results."""
+    from bench.plot import plot_all
+
+    for path in plot_all(out_dir):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
