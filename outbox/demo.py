@@ -171,11 +171,17 @@ def run_checked(args: list[str], what: str) -> str:
     return proc.stdout
 
 
-def recreate_database(name: str) -> None:
+def drop_database(name: str) -> None:
+    """Drop a database and its replication slots (a slot left behind pins WAL forever)."""
     with psycopg.connect(dbname="postgres", autocommit=True) as conn:
         for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)).fetchall():
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def recreate_database(name: str) -> None:
+    drop_database(name)
+    with psycopg.connect(dbname="postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
 
 
@@ -245,6 +251,10 @@ def demo(stores: int, transactions: int, timeout: float, seed: int) -> None:
     asyncio.run(_prepare_topics(bootstrap, prefix))
 
     store_names = [f"demo_store{i}" for i in range(1, stores + 1)]
+    with psycopg.connect(dbname="postgres", autocommit=True) as conn:
+        earlier = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname ~ '^demo_store[0-9]+$'")]
+    for name in sorted(set(earlier) - set(store_names)):
+        drop_database(name)  # a store of an earlier, larger run: its idle slot would pin WAL
     for name in store_names + ["demo_readstore"]:
         recreate_database(name)
     for name in store_names:
