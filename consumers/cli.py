@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from outbox import contract
-from outbox.config import KafkaSettings, ReadStoreSettings, build, kafka_from_params, kafka_options
+from outbox.config import KafkaSettings, ReadStoreSettings, build, kafka_from_params, kafka_options, metrics_options
 
 
 def _print_sql(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -38,6 +38,7 @@ def consume() -> None:
               help="Bring the readstore schema up to date before consuming.")
 @click.option("--sql", is_flag=True, is_eager=True, expose_value=False, callback=_print_sql,
               help="Print the schema migration SQL for review and exit (needs no server, touches nothing).")
+@metrics_options
 def readstore(**params: Any) -> None:
     """Keep a central PostgreSQL read store current: one row per aggregate, in source order.
 
@@ -47,11 +48,13 @@ def readstore(**params: Any) -> None:
     SIGINT finishes the current batch and exits 0. See docs/readstore.md.
     """
     from consumers import readstore as rs
+    from outbox import metrics
 
     migrate = params.pop("migrate")
     kafka = build(KafkaSettings, **kafka_from_params(params))
     settings = build(ReadStoreSettings, kafka=kafka, **params)
     if migrate:
         rs.migrate(settings.dsn)
-    totals = asyncio.run(rs.run_readstore(settings))
+    with metrics.serve(settings.metrics_host, settings.metrics_port):
+        totals = asyncio.run(rs.run_readstore(settings))
     click.echo(f"stopped: {totals.get('records', 0)} records applied, {totals.get('rejected', 0)} rejected", err=True)

@@ -18,14 +18,16 @@ import logging
 import re
 import signal
 import time
+from datetime import datetime
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from outbox import metrics
 from outbox.config import KafkaSettings
-from outbox.contract import DLQ_SUFFIX
+from outbox.contract import DLQ_SUFFIX, H_TIME
 from outbox.errors import KafkaUnavailable, OutboxError
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ POLL_TIMEOUT_MS = 500
 PROGRESS_INTERVAL = 10.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+LAG_EVERY = 1.0  # seconds between updates of the lag gauges (positions and high watermarks)
+POSITION_TIMEOUT = 0.2
 
 
 class SinkUnavailable(OutboxError):
@@ -51,7 +55,13 @@ class Sink(Protocol):
         ...
 
     async def apply(self, records: Sequence[Any]) -> Mapping[str, int]:
-        """Apply a batch durably (records are aiokafka ``ConsumerRecord``s); return counters."""
+        """Apply a batch durably (records are aiokafka ``ConsumerRecord``s); return counters.
+
+        Counters the loop turns into metrics: ``skipped`` (records that changed nothing: duplicates,
+        older events), ``rejected`` and ``refused`` (records parked instead of applied: found by the
+        sink's checks, or refused by its store). A sink may also set a
+        ``name`` attribute: the ``sink`` label of its metrics.
+        """
         ...
 
 
@@ -164,6 +174,7 @@ async def run_consumer(
     batch_size: int = 2000,
     client_id: str = "outbox-consumer",
     progress: Progress | None = None,
+    sink_name: str | None = None,
     **consumer_options: Any,
 ) -> None:
     """Feed ``sink`` from the topics matching ``pattern`` until ``stop`` is set."""
@@ -185,6 +196,8 @@ async def run_consumer(
         raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
     busy = asyncio.Lock()
     progress = progress or Progress(group)
+    stats = metrics.ConsumerMetrics(group, sink_name or getattr(sink, "name", type(sink).__name__.lower()))
+    lag_updated = 0.0
     try:
         consumer.subscribe(pattern=pattern, listener=_SeekToStored(consumer, sink, busy))
         log.info("consumer group %s subscribed to /%s/", group, pattern)
@@ -194,6 +207,7 @@ async def run_consumer(
             records = [r for part in batches.values() for r in part]
             if not records:
                 progress.maybe_log()
+                lag_updated = await _update_lag(consumer, stats, lag_updated)
                 continue
             # The lock lets a revocation wait for the batch in flight: its new owner then starts
             # from the offsets this batch writes in the sink. Kafka is told afterwards, outside it.
@@ -201,24 +215,88 @@ async def run_consumer(
             counters: Mapping[str, int] = {}
             async with busy:
                 try:
+                    started = time.perf_counter()
                     counters = await sink.apply(records)
+                    stats.apply_seconds.observe(time.perf_counter() - started)
                 except Exception as exc:
                     if not getattr(exc, "retriable", False):
                         raise
                     failure = exc
             if failure is not None:
+                stats.retries.inc()
                 log.warning("batch of %d records not applied (%s); retrying in %.1f s", len(records), failure, backoff)
                 _rewind(consumer, batches)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+                lag_updated = await _update_lag(consumer, stats, lag_updated)  # lag grows while the sink is down
                 continue
             backoff = BACKOFF_FIRST
             await _commit(consumer, {tp: part[-1].offset + 1 for tp, part in batches.items()})
+            _count_applied(stats, batches, counters)
             progress.add({"records": len(records), **counters})
+            lag_updated = await _update_lag(consumer, stats, lag_updated)
         progress.maybe_log(force=True)
     finally:
+        stats.close()
         await consumer.stop()
+
+
+def _count_applied(stats: metrics.ConsumerMetrics, batches: Mapping[TopicPartition, Sequence[Any]],
+                   counters: Mapping[str, int]) -> None:
+    """Once per applied batch: counters per topic; end-to-end latency once per source transaction
+    (records of one transaction share their ce_time), so the cost per record is one header lookup."""
+    now = time.time()
+    times: dict[bytes, float | None] = {}
+    last: list[tuple[TopicPartition, bytes]] = []
+    for tp, part in batches.items():
+        stats.applied(tp.topic).inc(len(part))
+        raw = None
+        for record in part:
+            raw = _header(record.headers, H_TIME)
+            if raw is not None and raw not in times:
+                times[raw] = None
+        if raw is not None:
+            last.append((tp, raw))
+    for raw in times:
+        try:
+            times[raw] = at = datetime.fromisoformat(raw.decode()).timestamp()
+        except (ValueError, UnicodeDecodeError):  # a poison record; the sink has dealt with it
+            continue
+        stats.end_to_end.observe(max(0.0, now - at))
+    for tp, raw in last:
+        if (at := times[raw]) is not None:
+            stats.partition(tp.topic, tp.partition).last_time = at
+    parked = counters.get("rejected", 0) + counters.get("refused", 0)
+    if parked:
+        stats.rejected.inc(parked)
+    if counters.get("skipped"):
+        stats.duplicates.inc(counters["skipped"])
+
+
+def _header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+async def _update_lag(consumer: AIOKafkaConsumer, stats: metrics.ConsumerMetrics, updated: float) -> float:
+    """At most every LAG_EVERY seconds: position and high watermark of each assigned partition."""
+    now = time.monotonic()
+    if now - updated < LAG_EVERY:
+        return updated
+    assigned = consumer.assignment()
+    stats.retain((tp.topic, tp.partition) for tp in assigned)
+    for tp in assigned:
+        try:
+            # returns at once when the position is known; waits (briefly) only while it is being reset
+            position = await asyncio.wait_for(consumer.position(tp), POSITION_TIMEOUT)
+            highwater = consumer.highwater(tp)
+        except (TimeoutError, KafkaError, AssertionError):  # not positioned yet, or revoked meanwhile
+            continue
+        stats.position(tp.topic, tp.partition, position, highwater)
+    return now
 
 
 def _rewind(consumer: AIOKafkaConsumer, batches: Mapping[TopicPartition, Sequence[Any]]) -> None:

@@ -274,6 +274,8 @@ async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
 class ReadStore:
     """The read store database, as a sink for the Kafka loop. ``async with`` opens and closes it."""
 
+    name = "readstore"  # the ``sink`` label of its metrics
+
     def __init__(self, dsn: str, group: str) -> None:
         self.dsn = dsn
         self.group = group
@@ -348,20 +350,25 @@ class ReadStore:
         plan = plan_batch(records)
         for r in plan.rejected:
             log.error("rejected %s[%d]@%d: %s (kept in readstore.rejected)", r.topic, r.partition, r.offset, r.error)
+        checked = len(plan.rejected)
         changed = await self.write(plan)
-        return {"changed": changed, "rejected": len(plan.rejected)}
+        # skipped: rows the guarded upsert left alone (duplicates, replays, events older than the stored row);
+        # rejected: by the contract checks; refused: rows PostgreSQL refused, rejected too (see write)
+        return {"changed": changed, "skipped": len(plan.rows) - changed, "rejected": checked,
+                "refused": len(plan.rejected) - checked}
 
     async def write(self, plan: Plan) -> int:
         """Write a plan in one transaction; returns how many rows changed. Retriable errors raise
         SinkUnavailable. A row PostgreSQL refuses (a DataError the checks did not foresee) is
-        found row by row, moved to the rejections, and the batch goes through."""
+        found row by row, moved to the rejections (``plan`` is updated), and the batch goes through."""
         conn = await self._connection()
         try:
             try:
                 async with conn.transaction():
                     return await self._write(conn, plan)
             except psycopg.DataError:
-                plan = await self._isolate(conn, plan)
+                isolated = await self._isolate(conn, plan)
+                plan.rows, plan.rejected = isolated.rows, isolated.rejected
                 async with conn.transaction():
                     return await self._write(conn, plan)
         except _RETRIABLE as exc:

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from outbox import contract
-from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, kafka_options
+from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, kafka_options, metrics_options
 
 
 @click.command()
@@ -26,6 +26,7 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
 @click.option("--retention", default=3600.0, show_default=True, type=float,
               help="Seconds to keep published rows in outbox.events as an audit trail (0: keep forever). "
                    "Events travel through the WAL, so purging never loses one.")
+@metrics_options
 def relay(**params: Any) -> None:
     """Stream the outbox of one store database to Kafka.
 
@@ -36,9 +37,11 @@ def relay(**params: Any) -> None:
 
     SIGTERM or Ctrl-C: stop reading, wait for in-flight events, confirm them, exit 0.
     """
+    from outbox import metrics
     from relay.runner import run_relay
 
     kafka = kafka_from_params(params)
     settings = build(RelaySettings, kafka=kafka, **params)
-    stats = asyncio.run(run_relay(settings))
+    with metrics.serve(settings.metrics_host, settings.metrics_port):
+        stats = asyncio.run(run_relay(settings))
     click.echo(f"relay stopped: {stats.events} events in {stats.transactions} transactions published", err=True)

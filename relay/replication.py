@@ -98,6 +98,56 @@ def purge_events(dsn: str, older_than_s: float, batch: int = 10_000) -> int:
                 return total
 
 
+@dataclass(frozen=True, slots=True)
+class SlotSample:
+    """The slot as pg_replication_slots shows it, and the server's WAL end, at one moment."""
+
+    wal_end: int  # pg_current_wal_lsn()
+    wal_status: str | None  # reserved, extended, unreserved, lost; None when the slot is gone
+    retained_bytes: int | None  # pg_current_wal_lsn() - restart_lsn
+    safe_wal_size: int | None  # None without max_slot_wal_keep_size (or when lost)
+
+
+SLOT_SAMPLE = """
+SELECT pg_current_wal_lsn()::text, s.wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,
+       s.safe_wal_size
+  FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = %s
+"""
+
+
+class SlotMonitor:
+    """Samples the slot on an ordinary connection of its own (off the hot path, every few seconds).
+
+    Blocking: call :meth:`sample` through ``asyncio.to_thread``. The connection is opened on
+    first use and reopened after an error.
+    """
+
+    def __init__(self, dsn: str, slot: str) -> None:
+        self._dsn = dsn
+        self._slot = slot
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def sample(self) -> SlotSample:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self._dsn, autocommit=True, application_name="outbox-relay-monitor", connect_timeout=5)
+            row = self._conn.execute(SLOT_SAMPLE, (self._slot,)).fetchone()
+        except psycopg.Error as exc:
+            self.close()
+            raise DatabaseUnavailable(f"cannot sample slot {self._slot}: {first_line(exc)}") from None
+        assert row is not None
+        wal_end, wal_status, retained, safe = row
+        return SlotSample(contract.parse_lsn(wal_end), wal_status, retained, safe)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.close()
+            except psycopg.Error:  # already broken
+                pass
+
+
 class ReplicationStream:
     """A logical replication stream of the outbox publication, read without blocking the loop."""
 

@@ -7,21 +7,25 @@ after the last confirmed commit may be published again, with the same ``ce_id``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from outbox import contract
+from aiokafka.errors import KafkaError
+
+from outbox import contract, metrics
 from outbox.config import RelaySettings
 from outbox.errors import OutboxError
 from relay import pgoutput
 from relay.events import outbox_row
 from relay.positions import PositionTracker, Txn
 from relay.publisher import Publisher
-from relay.replication import ReplicationStream, preflight, purge_events
+from relay.replication import ReplicationStream, SlotMonitor, preflight, purge_events
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,8 @@ DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for in-flight events before giving
 STATUS_EVERY = 1.0  # seconds between status updates while the confirmed position moves
 PURGE_EVERY = 60.0  # seconds between purges of old rows from outbox.events
 PROGRESS_EVERY = 30.0  # seconds between progress log lines
+MONITOR_EVERY = 10.0  # seconds between samples of pg_replication_slots and checks of Kafka
+KAFKA_PROBE_TIMEOUT = 5.0
 
 
 class PublishFailed(OutboxError):
@@ -56,28 +62,50 @@ class Relay:
         self._last_status = 0.0
         self._reported = -1
         self._last_progress = (time.monotonic(), 0)
+        # metrics: bound once; counters are added per read loop, not per event
+        self.metrics = metrics.RelayMetrics(settings.source_id)
+        self._acked: defaultdict[str, int] = defaultdict(int)  # events acknowledged per topic, not yet counted
+        self._caught_up_to = 0  # commit time (µs since 2000) up to which everything is acknowledged, as far as known
+        self._server_wal_end = 0  # pg_current_wal_lsn() at the last slot sample
+        self._wal_status: str | None = None
+        self._monitor_failing = False
+        self.metrics.seconds_behind.set_function(self._seconds_behind)
+        self.metrics.lag_bytes.set_function(self._lag_bytes)
 
     async def run(self, stop: asyncio.Event) -> RelayStats:
         s = self.settings
         slot = await asyncio.to_thread(preflight, s.dsn, s.slot)
         self.tracker.confirmed = self.tracker.received = slot.confirmed_flush
+        self.metrics.started(slot.name, slot.database)
         await self._publisher.start()
+        self.metrics.kafka_connected.set(1)
         try:
             self._stream = ReplicationStream(s.dsn, slot.name)
             await self._stream.start()
+            self.metrics.replication_connected.set(1)
+            self.metrics.up.set(1)
             log.info("relay %s streaming slot %s of %s from %s to Kafka %s", s.source_id, slot.name, slot.database,
                         contract.format_lsn(slot.confirmed_flush), s.kafka.bootstrap)
             purger = asyncio.create_task(self._purge_periodically(stop)) if s.retention > 0 else None
+            halt = asyncio.Event()
+            monitor = asyncio.create_task(self._monitor_periodically(halt, slot.name))
             try:
                 await self._loop(stop)
                 await self._drain()
             finally:
                 if purger is not None:
                     purger.cancel()
+                halt.set()  # let the monitor finish its sample and close its connection
+                await asyncio.wait([monitor], timeout=KAFKA_PROBE_TIMEOUT + 5)
+                monitor.cancel()
         finally:
+            self.metrics.up.set(0)
             if self._stream is not None:
                 self._stream.close()
+                self.metrics.replication_connected.set(0)
             await self._publisher.stop()
+            self.metrics.kafka_connected.set(0)
+            self._count_acked()
         return self.stats
 
     async def _loop(self, stop: asyncio.Event) -> None:
@@ -94,8 +122,12 @@ class Relay:
                     self._status()
                     continue
                 messages = await self._stream.read(timeout=min(self.settings.status_interval, 1.0))
-                for message in messages:
-                    await self._handle(message)
+                if messages:
+                    before = self.stats.events
+                    for message in messages:
+                        await self._handle(message)
+                    if self.stats.events > before:
+                        self.metrics.read_batch.observe(self.stats.events - before)
                 self._status()
         finally:
             stopping.cancel()
@@ -111,12 +143,17 @@ class Relay:
         if isinstance(decoded, pgoutput.Insert):
             await self._publish(decoded)
         elif isinstance(decoded, pgoutput.Begin):
+            if not self.tracker.open_transactions:  # everything before this transaction is acknowledged
+                self._caught_up_to = max(self._caught_up_to, decoded.commit_time)
             self._txn = self.tracker.begin(decoded.xid, decoded.final_lsn, decoded.commit_time)
         elif isinstance(decoded, pgoutput.Commit):
-            assert self._txn is not None, "Commit without Begin"
-            self.tracker.commit(self._txn, decoded.end_lsn)
+            txn = self._txn
+            assert txn is not None, "Commit without Begin"
+            self.tracker.commit(txn, decoded.end_lsn)
             self.stats.transactions += 1
             self._txn = None
+            if not txn.pending and not txn.failed:  # acknowledged before its Commit arrived (or no events)
+                self._txn_acked(txn)
         elif isinstance(decoded, pgoutput.Relation):
             self._relations[decoded.relation_id] = decoded
         # Type, Origin, Update, Delete, Truncate: the publication carries inserts only.
@@ -135,18 +172,43 @@ class Relay:
             commit_time=contract.pg_timestamp_to_datetime(txn.commit_time),
             xid=txn.xid,
         )
-        await self._publisher.send(record, partial(self._on_ack, txn, row.id))
+        await self._publisher.send(record, partial(self._on_ack, txn, record.topic, row.id))
         self.stats.events += 1
 
-    def _on_ack(self, txn: Txn, event_id: str, future: "asyncio.Future[Any]") -> None:
+    def _on_ack(self, txn: Txn, topic: str, event_id: str, future: "asyncio.Future[Any]") -> None:
         exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if exc is None:
             self.tracker.acked(txn)
+            self._acked[topic] += 1
+            if not txn.pending and txn.end_lsn is not None and not txn.failed:
+                self._txn_acked(txn)
         else:
             self.tracker.failed(txn)
+            self.metrics.publish_errors.inc()
             if self._error is None:
                 self._error = PublishFailed(f"Kafka refused event {event_id} of transaction {txn.xid}: {exc!r}")
         self._progress.set()
+
+    def _txn_acked(self, txn: Txn) -> None:
+        """Every event of ``txn`` is in Kafka (called once per transaction)."""
+        if txn.commit_time > self._caught_up_to:
+            self._caught_up_to = txn.commit_time
+        if txn.events:
+            self.metrics.commit_to_ack.observe(max(0.0, time.time() - metrics.pg_time_to_unix(txn.commit_time)))
+
+    def _count_acked(self) -> None:
+        if self._acked:
+            self.metrics.published(self._acked)
+            self._acked.clear()
+
+    # scrape-time gauges: they run in the metrics HTTP thread and only read
+    def _seconds_behind(self) -> float:
+        if not self.tracker.open_transactions or not self._caught_up_to:
+            return 0.0
+        return max(0.0, time.time() - metrics.pg_time_to_unix(self._caught_up_to))
+
+    def _lag_bytes(self) -> float:
+        return float(max(0, max(self._server_wal_end, self.tracker.received) - self.tracker.confirmed))
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -155,6 +217,7 @@ class Relay:
     def _status(self, force: bool = False) -> None:
         """Tell PostgreSQL what is safe to discard; often while it moves, at least every status_interval."""
         assert self._stream is not None
+        self._count_acked()
         now = time.monotonic()
         moved = self.tracker.confirmed != self._reported
         due = now - self._last_status >= (STATUS_EVERY if moved else self.settings.status_interval)
@@ -179,6 +242,50 @@ class Relay:
             except OutboxError as exc:  # not fatal: streaming does not depend on it
                 log.warning("could not purge outbox.events: %s", exc.message)
             await asyncio.sleep(PURGE_EVERY)
+
+    async def _monitor_periodically(self, halt: asyncio.Event, slot: str) -> None:
+        """Off the hot path: sample the slot (retained WAL, wal_status, safe_wal_size) and check Kafka."""
+        monitor = SlotMonitor(self.settings.dsn, slot)
+        while not halt.is_set():
+            await self._sample_slot(monitor, slot)
+            await self._probe_kafka()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(halt.wait(), MONITOR_EVERY)
+        # Not on cancellation: a sample may still be running in its thread, and the connection with it.
+        monitor.close()
+
+    async def _sample_slot(self, monitor: SlotMonitor, slot: str) -> None:
+        try:
+            sample = await asyncio.to_thread(monitor.sample)
+        except OutboxError as exc:  # not fatal: streaming does not depend on it
+            if not self._monitor_failing:
+                log.warning("%s; slot metrics are stale until it succeeds", exc.message)
+            self._monitor_failing = True
+            return
+        if self._monitor_failing:
+            log.info("slot %s sampled again", slot)
+        self._monitor_failing = False
+        self._server_wal_end = sample.wal_end
+        if sample.wal_status != self._wal_status:
+            if sample.wal_status in ("unreserved", "lost"):
+                log.warning("slot %s: wal_status is %s: max_slot_wal_keep_size is %s; see docs/operations.md, Alerts",
+                            slot, sample.wal_status, "exceeded" if sample.wal_status == "unreserved" else
+                            "exceeded and WAL the slot needs was removed (events lost: re-snapshot)")
+            self._wal_status = sample.wal_status
+        self.metrics.slot(slot, sample.wal_status, sample.retained_bytes, sample.safe_wal_size)
+
+    async def _probe_kafka(self) -> None:
+        """1 when the producer has (or can open) a connection to some broker."""
+        producer = getattr(self._publisher, "_producer", None)  # the Publisher keeps its producer private
+        reachable = False
+        if producer is not None:
+            client = producer.client
+            for broker in client.cluster.brokers():
+                with contextlib.suppress(TimeoutError, OSError, KafkaError):
+                    if await asyncio.wait_for(client.ready(broker.nodeId), KAFKA_PROBE_TIMEOUT):
+                        reachable = True
+                        break
+        self.metrics.kafka_connected.set(1 if reachable else 0)
 
     async def _drain(self) -> None:
         """On stop: wait (bounded) for in-flight events, confirm what was acknowledged."""

@@ -1,0 +1,262 @@
+"""Every Prometheus metric of outbox-relay, declared here and nowhere else.
+
+Names follow Prometheus conventions: base units (``_seconds``, ``_bytes``), ``_total`` for
+counters. Labels are bounded: ``source_id`` (one per store database), ``slot``, ``topic``
+(one per aggregate type), ``group``, ``sink``, ``partition``; never an aggregate or event id.
+
+The hot paths never look a label up per event: :class:`RelayMetrics` and
+:class:`ConsumerMetrics` bind the labelled children once, and callers add to counters once
+per batch. Gauges that depend on "now" (seconds behind, lag in seconds) are computed when
+Prometheus scrapes, so they are never stale.
+
+:func:`serve` exposes the default registry on ``/metrics`` (a daemon HTTP thread) and stops
+it cleanly. The metric list with meanings is in docs/operations.md ("Metrics").
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import start_http_server
+
+from outbox.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+try:
+    VERSION = version("outbox-relay")
+except PackageNotFoundError:  # pragma: no cover - running from a tree that was never installed
+    VERSION = "unknown"
+
+#: Latency buckets in seconds, from "milliseconds" (the goal) to "minutes" (an incident).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+APPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")
+# pgoutput timestamps count microseconds from 2000-01-01 UTC
+PG_EPOCH_UNIX = 946_684_800
+
+# No `<name>_created` series next to every counter and histogram: a third fewer series per
+# store, and nothing here reads them (rate() and increase() handle restarts).
+disable_created_metrics()
+
+# --------------------------------------------------------------------------- relay
+RELAY_INFO = Gauge("outbox_relay_info", "Always 1; the labels describe the relay.",
+                   ["source_id", "slot", "database", "version"])
+RELAY_UP = Gauge("outbox_relay_up", "1 while the relay streams its slot to Kafka, 0 while it starts or stops.",
+                 ["source_id"])
+RELAY_EVENTS_PUBLISHED = Counter("outbox_relay_events_published_total",
+                                 "Events Kafka acknowledged (acks=all).", ["source_id", "topic"])
+RELAY_PUBLISH_ERRORS = Counter("outbox_relay_publish_errors_total",
+                               "Events Kafka refused after the producer's own retries (the relay then stops).",
+                               ["source_id"])
+RELAY_READ_BATCH = Histogram("outbox_relay_read_batch_events",
+                             "Events decoded per read of the replication stream (reads that returned messages).",
+                             ["source_id"], buckets=BATCH_BUCKETS)
+RELAY_COMMIT_TO_ACK = Histogram("outbox_relay_commit_to_ack_seconds",
+                                "Per source transaction with events: from its commit in the store database to "
+                                "Kafka's acknowledgement of its last event.", ["source_id"], buckets=LATENCY_BUCKETS)
+RELAY_LAG_BYTES = Gauge("outbox_relay_replication_lag_bytes",
+                        "Server WAL end (newest of pg_current_wal_lsn(), polled, and the stream) minus the position "
+                        "the relay has confirmed.", ["source_id"])
+RELAY_SECONDS_BEHIND = Gauge("outbox_relay_seconds_behind_source",
+                             "Now minus the commit time of the newest transaction Kafka fully acknowledged; 0 when "
+                             "no transaction is in flight (caught up or idle).", ["source_id"])
+RELAY_SLOT_RETAINED = Gauge("outbox_relay_slot_retained_wal_bytes",
+                            "WAL the slot keeps on the store's disk: pg_current_wal_lsn() - restart_lsn.",
+                            ["source_id", "slot"])
+RELAY_SLOT_SAFE = Gauge("outbox_relay_slot_safe_wal_size_bytes",
+                        "pg_replication_slots.safe_wal_size: WAL that may still be written before the slot is "
+                        "lost; +Inf without max_slot_wal_keep_size, 0 once lost.", ["source_id", "slot"])
+RELAY_SLOT_WAL_STATUS = Gauge("outbox_relay_slot_wal_status",
+                              "1 for the slot's current pg_replication_slots.wal_status, 0 for the others.",
+                              ["source_id", "slot", "wal_status"])
+RELAY_SLOT_POLL_TIME = Gauge("outbox_relay_slot_last_poll_timestamp_seconds",
+                             "Unix time of the last successful poll of pg_replication_slots.", ["source_id"])
+RELAY_REPLICATION_CONNECTED = Gauge("outbox_relay_replication_connected",
+                                    "1 while the replication connection to the store database is open.", ["source_id"])
+RELAY_KAFKA_CONNECTED = Gauge("outbox_relay_kafka_connected",
+                              "1 when the relay's producer reached a Kafka broker at the last check (every 10 s).",
+                              ["source_id"])
+
+# --------------------------------------------------------------------------- consumers
+CONSUMER_INFO = Gauge("outbox_consumer_info", "Always 1; the labels describe the consumer.",
+                      ["group", "sink", "version"])
+CONSUMER_ASSIGNED = Gauge("outbox_consumer_assigned_partitions", "Partitions assigned to this consumer.",
+                          ["group", "sink"])
+CONSUMER_LAG = Gauge("outbox_consumer_lag_messages", "Kafka high watermark minus the consumer's position.",
+                     ["group", "sink", "topic", "partition"])
+CONSUMER_LAG_SECONDS = Gauge("outbox_consumer_lag_seconds",
+                             "Now minus ce_time of the last record applied from the partition; 0 when caught up "
+                             "(or before the first record).", ["group", "sink", "topic", "partition"])
+CONSUMER_OFFSET = Gauge("outbox_consumer_offset",
+                        "The consumer's position: the next offset it will apply.", ["group", "sink", "topic", "partition"])
+CONSUMER_APPLIED = Counter("outbox_consumer_events_applied_total",
+                           "Records the sink applied (committed with their offsets), including duplicates it skipped.",
+                           ["group", "sink", "topic"])
+CONSUMER_DUPLICATES = Counter("outbox_consumer_duplicates_skipped_total",
+                              "Records that changed nothing in the sink: already applied, or older than what it holds.",
+                              ["group", "sink"])
+CONSUMER_REJECTED = Counter("outbox_consumer_events_rejected_total",
+                            "Records parked instead of applied (poison events: readstore.rejected, or the dead-letter topic).",
+                            ["group", "sink"])
+CONSUMER_RETRIES = Counter("outbox_consumer_retries_total",
+                           "Batches the sink could not apply for a retriable reason, fetched again after a backoff.",
+                           ["group", "sink"])
+CONSUMER_APPLY = Histogram("outbox_consumer_apply_seconds", "Time the sink took to apply one batch.",
+                           ["group", "sink"], buckets=APPLY_BUCKETS)
+CONSUMER_END_TO_END = Histogram("outbox_consumer_end_to_end_seconds",
+                                "From the source commit (ce_time) to applied in the sink; observed once per source "
+                                "transaction per partition and batch.", ["group", "sink"], buckets=LATENCY_BUCKETS)
+
+
+# --------------------------------------------------------------------------- bound children
+class RelayMetrics:
+    """The relay's metrics with ``source_id`` bound once."""
+
+    def __init__(self, source_id: str) -> None:
+        self.source_id = source_id
+        self.up = RELAY_UP.labels(source_id)
+        self.publish_errors = RELAY_PUBLISH_ERRORS.labels(source_id)
+        self.read_batch = RELAY_READ_BATCH.labels(source_id)
+        self.commit_to_ack = RELAY_COMMIT_TO_ACK.labels(source_id)
+        self.lag_bytes = RELAY_LAG_BYTES.labels(source_id)
+        self.seconds_behind = RELAY_SECONDS_BEHIND.labels(source_id)
+        self.replication_connected = RELAY_REPLICATION_CONNECTED.labels(source_id)
+        self.kafka_connected = RELAY_KAFKA_CONNECTED.labels(source_id)
+        self.slot_poll_time = RELAY_SLOT_POLL_TIME.labels(source_id)
+        self._published: dict[str, Counter] = {}
+
+    def started(self, slot: str, database: str) -> None:
+        RELAY_INFO.labels(self.source_id, slot, database, VERSION).set(1)
+
+    def published(self, counts: dict[str, int]) -> None:
+        """Add acknowledged events per topic (called once per read loop, not per event)."""
+        for topic, n in counts.items():
+            child = self._published.get(topic)
+            if child is None:
+                child = self._published[topic] = RELAY_EVENTS_PUBLISHED.labels(self.source_id, topic)
+            child.inc(n)
+
+    def slot(self, slot: str, wal_status: str | None, retained: int | None, safe_wal_size: int | None) -> None:
+        RELAY_SLOT_RETAINED.labels(self.source_id, slot).set(retained if retained is not None else 0)
+        if wal_status == "lost":
+            safe = 0.0
+        else:
+            safe = float("inf") if safe_wal_size is None else float(safe_wal_size)
+        RELAY_SLOT_SAFE.labels(self.source_id, slot).set(safe)
+        for status in WAL_STATUSES:
+            RELAY_SLOT_WAL_STATUS.labels(self.source_id, slot, status).set(1 if status == wal_status else 0)
+        self.slot_poll_time.set(time.time())
+
+
+def pg_time_to_unix(us_since_2000: int) -> float:
+    return us_since_2000 / 1_000_000 + PG_EPOCH_UNIX
+
+
+@dataclass(slots=True)
+class PartitionState:
+    """What the consumer loop knows about one assigned partition; read at scrape time."""
+
+    lag: int = 0
+    last_time: float | None = None  # ce_time (Unix seconds) of the last applied record
+
+    def lag_seconds(self) -> float:
+        if self.lag <= 0 or self.last_time is None:
+            return 0.0
+        return max(0.0, time.time() - self.last_time)
+
+
+class ConsumerMetrics:
+    """A consumer's metrics with ``group`` and ``sink`` bound once; per-partition children on assignment."""
+
+    def __init__(self, group: str, sink: str) -> None:
+        self.group = group
+        self.sink = sink
+        CONSUMER_INFO.labels(group, sink, VERSION).set(1)
+        self.assigned = CONSUMER_ASSIGNED.labels(group, sink)
+        self.duplicates = CONSUMER_DUPLICATES.labels(group, sink)
+        self.rejected = CONSUMER_REJECTED.labels(group, sink)
+        self.retries = CONSUMER_RETRIES.labels(group, sink)
+        self.apply_seconds = CONSUMER_APPLY.labels(group, sink)
+        self.end_to_end = CONSUMER_END_TO_END.labels(group, sink)
+        self.partitions: dict[tuple[str, int], PartitionState] = {}
+        self._applied: dict[str, Counter] = {}
+
+    def applied(self, topic: str) -> Counter:
+        child = self._applied.get(topic)
+        if child is None:
+            child = self._applied[topic] = CONSUMER_APPLIED.labels(self.group, self.sink, topic)
+        return child
+
+    def partition(self, topic: str, partition: int) -> PartitionState:
+        state = self.partitions.get((topic, partition))
+        if state is None:
+            state = self.partitions[(topic, partition)] = PartitionState()
+            CONSUMER_LAG_SECONDS.labels(self.group, self.sink, topic, str(partition)).set_function(state.lag_seconds)
+            self.applied(topic)  # the series exists (at 0) from assignment on: alerts can compare it
+        return state
+
+    def position(self, topic: str, partition: int, offset: int, highwater: int | None) -> None:
+        state = self.partition(topic, partition)
+        labels = (self.group, self.sink, topic, str(partition))
+        CONSUMER_OFFSET.labels(*labels).set(offset)
+        if highwater is not None:
+            state.lag = max(0, highwater - offset)
+            CONSUMER_LAG.labels(*labels).set(state.lag)
+
+    def retain(self, assigned: Iterable[tuple[str, int]]) -> None:
+        """Forget partitions no longer assigned, so their lag does not linger (another consumer owns it)."""
+        keep = set(assigned)
+        self.assigned.set(len(keep))
+        for topic, partition in [tp for tp in self.partitions if tp not in keep]:
+            del self.partitions[(topic, partition)]
+            for gauge in (CONSUMER_LAG, CONSUMER_LAG_SECONDS, CONSUMER_OFFSET):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(self.group, self.sink, topic, str(partition))
+
+    def close(self) -> None:
+        self.retain(())
+
+
+# --------------------------------------------------------------------------- /metrics
+class MetricsServer:
+    """The /metrics endpoint: a daemon HTTP thread, stopped by :meth:`close`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} "
+                              "(choose another --metrics-port or --metrics-host)") from None
+        self.host = host
+        self.port = int(self._httpd.server_address[1])
+        log.info("serving Prometheus metrics on http://%s:%d/metrics", _url_host(host), self.port)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@contextlib.contextmanager
+def serve(host: str, port: int | None) -> Iterator[MetricsServer | None]:
+    """Serve /metrics on ``host:port`` inside the block; ``port`` None: nothing (metrics off)."""
+    if port is None:
+        yield None
+        return
+    server = MetricsServer(host, port)
+    try:
+        yield server
+    finally:
+        server.close()
+
