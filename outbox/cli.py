@@ -42,11 +42,13 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 def _register() -> None:
     from consumers.cli import consume
     from outbox.demo import demo
-    from outbox.install import install, uninstall
+    from outbox.doctor import doctor
+    from outbox.install import grant, install, uninstall
     from outbox.sandbox import dev
+    from outbox.status import status
     from relay.cli import relay
 
-    for command in (dev, install, uninstall, relay, consume, demo):
+    for command in (dev, install, uninstall, grant, doctor, status, relay, consume, demo):
         cli.add_command(command)
 
 

@@ -153,6 +153,20 @@ def kafka_from_params(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def metrics_options(func: F) -> F:
+    """Where a long-running command serves Prometheus metrics (off unless --metrics-port is given)."""
+    options = [
+        click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+                     help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port, logged) "
+                          "[default: off]."),
+        click.option("--metrics-host", default="127.0.0.1", show_default=True, metavar="HOST",
+                     help="Address the metrics endpoint binds to; 0.0.0.0 (or ::) to let a remote Prometheus scrape."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def dsn_option(func: F) -> F:
     return click.option(
         "--dsn", required=True, metavar="DSN",
@@ -192,6 +206,7 @@ class InstallSettings(_Settings):
     captures: tuple[Capture, ...] = ()
     slot: str | None = None
     sql: bool = False
+    relay_role: str | None = None  # a least-privilege role for the relay, created or granted by install
 
     _dsn = field_validator("dsn")(_check_dsn)
 
@@ -205,6 +220,8 @@ class RelaySettings(_Settings):
     max_in_flight: int = Field(default=20_000, ge=1)
     status_interval: float = Field(default=10.0, gt=0)
     retention: float = Field(default=3600.0, ge=0)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
 
     _dsn = field_validator("dsn")(_check_dsn)
 
@@ -222,6 +239,8 @@ class ReadStoreSettings(_Settings):
     topic_prefix: str = contract.DEFAULT_TOPIC_PREFIX
     group: str = "outbox-readstore"
     batch_size: int = Field(default=2000, ge=1)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
 
     _dsn = field_validator("dsn")(_check_dsn)
 

@@ -29,12 +29,13 @@ import psycopg
 from outbox import config as cfg
 from outbox import contract
 from outbox.dsn import connect, describe, first_line
-from outbox.errors import ConfigError, OutboxError, PreconditionFailed
+from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
 HEAD = "0001"  # the newest revision in migrations/store/versions
 VERSION_TABLE = "alembic_version"  # in schema outbox
 CAPTURE_FUNCTION = f"{contract.SCHEMA}.capture_change"
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+_ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _LOCK_KEY = 0x6F7574626F78  # "outbox": serialises concurrent installs on one database
 
 Echo = Callable[[str], None]
@@ -123,6 +124,59 @@ def check_slot_name(name: str) -> str:
     return name
 
 
+def check_role_name(name: str, option: str = "--relay-role") -> str:
+    if not _ROLE_NAME.match(name):
+        raise ConfigError(f"invalid {option} {name!r}: use 1 to 63 letters, digits and '_', not starting with a digit")
+    return name
+
+
+def _ensure_role_sql(role: str, *, replication: bool) -> str:
+    """Create a LOGIN role (no password: the DBA sets one) unless it exists; give it REPLICATION if asked."""
+    ident, literal = quote_ident(role), quote_literal(role)
+    attributes = "LOGIN REPLICATION" if replication else "LOGIN"
+    ensure_replication = (f"\n  ELSIF NOT (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = {literal}) THEN\n"
+                          f"    ALTER ROLE {ident} REPLICATION;") if replication else ""
+    return (f"DO $outbox$ BEGIN\n  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {literal}) THEN\n"
+            f"    CREATE ROLE {ident} {attributes};{ensure_replication}\n  END IF;\nEND $outbox$")
+
+
+def relay_role_sql(role: str, database: str) -> list[str]:
+    """Exactly what the relay needs: stream the slot, read its database, purge old events."""
+    r = quote_ident(role)
+    return [
+        _ensure_role_sql(role, replication=True),
+        f"GRANT CONNECT ON DATABASE {quote_ident(database)} TO {r}",
+        f"GRANT USAGE ON SCHEMA {contract.SCHEMA} TO {r}",
+        f"GRANT SELECT, DELETE ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",
+    ]
+
+
+READSTORE_SCHEMA = "readstore"
+
+
+def consumer_role_sql(role: str, database: str) -> list[str]:
+    """The read-store consumer's grants when the schema's owner runs the migrations.
+
+    The consumer then runs with ``--no-migrate``: it reads the version table, upserts entities,
+    writes its offsets and rejected records, and needs nothing else.
+    """
+    r, schema = quote_ident(role), READSTORE_SCHEMA
+    return [
+        _ensure_role_sql(role, replication=False),
+        f"GRANT CONNECT ON DATABASE {quote_ident(database)} TO {r}",
+        f"GRANT USAGE ON SCHEMA {schema} TO {r}",
+        f"GRANT SELECT ON {schema}.alembic_version, {schema}.current_entities TO {r}",
+        f"GRANT SELECT, INSERT, UPDATE ON {schema}.entities, {schema}.consumer_offsets, {schema}.rejected TO {r}",
+    ]
+
+
+def drop_role_hint(role: str, database: str) -> str:
+    """What a DBA runs to remove a role install made; never run automatically (it may own things)."""
+    r = quote_ident(role)
+    return (f"REVOKE CONNECT ON DATABASE {quote_ident(database)} FROM {r}; "
+            f"DROP ROLE {r};  -- after DROP OWNED BY {r} in every database where it still holds privileges")
+
+
 # =========================================================================== facts and checks
 @dataclass(frozen=True)
 class TableFacts:
@@ -141,6 +195,25 @@ class SlotFacts:
     database: str | None
     plugin: str | None
     active_pid: int | None
+
+
+@dataclass(frozen=True)
+class RoleFacts:
+    """One role, and what it may do in this database (None: the outbox object is not there yet)."""
+
+    name: str
+    exists: bool
+    superuser: bool = False
+    replication: bool = False  # the REPLICATION attribute (superusers have it implicitly)
+    can_login: bool = False
+    connect: bool = False
+    outbox_usage: bool | None = None
+    events_select: bool | None = None
+    events_delete: bool | None = None
+
+    @property
+    def can_replicate(self) -> bool:
+        return self.superuser or self.replication
 
 
 @dataclass(frozen=True)
@@ -163,6 +236,9 @@ class Facts:
     captured: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # table -> (aggregate, keys)
     triggered: frozenset[str] = frozenset()  # tables that carry an outbox_capture trigger
     tables: tuple[TableFacts, ...] = ()
+    superuser: bool = False  # the current user
+    roles: dict[str, RoleFacts] = field(default_factory=dict)  # the roles asked about (--relay-role ...)
+    relay_roles: tuple[str, ...] = ()  # roles with REPLICATION holding privileges on outbox.events
 
 
 def wal_level_problem(wal_level: str, where: str) -> str | None:
@@ -208,6 +284,13 @@ def install_problems(facts: Facts, slot: str) -> list[str]:
                         f"{facts.slot.plugin}: choose another name with --slot")
     for t in facts.tables:
         problems.extend(table_problems(t, where))
+    for role in facts.roles.values():
+        if not facts.superuser and not role.can_replicate:
+            problems.append(f"only a superuser can {'give' if role.exists else 'create'} role {role.name} "
+                            f"{'the REPLICATION attribute' if role.exists else 'with REPLICATION'} on {where}: "
+                            f"install as a superuser, or have one run "
+                            f"{'ALTER' if role.exists else 'CREATE'} ROLE {quote_ident(role.name)} "
+                            f"{'' if role.exists else 'LOGIN '}REPLICATION first")
     return problems
 
 
@@ -293,7 +376,8 @@ SELECT current_database(),
                    UNION ALL SELECT 1 FROM pg_type t WHERE t.typnamespace = n.oid AND t.typrelid = 0),
        EXISTS (SELECT 1 FROM pg_publication WHERE pubname = %(publication)s),
        to_regclass(%(version_table)s) IS NOT NULL,
-       to_regclass(%(captures)s) IS NOT NULL
+       to_regclass(%(captures)s) IS NOT NULL,
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
 FROM (SELECT 1) one LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
 """
 
@@ -309,7 +393,31 @@ WHERE c.oid = to_regclass(%s)
 """
 
 
-def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str] = ()) -> Facts:
+_ROLE_SQL = """
+SELECT r.rolname, r.rolsuper, r.rolreplication, r.rolcanlogin,
+       has_database_privilege(r.oid, current_database(), 'CONNECT'),
+       CASE WHEN to_regnamespace(%(schema)s) IS NOT NULL THEN has_schema_privilege(r.oid, %(schema)s, 'USAGE') END,
+       CASE WHEN to_regclass(%(events)s) IS NOT NULL THEN has_table_privilege(r.oid, %(events)s, 'SELECT') END,
+       CASE WHEN to_regclass(%(events)s) IS NOT NULL THEN has_table_privilege(r.oid, %(events)s, 'DELETE') END
+FROM pg_roles r WHERE r.rolname = %(role)s
+"""
+
+_RELAY_ROLES_SQL = """
+SELECT DISTINCT r.rolname FROM pg_class c, aclexplode(c.relacl) a, pg_roles r
+WHERE c.oid = to_regclass(%s) AND r.oid = a.grantee AND r.rolreplication AND r.oid <> c.relowner
+ORDER BY 1
+"""
+
+
+def read_role(conn: psycopg.Connection[Any], role: str) -> RoleFacts:
+    """A role's attributes and its privileges on this database's outbox."""
+    row = conn.execute(_ROLE_SQL, {"schema": contract.SCHEMA, "events": f"{contract.SCHEMA}.{contract.EVENTS_TABLE}",
+                                   "role": role}).fetchone()
+    return RoleFacts(role, False) if row is None else RoleFacts(row[0], True, *row[1:])
+
+
+def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str] = (),
+               roles: Iterable[str] = ()) -> Facts:
     """Read, without changing anything, what install and uninstall need to know."""
     version_table = f"{contract.SCHEMA}.{VERSION_TABLE}"
     row = conn.execute(_FACTS_SQL, {
@@ -318,7 +426,7 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
     }).fetchone()
     assert row is not None
     (database, version, wal_level, max_slots, used, can_create, can_replicate,
-     schema_exists, schema_empty, pub_exists, has_version, has_captures) = row
+     schema_exists, schema_empty, pub_exists, has_version, has_captures, superuser) = row
     revision = None
     if has_version:
         rev = conn.execute(f"SELECT version_num FROM {version_table}").fetchone()
@@ -350,7 +458,9 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
         can_replicate=bool(can_replicate), schema_exists=schema_exists, schema_empty=bool(schema_empty),
         publication_exists=pub_exists, revision=revision,
         slot=SlotFacts(*slot_row) if slot_row else None,
-        captured=captured, triggered=triggered, tables=tuple(table_facts),
+        captured=captured, triggered=triggered, tables=tuple(table_facts), superuser=bool(superuser),
+        roles={r: read_role(conn, r) for r in roles},
+        relay_roles=tuple(r[0] for r in conn.execute(_RELAY_ROLES_SQL, (f"{contract.SCHEMA}.{contract.EVENTS_TABLE}",))),
     )
 
 
@@ -444,17 +554,21 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
             raw: psycopg.Connection[Any] = sa_conn.connection.driver_connection  # type: ignore[assignment]
             raw.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
             slot = _slot_name(settings.slot, raw)
-            facts = read_facts(raw, slot=slot, tables=[c.table for c in settings.captures])
+            facts = read_facts(raw, slot=slot, tables=[c.table for c in settings.captures], roles=_roles(settings))
             check_install(facts, slot)
             plans = plan_captures(facts, settings.captures)
             where = facts.where
-            after = [s for p in plans for s in p.statements()]
+            after = [s for p in plans for s in p.statements()] + _role_statements(settings, facts)
             config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after,
                                     connection=sa_conn)
             command.upgrade(config, "head")
             echo(f"outbox schema at revision {HEAD}" + (" (created)" if facts.revision is None else " (up to date)"))
             for p in plans:
                 echo(p.describe())
+            for role in facts.roles.values():
+                echo(f"relay role {role.name} {'granted' if role.exists else 'created (LOGIN, no password: set one)'}: "
+                     f"REPLICATION, CONNECT, USAGE on schema {contract.SCHEMA}, SELECT and DELETE on "
+                     f"{contract.SCHEMA}.{contract.EVENTS_TABLE}")
     finally:
         engine.dispose()
     slot_created = ensure_slot(settings.dsn, slot, echo=echo) if facts.slot is None else False
@@ -489,11 +603,19 @@ def _slot_name(slot: str | None, conn: psycopg.Connection[Any]) -> str:
     return cfg.slot_name_for(row[0])
 
 
-def _read_only_facts(dsn: str, slot: str | None, tables: Sequence[str]) -> tuple[Facts, str]:
+def _roles(settings: cfg.InstallSettings) -> list[str]:
+    return [settings.relay_role] if settings.relay_role else []
+
+
+def _role_statements(settings: cfg.InstallSettings, facts: Facts) -> list[str]:
+    return relay_role_sql(settings.relay_role, facts.database) if settings.relay_role else []
+
+
+def _read_only_facts(dsn: str, slot: str | None, tables: Sequence[str], roles: Sequence[str] = ()) -> tuple[Facts, str]:
     with connect(dsn) as conn:
         conn.read_only = True
         name = _slot_name(slot, conn)
-        facts = read_facts(conn, slot=name, tables=tables)
+        facts = read_facts(conn, slot=name, tables=tables, roles=roles)
         conn.rollback()
     return facts, name
 
@@ -503,7 +625,7 @@ def install_sql(settings: cfg.InstallSettings) -> str:
     _quiet_alembic()
     from alembic import command
 
-    facts, slot = _read_only_facts(settings.dsn, settings.slot, [c.table for c in settings.captures])
+    facts, slot = _read_only_facts(settings.dsn, settings.slot, [c.table for c in settings.captures], _roles(settings))
     for t in facts.tables:  # fatal only when no SQL can be written; privileges become warnings
         problems = table_problems(dataclasses.replace(t, can_trigger=True), facts.where)
         if problems:
@@ -517,7 +639,7 @@ def install_sql(settings: cfg.InstallSettings) -> str:
         if p.action == "keep":
             out.write(f"-- {p.describe()}\n")
     buffer = io.StringIO()
-    after = [s for p in plans for s in p.statements()]
+    after = [s for p in plans for s in p.statements()] + _role_statements(settings, facts)
     config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after, output=buffer)
     start = f"{facts.revision}:head" if facts.revision else "head"
     command.upgrade(config, start, sql=True)
@@ -586,6 +708,9 @@ def uninstall_outbox(dsn: str, *, slot: str | None = None, echo: Echo = _quiet) 
         for t in tables:
             echo(f"stopped capturing {t}")
         echo(f"schema {contract.SCHEMA} and publication {contract.PUBLICATION} dropped")
+    for role in facts.relay_roles:
+        echo(f"role {role} is kept (it may own objects or have privileges elsewhere); to remove it: "
+             + drop_role_hint(role, facts.database))
     result = UninstallResult(facts.where, False, tables, slot_dropped, facts.schema_exists)
     echo(f"outbox uninstalled from {facts.where}: {len(tables)} capture trigger{'s' if len(tables) != 1 else ''} "
          f"removed, slot {'dropped' if slot_dropped else 'absent'}, legacy tables untouched")
@@ -616,6 +741,9 @@ def uninstall_sql(dsn: str, *, slot: str | None = None) -> str:
         out.write(buffer.getvalue())
     elif facts.schema_exists:
         out.write(f"DROP SCHEMA {contract.SCHEMA};\n")
+    for role in facts.relay_roles:
+        out.write(f"\n-- role {role} is kept (it may own objects elsewhere); to remove it:\n"
+                  f"-- {drop_role_hint(role, facts.database)}\n")
     return out.getvalue()
 
 
@@ -645,7 +773,11 @@ def _slot_option(func: Any) -> Any:
               help="Print the SQL for review instead of running it. Connects read-only to read primary keys "
                    "and what is already installed; changes nothing.")
 @_slot_option
-def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None) -> None:
+@click.option("--relay-role", default=None, metavar="NAME",
+              help="Create (LOGIN, no password) or grant a least-privilege role for the relay: REPLICATION, "
+                   "CONNECT, USAGE on schema outbox, SELECT and DELETE on outbox.events. Needs a superuser "
+                   "unless the role already has REPLICATION. Uninstall never drops it.")
+def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None) -> None:
     """Install the outbox into a store database (idempotent; run again to add captures).
 
     Creates schema outbox (events table, publication outbox_events, capture registry and
@@ -654,7 +786,8 @@ def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None) ->
     privileges and primary keys before changing anything.
     """
     settings = cfg.build(cfg.InstallSettings, dsn=dsn, captures=tuple(parse_capture(c) for c in captures),
-                         slot=check_slot_name(slot) if slot else None, sql=sql)
+                         slot=check_slot_name(slot) if slot else None, sql=sql,
+                         relay_role=check_role_name(relay_role) if relay_role else None)
     if settings.sql:
         click.echo(install_sql(settings), nl=False)
     else:
@@ -680,8 +813,75 @@ def uninstall(dsn: str, slot: str | None, sql: bool) -> None:
         uninstall_outbox(dsn, slot=slot, echo=click.echo)
 
 
+def grant_sql(dsn: str, *, relay_role: str | None = None, consumer_role: str | None = None,
+              database: str | None = None) -> list[str]:
+    """The GRANT set for a relay role (on a store) and/or a read-store consumer role."""
+    db = database or _database_name(dsn)
+    statements = relay_role_sql(relay_role, db) if relay_role else []
+    return statements + (consumer_role_sql(consumer_role, db) if consumer_role else [])
+
+
+def _database_name(dsn: str) -> str:
+    with connect(dsn) as conn:
+        row = conn.execute("SELECT current_database()").fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+def apply_grants(dsn: str, *, relay_role: str | None = None, consumer_role: str | None = None,
+                 echo: Echo = _quiet) -> None:
+    """Create or grant the roles in one transaction; the schemas they are granted on must exist."""
+    where = describe(dsn)
+    with connect(dsn) as conn:
+        needed = ([contract.SCHEMA] if relay_role else []) + ([READSTORE_SCHEMA] if consumer_role else [])
+        for schema in needed:
+            if conn.execute("SELECT to_regnamespace(%s) IS NULL", (schema,)).fetchone() == (True,):
+                fix = ("outbox install --dsn ... first" if schema == contract.SCHEMA else
+                       "migrate it first as its owner: outbox consume readstore --sql | psql, or one run of "
+                       "outbox consume readstore as the owner")
+                raise NotInstalled(f"schema {schema} does not exist in {where}: {fix}")
+        database = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        try:
+            for statement in grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role, database=database):
+                conn.execute(statement)  # type: ignore[arg-type]
+            conn.commit()
+        except psycopg.Error as e:
+            raise OutboxError(f"{where}: {first_line(e)} (nothing was changed)") from None
+    for role, what in ((relay_role, "relay"), (consumer_role, "read-store consumer")):
+        if role:
+            echo(f"{what} role {role} has its privileges on {where}")
+
+
+@click.command()
+@click.option("--dsn", required=True, metavar="DSN",
+              help="A store database (with --relay-role) or the read store (with --consumer-role).")
+@click.option("--relay-role", default=None, metavar="NAME",
+              help="Grant (creating it if absent) what the relay needs on this store database.")
+@click.option("--consumer-role", default=None, metavar="NAME",
+              help="Grant (creating it if absent) what 'outbox consume readstore --no-migrate' needs on this "
+                   "read store, whose schema its owner migrated.")
+@click.option("--sql", is_flag=True, default=False, help="Print the statements instead of running them.")
+def grant(dsn: str, relay_role: str | None, consumer_role: str | None, sql: bool) -> None:
+    """Create least-privilege roles for the relay or the read-store consumer, or print their GRANTs.
+
+    Roles are created with LOGIN and no password (set one, or use certificates). Nothing in
+    outbox-relay drops them: see docs/install.md, "Running without superuser".
+    """
+    if not relay_role and not consumer_role:
+        raise ConfigError("name a role: --relay-role NAME (store database) or --consumer-role NAME (read store)")
+    relay_role = check_role_name(relay_role) if relay_role else None
+    consumer_role = check_role_name(consumer_role, "--consumer-role") if consumer_role else None
+    cfg.parse_dsn(dsn)
+    if sql:
+        statements = grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role)
+        click.echo("BEGIN;\n" + "".join(f"{s};\n" for s in statements) + "COMMIT;")
+    else:
+        apply_grants(dsn, relay_role=relay_role, consumer_role=consumer_role, echo=click.echo)
+
+
 __all__ = [
-    "CapturePlan", "Facts", "InstallResult", "SlotFacts", "TableFacts", "UninstallResult",
+    "CapturePlan", "Facts", "InstallResult", "RoleFacts", "apply_grants", "consumer_role_sql", "grant", "grant_sql",
+    "read_role", "relay_role_sql", "SlotFacts", "TableFacts", "UninstallResult",
     "capture_sql", "check_install", "check_wal_level", "create_slot_sql", "drop_slot_sql", "install", "install_outbox",
     "install_problems", "install_sql", "plan_captures", "read_facts", "uncapture_sql", "uninstall", "uninstall_outbox",
     "uninstall_sql", "wal_level_problem",
