@@ -220,6 +220,7 @@ class RelaySettings(_Settings):
     max_in_flight: int = Field(default=20_000, ge=1)
     status_interval: float = Field(default=10.0, gt=0)
     retention: float = Field(default=3600.0, ge=0)
+    heartbeat_interval: float = Field(default=10.0, ge=0)  # 0: no heartbeat
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
 

@@ -20,6 +20,9 @@ EVENTS_TABLE = "events"
 PUBLICATION = "outbox_events"
 CAPTURE_TRIGGER = "outbox_capture"
 ORIGIN_SETTING = "outbox.origin"  # transaction-local: SET LOCAL outbox.origin = 'crm'
+# The relay's heartbeat: a row of this type goes through the WAL like any event, proves the path
+# end to end, lets the slot advance on an idle database, and is never published to Kafka.
+HEARTBEAT_TYPE = "outbox.heartbeat"
 
 # Kafka header names (CloudEvents 1.0, Kafka protocol binding, binary mode).
 H_SPECVERSION = "ce_specversion"

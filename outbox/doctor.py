@@ -176,6 +176,12 @@ def _role_checks(f: DoctorFacts) -> list[Check]:
     else:
         out.append(Check(f"{name} DELETE", "warn", f"cannot delete from {events}: the relay's purge will fail and "
                          "the table grows", f"GRANT DELETE ON {events} TO {ident}, or run the relay with --retention 0"))
+    if r.outbox_usage and r.events_insert:
+        out.append(Check(f"{name} INSERT", "pass", f"on {events} (the relay's heartbeats)"))
+    else:
+        out.append(Check(f"{name} INSERT", "warn", f"cannot insert into {events}: no heartbeats, so the heartbeat "
+                         "alert fires and an idle database's slot advances only with keepalives",
+                         f"GRANT INSERT ON {events} TO {ident}, or run the relay with --heartbeat-interval 0"))
     return out
 
 

@@ -147,7 +147,7 @@ def relay_role_sql(role: str, database: str) -> list[str]:
         _ensure_role_sql(role, replication=True),
         f"GRANT CONNECT ON DATABASE {quote_ident(database)} TO {r}",
         f"GRANT USAGE ON SCHEMA {contract.SCHEMA} TO {r}",
-        f"GRANT SELECT, DELETE ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",
+        f"GRANT SELECT, INSERT, DELETE ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",  # INSERT: heartbeats
     ]
 
 
@@ -210,6 +210,7 @@ class RoleFacts:
     outbox_usage: bool | None = None
     events_select: bool | None = None
     events_delete: bool | None = None
+    events_insert: bool | None = None
 
     @property
     def can_replicate(self) -> bool:
@@ -398,7 +399,8 @@ SELECT r.rolname, r.rolsuper, r.rolreplication, r.rolcanlogin,
        has_database_privilege(r.oid, current_database(), 'CONNECT'),
        CASE WHEN to_regnamespace(%(schema)s) IS NOT NULL THEN has_schema_privilege(r.oid, %(schema)s, 'USAGE') END,
        CASE WHEN to_regclass(%(events)s) IS NOT NULL THEN has_table_privilege(r.oid, %(events)s, 'SELECT') END,
-       CASE WHEN to_regclass(%(events)s) IS NOT NULL THEN has_table_privilege(r.oid, %(events)s, 'DELETE') END
+       CASE WHEN to_regclass(%(events)s) IS NOT NULL THEN has_table_privilege(r.oid, %(events)s, 'DELETE') END,
+       CASE WHEN to_regclass(%(events)s) IS NOT NULL THEN has_table_privilege(r.oid, %(events)s, 'INSERT') END
 FROM pg_roles r WHERE r.rolname = %(role)s
 """
 
@@ -567,7 +569,7 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
                 echo(p.describe())
             for role in facts.roles.values():
                 echo(f"relay role {role.name} {'granted' if role.exists else 'created (LOGIN, no password: set one)'}: "
-                     f"REPLICATION, CONNECT, USAGE on schema {contract.SCHEMA}, SELECT and DELETE on "
+                     f"REPLICATION, CONNECT, USAGE on schema {contract.SCHEMA}, SELECT, INSERT (heartbeats) and DELETE (purge) on "
                      f"{contract.SCHEMA}.{contract.EVENTS_TABLE}")
     finally:
         engine.dispose()
@@ -775,7 +777,7 @@ def _slot_option(func: Any) -> Any:
 @_slot_option
 @click.option("--relay-role", default=None, metavar="NAME",
               help="Create (LOGIN, no password) or grant a least-privilege role for the relay: REPLICATION, "
-                   "CONNECT, USAGE on schema outbox, SELECT and DELETE on outbox.events. Needs a superuser "
+                   "CONNECT, USAGE on schema outbox, SELECT, INSERT (heartbeats) and DELETE (purge) on outbox.events. Needs a superuser "
                    "unless the role already has REPLICATION. Uninstall never drops it.")
 def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None) -> None:
     """Install the outbox into a store database (idempotent; run again to add captures).

@@ -78,6 +78,10 @@ RELAY_SLOT_WAL_STATUS = Gauge("outbox_relay_slot_wal_status",
                               ["source_id", "slot", "wal_status"])
 RELAY_SLOT_POLL_TIME = Gauge("outbox_relay_slot_last_poll_timestamp_seconds",
                              "Unix time of the last successful poll of pg_replication_slots.", ["source_id"])
+RELAY_HEARTBEAT_AGE = Gauge("outbox_relay_heartbeat_age_seconds",
+                            "Now minus the commit time of the last heartbeat that came back through the "
+                            "replication stream (since relay start while none has); NaN with heartbeats off.",
+                            ["source_id"])
 RELAY_REPLICATION_CONNECTED = Gauge("outbox_relay_replication_connected",
                                     "1 while the replication connection to the store database is open.", ["source_id"])
 RELAY_KAFKA_CONNECTED = Gauge("outbox_relay_kafka_connected",
@@ -130,6 +134,7 @@ class RelayMetrics:
         self.replication_connected = RELAY_REPLICATION_CONNECTED.labels(source_id)
         self.kafka_connected = RELAY_KAFKA_CONNECTED.labels(source_id)
         self.slot_poll_time = RELAY_SLOT_POLL_TIME.labels(source_id)
+        self.heartbeat_age = RELAY_HEARTBEAT_AGE.labels(source_id)
         self._published: dict[str, Counter] = {}
 
     def started(self, slot: str, database: str) -> None:

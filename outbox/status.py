@@ -196,10 +196,11 @@ def _behind(conn: psycopg.Connection[Any], status: StoreStatus, applied: _Applie
     since = applied.committed_at.get(source) if source else None
     if source is None:
         # never applied anything we can tie to this store: behind by its oldest event, if any
-        row = conn.execute(f"SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {_EVENTS}").fetchone()
+        row = conn.execute(f"SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {_EVENTS}"
+                           " WHERE type <> %s", (contract.HEARTBEAT_TYPE,)).fetchone()
     else:
         row = conn.execute(f"SELECT extract(epoch FROM now() - min(created_at))::float8 FROM {_EVENTS} "
-                           "WHERE created_at > %s", (since,)).fetchone()
+                           "WHERE created_at > %s AND type <> %s", (since, contract.HEARTBEAT_TYPE)).fetchone()
     behind = row[0] if row and row[0] is not None else 0.0
     return replace(status, source_id=source, seconds_behind=max(behind, 0.0))
 

@@ -26,6 +26,10 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
 @click.option("--retention", default=3600.0, show_default=True, type=float,
               help="Seconds to keep published rows in outbox.events as an audit trail (0: keep forever). "
                    "Events travel through the WAL, so purging never loses one.")
+@click.option("--heartbeat-interval", default=10.0, show_default=True, type=float,
+              help="Seconds between heartbeat rows written into outbox.events (0: none). A heartbeat goes "
+                   "through the WAL like an event, is never published, proves the path end to end "
+                   "(metric outbox_relay_heartbeat_age_seconds) and lets an idle database's slot advance.")
 @metrics_options
 def relay(**params: Any) -> None:
     """Stream the outbox of one store database to Kafka.

@@ -115,6 +115,12 @@ SELECT pg_current_wal_lsn()::text, s.wal_status, pg_wal_lsn_diff(pg_current_wal_
 """
 
 
+HEARTBEAT_INSERT = (
+    f"INSERT INTO {contract.SCHEMA}.{contract.EVENTS_TABLE} (aggregatetype, aggregateid, type, payload)"
+    " VALUES (%s, %s, %s, jsonb_build_object('sent_at', clock_timestamp()))"
+)
+
+
 class SlotMonitor:
     """Samples the slot on an ordinary connection of its own (off the hot path, every few seconds).
 
@@ -138,6 +144,17 @@ class SlotMonitor:
         assert row is not None
         wal_end, wal_status, retained, safe = row
         return SlotSample(contract.parse_lsn(wal_end), wal_status, retained, safe)
+
+    def heartbeat(self, source_id: str) -> None:
+        """Write a heartbeat row: it travels through the WAL and the slot like an event."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self._dsn, autocommit=True, application_name="outbox-relay-monitor", connect_timeout=5)
+            self._conn.execute(HEARTBEAT_INSERT, (contract.HEARTBEAT_TYPE, source_id, contract.HEARTBEAT_TYPE))
+        except psycopg.Error as exc:
+            self.close()
+            raise DatabaseUnavailable(f"cannot write a heartbeat into {contract.SCHEMA}.{contract.EVENTS_TABLE}: "
+                                      f"{first_line(exc)} (GRANT INSERT on it to the relay's role, or --heartbeat-interval 0)") from None
 
     def close(self) -> None:
         if self._conn is not None:

@@ -69,6 +69,10 @@ class Relay:
         self._server_wal_end = 0  # pg_current_wal_lsn() at the last slot sample
         self._wal_status: str | None = None
         self._monitor_failing = False
+        self._heartbeat_seen = time.time()  # Unix time: the relay's start, then each heartbeat's commit
+        self._last_heartbeat_sent = 0.0
+        self._heartbeat_failing = False
+        self.metrics.heartbeat_age.set_function(self._heartbeat_age)
         self.metrics.seconds_behind.set_function(self._seconds_behind)
         self.metrics.lag_bytes.set_function(self._lag_bytes)
 
@@ -163,6 +167,9 @@ class Relay:
         assert txn is not None, "Insert outside a transaction"
         relation = self._relations[insert.relation_id]
         row = outbox_row(pgoutput.relation_row(relation, insert.new))
+        if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
+            self._heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
+            return
         seq = self.tracker.sent(txn)
         record = contract.build_record(
             row,
@@ -207,6 +214,11 @@ class Relay:
             return 0.0
         return max(0.0, time.time() - metrics.pg_time_to_unix(self._caught_up_to))
 
+    def _heartbeat_age(self) -> float:
+        if self.settings.heartbeat_interval <= 0:
+            return float("nan")
+        return max(0.0, time.time() - self._heartbeat_seen)
+
     def _lag_bytes(self) -> float:
         return float(max(0, max(self._server_wal_end, self.tracker.received) - self.tracker.confirmed))
 
@@ -246,13 +258,34 @@ class Relay:
     async def _monitor_periodically(self, halt: asyncio.Event, slot: str) -> None:
         """Off the hot path: sample the slot (retained WAL, wal_status, safe_wal_size) and check Kafka."""
         monitor = SlotMonitor(self.settings.dsn, slot)
+        interval = self.settings.heartbeat_interval
+        tick = min(MONITOR_EVERY, interval) if interval > 0 else MONITOR_EVERY
+        last_sample = 0.0
         while not halt.is_set():
-            await self._sample_slot(monitor, slot)
-            await self._probe_kafka()
+            now = time.monotonic()
+            if interval > 0 and now - self._last_heartbeat_sent >= interval:
+                await self._send_heartbeat(monitor)
+            if now - last_sample >= MONITOR_EVERY:
+                await self._sample_slot(monitor, slot)
+                await self._probe_kafka()
+                last_sample = now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(halt.wait(), MONITOR_EVERY)
+                await asyncio.wait_for(halt.wait(), tick)
         # Not on cancellation: a sample may still be running in its thread, and the connection with it.
         monitor.close()
+
+    async def _send_heartbeat(self, monitor: SlotMonitor) -> None:
+        self._last_heartbeat_sent = time.monotonic()
+        try:
+            await asyncio.to_thread(monitor.heartbeat, self.settings.source_id)
+        except OutboxError as exc:  # not fatal: the heartbeat age metric grows and its alert says so
+            if not self._heartbeat_failing:
+                log.warning("%s", exc.message)
+            self._heartbeat_failing = True
+            return
+        if self._heartbeat_failing:
+            log.info("heartbeats written again")
+        self._heartbeat_failing = False
 
     async def _sample_slot(self, monitor: SlotMonitor, slot: str) -> None:
         try:

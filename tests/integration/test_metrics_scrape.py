@@ -177,7 +177,7 @@ def test_prometheus_scrapes_every_hop_and_every_query_has_data(
         prometheus.start()
         run_workload(store, 120, seed=7)
         with psycopg.connect(store) as conn:
-            events = conn.execute("SELECT count(*) FROM outbox.events").fetchone()[0]  # type: ignore[index]
+            events = conn.execute("SELECT count(*) FROM outbox.events WHERE type <> 'outbox.heartbeat'").fetchone()[0]  # type: ignore[index]
         assert events > 0
 
         # every event published and applied, as Prometheus saw it (and so the metrics count right)

@@ -49,7 +49,7 @@ def test_relay_runs_as_least_privilege_role(new_database: Callable[..., str], re
     install_pos(dsn)
     sql = outbox("install", "--dsn", dsn, "--relay-role", relay_role, "--sql").stdout
     assert f"CREATE ROLE {relay_role} LOGIN REPLICATION" in sql
-    assert f"GRANT SELECT, DELETE ON outbox.events TO {relay_role}" in sql
+    assert f"GRANT SELECT, INSERT, DELETE ON outbox.events TO {relay_role}" in sql
     out = outbox("install", "--dsn", dsn, "--capture", "pos.customers=customer", "--relay-role", relay_role).stdout
     assert f"relay role {relay_role} created" in out
     with admin_conn() as conn:
@@ -61,6 +61,7 @@ def test_relay_runs_as_least_privilege_role(new_database: Callable[..., str], re
     assert code == 0, checks
     assert checks[f"role {relay_role}"]["detail"] == "REPLICATION"
     assert checks[f"role {relay_role} DELETE"]["status"] == "pass"
+    assert checks[f"role {relay_role} INSERT"]["status"] == "pass"  # heartbeats
     assert checks["replication slot"]["status"] == "warn"  # inactive before the relay starts
 
     role_dsn = f"{dsn} user={relay_role}"
@@ -86,7 +87,7 @@ def test_relay_runs_as_least_privilege_role(new_database: Callable[..., str], re
         assert second["relay"] == "up" and second["slot"].startswith("outbox_ops_")
         assert isinstance(second["slot_lag_bytes"], int)
         assert relay.terminate() == 0, relay.output()
-        assert "could not purge" not in relay.output()
+        assert "could not purge" not in relay.output() and "cannot write a heartbeat" not in relay.output()
     finally:
         relay.close()
     out = outbox("uninstall", "--dsn", dsn).stdout

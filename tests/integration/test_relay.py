@@ -62,7 +62,7 @@ def test_every_change_type_reaches_kafka_following_the_contract(store: str, topi
         conn.execute("SET LOCAL outbox.origin = 'crm'")
         conn.execute("UPDATE pos.customers SET phone = '+33 1 23' WHERE id = %s", (cid,))
         conn.commit()
-        ids = {r[0] for r in conn.execute("SELECT id::text FROM outbox.events").fetchall()}
+        ids = {r[0] for r in conn.execute("SELECT id::text FROM outbox.events WHERE type <> 'outbox.heartbeat'").fetchall()}
 
     topics = [f"{topic_prefix}.customer", f"{topic_prefix}.order", f"{topic_prefix}.order_line"]
     got = wait_for_records(kafka_bootstrap, topics, 8)
@@ -162,7 +162,7 @@ def test_sigkill_during_a_workload_loses_nothing_and_sigterm_confirms(store: str
         relay.start()
     writer.join()
     with psycopg.connect(store) as conn:
-        ids = {r[0] for r in conn.execute("SELECT id::text FROM outbox.events").fetchall()}
+        ids = {r[0] for r in conn.execute("SELECT id::text FROM outbox.events WHERE type <> 'outbox.heartbeat'").fetchall()}
     topics = [f"{topic_prefix}.{a}" for a in ("customer", "order", "order_line")]
     deadline = time.time() + 90
     while True:
@@ -201,3 +201,38 @@ def test_relay_says_what_is_wrong_with_its_servers(store: str, kafka_bootstrap: 
         assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE active").fetchone()[0] == 0  # type: ignore[index]
 
 
+
+
+def test_heartbeats_come_back_through_the_wal_and_are_never_published(store: str, topic_prefix: str,
+                                                                       kafka_bootstrap: str, relays: Any) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with psycopg.connect(store, autocommit=True) as conn:
+        start_lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--heartbeat-interval", "0.5",
+                   "--status-interval", "1", "--metrics-port", str(port)).start()
+    started = time.time()
+    deadline = time.time() + 20
+    with psycopg.connect(store, autocommit=True) as conn:
+        while time.time() < deadline:
+            beats, confirmed_past = conn.execute(
+                "SELECT (SELECT count(*) FROM outbox.events WHERE type = 'outbox.heartbeat'),"
+                " (SELECT confirmed_flush_lsn > %s::pg_lsn FROM pg_replication_slots WHERE database = current_database())",
+                (start_lsn,)).fetchone()  # type: ignore[misc]
+            if beats >= 3 and confirmed_past:
+                break
+            time.sleep(0.25)
+    assert beats >= 3, "no heartbeats written"
+    assert confirmed_past, "the slot of an idle database did not advance past its heartbeats"
+    time.sleep(max(0.0, 4.5 - (time.time() - started)))  # the relay runs longer than the age may be
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    age = next(float(line.split()[-1]) for line in scrape.splitlines()
+               if line.startswith('outbox_relay_heartbeat_age_seconds{source_id="s1"}'))
+    assert 0 <= age < 2.5, f"heartbeat age {age}: heartbeats do not come back through the stream"
+    assert not any(t for t in (f"{topic_prefix}.outbox.heartbeat", f"{topic_prefix}.outbox")
+                   if kcat_read(kafka_bootstrap, t)), "a heartbeat was published to Kafka"
+    assert relay.terminate() == 0

@@ -17,7 +17,7 @@ BASE = inst.Facts(
     captured={"pos.customers": ("customer", ("id",))}, triggered=frozenset({"pos.customers"}),
 )
 ROLE = inst.RoleFacts("relay", True, replication=True, can_login=True, connect=True, outbox_usage=True,
-                      events_select=True, events_delete=True)
+                      events_select=True, events_delete=True, events_insert=True)
 HEALTHY = DoctorFacts(
     base=BASE, slot_name="outbox_store1", role=ROLE, server_version_text="15.18", server_encoding="UTF8",
     max_wal_senders=10, wal_senders_used=1, max_slot_wal_keep_size_mb=10240,
@@ -114,8 +114,8 @@ def test_source_id_mapping() -> None:
 def test_role_sql_is_least_privilege_and_idempotent() -> None:
     sql = "\n".join(inst.relay_role_sql("outbox_relay", "store1"))
     assert "CREATE ROLE outbox_relay LOGIN REPLICATION" in sql and "IF NOT EXISTS" in sql
-    assert "GRANT SELECT, DELETE ON outbox.events TO outbox_relay" in sql
-    assert "INSERT" not in sql and "SUPERUSER" not in sql
+    assert "GRANT SELECT, INSERT, DELETE ON outbox.events TO outbox_relay" in sql  # INSERT: heartbeats only
+    assert "UPDATE" not in sql and "TRUNCATE" not in sql and "SUPERUSER" not in sql and " ALL " not in sql
     consumer = "\n".join(inst.consumer_role_sql("rs", "readstore"))
     assert "GRANT USAGE ON SCHEMA readstore TO rs" in consumer and "REPLICATION" not in consumer
     with pytest.raises(ConfigError):
