@@ -5,6 +5,7 @@ Changing it is a versioned, documented decision (docs/event-contract.md).
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -70,6 +71,7 @@ def format_time(ts: datetime) -> str:
     return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@functools.lru_cache(maxsize=4096)  # a handful of aggregate types, looked up for every event
 def topic_for(prefix: str, aggregate_type: str) -> str:
     if not _TOPIC_PART.match(aggregate_type) or len(prefix) + 1 + len(aggregate_type) > 249:
         raise ContractError(f"aggregate type {aggregate_type!r} cannot name a Kafka topic (use letters, digits, '.', '_', '-')")
@@ -118,31 +120,51 @@ class Record:
     headers: list[tuple[str, bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class TxnContext:
+    """What every event of one source transaction shares, encoded once for the whole transaction."""
+
+    prefix: str
+    key_prefix: str  # "<source_id>:"
+    shared: tuple[tuple[str, bytes], ...]
+
+    @classmethod
+    def of(cls, *, source_id: str, prefix: str, commit_lsn: int, commit_time: datetime, xid: int) -> "TxnContext":
+        return cls(prefix, f"{source_id}:", (
+            (H_SPECVERSION, SPECVERSION.encode()),
+            (H_SOURCE, source_for(source_id).encode()),
+            (H_TIME, format_time(commit_time).encode()),
+            (H_CONTENT_TYPE, CONTENT_TYPE.encode()),
+            (H_COMMIT_LSN, format_lsn(commit_lsn).encode()),
+            (H_XID, str(xid).encode()),
+        ))
+
+    def record(self, row: OutboxRow, seq: int) -> Record:
+        """Turn one outbox row, the ``seq``-th event of this transaction, into its Kafka record."""
+        headers = [
+            *self.shared,
+            (H_ID, row.id.encode()),
+            (H_TYPE, row.type.encode()),
+            (H_SUBJECT, row.aggregateid.encode()),
+            (H_AGGREGATE_TYPE, row.aggregatetype.encode()),
+            (H_TXSEQ, str(seq).encode()),
+        ]
+        if row.origin:
+            headers.append((H_ORIGIN, row.origin.encode()))
+        if row.traceparent:
+            headers.append((H_TRACEPARENT, row.traceparent.encode()))
+        return Record(
+            topic=topic_for(self.prefix, row.aggregatetype),
+            key=(self.key_prefix + row.aggregateid).encode(),
+            value=row.payload.encode(),
+            headers=headers,
+        )
+
+
 def build_record(row: OutboxRow, *, source_id: str, prefix: str, position: Position, commit_time: datetime, xid: int) -> Record:
-    """Turn one outbox row into its Kafka record, following the contract."""
-    headers = [
-        (H_SPECVERSION, SPECVERSION.encode()),
-        (H_ID, row.id.encode()),
-        (H_SOURCE, source_for(source_id).encode()),
-        (H_TYPE, row.type.encode()),
-        (H_TIME, format_time(commit_time).encode()),
-        (H_SUBJECT, row.aggregateid.encode()),
-        (H_CONTENT_TYPE, CONTENT_TYPE.encode()),
-        (H_AGGREGATE_TYPE, row.aggregatetype.encode()),
-        (H_COMMIT_LSN, format_lsn(position.commit_lsn).encode()),
-        (H_TXSEQ, str(position.seq).encode()),
-        (H_XID, str(xid).encode()),
-    ]
-    if row.origin:
-        headers.append((H_ORIGIN, row.origin.encode()))
-    if row.traceparent:
-        headers.append((H_TRACEPARENT, row.traceparent.encode()))
-    return Record(
-        topic=topic_for(prefix, row.aggregatetype),
-        key=key_for(source_id, row.aggregateid).encode(),
-        value=row.payload.encode(),
-        headers=headers,
-    )
+    """Turn one outbox row into its Kafka record, following the contract (one-off form of TxnContext)."""
+    context = TxnContext.of(source_id=source_id, prefix=prefix, commit_lsn=position.commit_lsn, commit_time=commit_time, xid=xid)
+    return context.record(row, position.seq)
 
 
 @dataclass(frozen=True, slots=True)

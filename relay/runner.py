@@ -55,6 +55,7 @@ class Relay:
         self.stats = RelayStats()
         self._relations: dict[int, pgoutput.Relation] = {}
         self._txn: Txn | None = None
+        self._txn_context: contract.TxnContext | None = None  # built at the transaction's first event
         self._publisher = Publisher(settings.kafka)
         self._stream: ReplicationStream | None = None
         self._progress = asyncio.Event()  # set whenever an acknowledgement frees room
@@ -150,6 +151,7 @@ class Relay:
             if not self.tracker.open_transactions:  # everything before this transaction is acknowledged
                 self._caught_up_to = max(self._caught_up_to, decoded.commit_time)
             self._txn = self.tracker.begin(decoded.xid, decoded.final_lsn, decoded.commit_time)
+            self._txn_context = None
         elif isinstance(decoded, pgoutput.Commit):
             txn = self._txn
             assert txn is not None, "Commit without Begin"
@@ -170,15 +172,16 @@ class Relay:
         if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
             self._heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
             return
-        seq = self.tracker.sent(txn)
-        record = contract.build_record(
-            row,
-            source_id=self.settings.source_id,
-            prefix=self.settings.topic_prefix,
-            position=contract.Position(txn.commit_lsn, seq),
-            commit_time=contract.pg_timestamp_to_datetime(txn.commit_time),
-            xid=txn.xid,
-        )
+        context = self._txn_context
+        if context is None:
+            context = self._txn_context = contract.TxnContext.of(
+                source_id=self.settings.source_id, prefix=self.settings.topic_prefix, commit_lsn=txn.commit_lsn,
+                commit_time=contract.pg_timestamp_to_datetime(txn.commit_time), xid=txn.xid)
+        try:
+            record = context.record(row, self.tracker.sent(txn))  # counted as sent: never confirmed if this fails
+        except contract.ContractError as exc:
+            raise PublishFailed(f"event {row.id} of transaction {txn.xid} cannot be published: {exc}; "
+                                "nothing after it is confirmed (fix or delete the row's cause, then restart)") from None
         await self._publisher.send(record, partial(self._on_ack, txn, record.topic, row.id))
         self.stats.events += 1
 
