@@ -47,6 +47,11 @@ class Publisher:
             self._producer = None
             raise KafkaUnavailable(f"Kafka at {self._kafka.bootstrap} refused the producer: {exc}") from None
 
+    @property
+    def client(self) -> Any:
+        """The producer's cluster client (for the health probe), or None before start / after stop."""
+        return self._producer.client if self._producer is not None else None
+
     async def send(self, record: Record, on_done: AckCallback) -> None:
         """Queue one record; waits only when the producer's buffer is full (back-pressure)."""
         assert self._producer is not None

@@ -312,10 +312,9 @@ class Relay:
 
     async def _probe_kafka(self) -> None:
         """1 when the producer has (or can open) a connection to some broker."""
-        producer = getattr(self._publisher, "_producer", None)  # the Publisher keeps its producer private
+        client = self._publisher.client
         reachable = False
-        if producer is not None:
-            client = producer.client
+        if client is not None:
             for broker in client.cluster.brokers():
                 with contextlib.suppress(TimeoutError, OSError, KafkaError):
                     if await asyncio.wait_for(client.ready(broker.nodeId), KAFKA_PROBE_TIMEOUT):
