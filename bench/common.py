@@ -28,6 +28,8 @@ from typing import Any
 
 import psycopg
 
+from outbox.demo import drop_database
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(os.environ.get("OUTBOX_BENCH_RESULTS") or ROOT / "bench" / "results")
 OUTBOX = [sys.executable, "-m", "outbox.cli"]
@@ -87,23 +89,6 @@ def pg_binary(name: str) -> str:
 # --------------------------------------------------------------------------- scratch objects
 def new_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
-
-
-def drop_database(name: str) -> None:
-    """Drop a database and every replication slot in it (a slot left behind pins WAL forever)."""
-    with admin_conn() as conn:
-        for slot, pid in conn.execute(
-            "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (name,)
-        ).fetchall():
-            if pid:
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            for _ in range(100):
-                try:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                    break
-                except psycopg.errors.ObjectInUse:
-                    time.sleep(0.1)
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def create_topics(names: Sequence[str], partitions: int = 3, configs: dict[str, str] | None = None) -> None:

@@ -173,10 +173,22 @@ def run_checked(args: list[str], what: str) -> str:
 
 
 def drop_database(name: str) -> None:
-    """Drop a database and its replication slots (a slot left behind pins WAL forever)."""
+    """Drop a database and every replication slot in it (a slot left behind pins WAL forever).
+
+    A slot still held by a relay is freed first by ending that backend.
+    """
     with psycopg.connect(dbname="postgres", autocommit=True) as conn:
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)).fetchall():
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        for slot, pid in conn.execute(
+            "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (name,)
+        ).fetchall():
+            if pid:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            for _ in range(100):
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                    break
+                except psycopg.errors.ObjectInUse:  # the backend is still on its way out
+                    time.sleep(0.1)
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

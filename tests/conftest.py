@@ -21,6 +21,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from outbox.demo import drop_database
+
 ROOT = Path(__file__).resolve().parent.parent
 # As root, PostgreSQL runs as the postgres user, which may not be able to enter the checkout
 # (a clone under /root, say): the test sandbox then lives under /var/lib like the default one.
@@ -68,25 +70,6 @@ def kafka_bootstrap(servers: dict[str, str]) -> str:
 
 def admin_conn() -> psycopg.Connection[Any]:
     return psycopg.connect(dbname="postgres", autocommit=True)
-
-
-def drop_database(name: str) -> None:
-    """Drop a database and every replication slot in it (a slot left behind pins WAL forever)."""
-    with admin_conn() as conn:
-        for (slot, pid) in conn.execute(
-            "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (name,)
-        ).fetchall():
-            if pid:
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            for _ in range(50):
-                try:
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                    break
-                except psycopg.errors.ObjectInUse:
-                    import time
-
-                    time.sleep(0.1)
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
