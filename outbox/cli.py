@@ -33,7 +33,8 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     if verbose < 2:
         # the Kafka client logs every reconnect and first-seen topic as errors; our own messages
         # say what matters in one line, so its log shows with -v (warnings) or -vv (everything)
-        logging.getLogger("aiokafka").setLevel(logging.WARNING if verbose else logging.CRITICAL)
+        for client in ("aiokafka", "librdkafka"):
+            logging.getLogger(client).setLevel(logging.WARNING if verbose else logging.CRITICAL)
     if config_path:
         assert isinstance(ctx.command, click.Group)
         ctx.default_map = default_map_for(ctx.command, load_file(config_path), config_path)

@@ -106,6 +106,22 @@ class KafkaSettings(_Settings):
             raise ValueError(f"must be one of {', '.join(sorted(allowed))}")
         return v.upper()
 
+    def librdkafka_config(self) -> dict[str, Any]:
+        """The same settings for a librdkafka client (the relay's producer)."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol.lower()}
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            for key, value in (("ssl.ca.location", self.ssl_cafile), ("ssl.certificate.location", self.ssl_certfile),
+                               ("ssl.key.location", self.ssl_keyfile)):
+                if value:
+                    conf[key] = value
+        if self.security_protocol.startswith("SASL"):
+            conf["sasl.mechanism"] = self.sasl_mechanism or "PLAIN"
+            if self.sasl_username:
+                conf["sasl.username"] = self.sasl_username
+            if self.sasl_password:
+                conf["sasl.password"] = self.sasl_password.get_secret_value()
+        return conf
+
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments shared by aiokafka producers, consumers and admin clients."""
         kw: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}

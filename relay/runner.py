@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from aiokafka.errors import KafkaError
 
 from outbox import contract, metrics
 from outbox.config import RelaySettings
@@ -185,8 +184,7 @@ class Relay:
         await self._publisher.send(record, partial(self._on_ack, txn, record.topic, row.id))
         self.stats.events += 1
 
-    def _on_ack(self, txn: Txn, topic: str, event_id: str, future: "asyncio.Future[Any]") -> None:
-        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+    def _on_ack(self, txn: Txn, topic: str, event_id: str, exc: Exception | None) -> None:
         if exc is None:
             self.tracker.acked(txn)
             self._acked[topic] += 1
@@ -312,14 +310,7 @@ class Relay:
 
     async def _probe_kafka(self) -> None:
         """1 when the producer has (or can open) a connection to some broker."""
-        client = self._publisher.client
-        reachable = False
-        if client is not None:
-            for broker in client.cluster.brokers():
-                with contextlib.suppress(TimeoutError, OSError, KafkaError):
-                    if await asyncio.wait_for(client.ready(broker.nodeId), KAFKA_PROBE_TIMEOUT):
-                        reachable = True
-                        break
+        reachable = await self._publisher.reachable(KAFKA_PROBE_TIMEOUT)
         self.metrics.kafka_connected.set(1 if reachable else 0)
 
     async def _drain(self) -> None:
