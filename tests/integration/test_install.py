@@ -327,3 +327,84 @@ def test_console_script_errors_are_one_line(legacy: str) -> None:
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "pos.audit has no primary key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- multi-row statements and key changes
+def test_multi_row_statements_and_key_changes(legacy: str) -> None:
+    """One event per changed row, in row order, also when one statement changes many rows."""
+    ok("install", "--dsn", legacy, *CAPTURES)
+    with psycopg.connect(legacy) as conn:
+        conn.execute("INSERT INTO pos.customers (id, name, balance) VALUES (2, 'Bo', 1), (3, 'Cy', 2), (4, 'Di', 3)")
+        conn.execute("INSERT INTO pos.order_lines VALUES (7, 1, 'A', 1), (7, 2, 'B', 1), (8, 1, 'C', 1)")
+        conn.commit()
+    query(legacy, "DELETE FROM outbox.events")
+    with psycopg.connect(legacy) as conn:
+        # some rows change, some do not: only the changed ones become events
+        conn.execute("UPDATE pos.customers SET balance = 2 WHERE id IN (2, 3, 4)")
+        # every row changes
+        conn.execute("UPDATE pos.order_lines SET qty = qty + 1 WHERE order_id = 7")
+        # primary keys change: .updated with the new image, under the new key
+        conn.execute("UPDATE pos.customers SET id = id + 100 WHERE id IN (3, 4)")
+        conn.execute("UPDATE pos.order_lines SET line_no = line_no + 10 WHERE order_id = 7")
+        conn.commit()
+        conn.execute("DELETE FROM pos.order_lines WHERE order_id IN (7, 8)")
+        conn.execute("DELETE FROM pos.customers WHERE id > 100")
+        conn.commit()
+    got = [(r[1], r[2], r[3]) for r in events(legacy)]
+    assert got[:8] == [
+        ("2", "customer.updated", {"id": 2, "name": "Bo", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("4", "customer.updated", {"id": 4, "name": "Di", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("7:1", "order_line.updated", {"order_id": 7, "line_no": 1, "sku": "A", "qty": 2}),
+        ("7:2", "order_line.updated", {"order_id": 7, "line_no": 2, "sku": "B", "qty": 2}),
+        ("103", "customer.updated", {"id": 103, "name": "Cy", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("104", "customer.updated", {"id": 104, "name": "Di", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("7:11", "order_line.updated", {"order_id": 7, "line_no": 11, "sku": "A", "qty": 2}),
+        ("7:12", "order_line.updated", {"order_id": 7, "line_no": 12, "sku": "B", "qty": 2}),
+    ]
+    # a DELETE reports rows in the order it finds them (heap order here), one event each
+    assert sorted(got[8:]) == [
+        ("103", "customer.deleted", {"id": 103, "name": "Cy", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("104", "customer.deleted", {"id": 104, "name": "Di", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("7:11", "order_line.deleted", {"order_id": 7, "line_no": 11, "sku": "A", "qty": 2}),
+        ("7:12", "order_line.deleted", {"order_id": 7, "line_no": 12, "sku": "B", "qty": 2}),
+        ("8:1", "order_line.deleted", {"order_id": 8, "line_no": 1, "sku": "C", "qty": 1}),
+    ]
+    # a multi-row UPDATE that changes nothing at all writes nothing
+    query(legacy, "UPDATE pos.customers SET name = name")
+    assert len(events(legacy)) == len(got)
+
+
+def test_composite_keys_in_multi_row_statements(legacy: str) -> None:
+    with psycopg.connect(legacy) as conn:
+        conn.execute("CREATE TABLE pos.skus (shop text, code text, price int, PRIMARY KEY (code, shop))")
+    ok("install", "--dsn", legacy, "--capture", "pos.skus=sku")
+    with psycopg.connect(legacy) as conn:
+        conn.execute("INSERT INTO pos.skus VALUES ('s:1', 'a\\b:c', 1), ('s2', 'x', 1), ('s\\3', 'y:', 1)")
+        conn.execute("UPDATE pos.skus SET price = CASE WHEN shop = 's2' THEN 1 ELSE 2 END")  # 's2' unchanged
+        conn.execute("UPDATE pos.skus SET shop = shop || ':' WHERE code = 'x'")  # a key column changes
+        conn.execute("DELETE FROM pos.skus")
+        conn.commit()
+    got = [(r[1], r[2]) for r in events(legacy)]
+    assert got[:6] == [
+        ("a\\\\b\\:c:s\\:1", "sku.created"), ("x:s2", "sku.created"), ("y\\::s\\\\3", "sku.created"),
+        ("a\\\\b\\:c:s\\:1", "sku.updated"), ("y\\::s\\\\3", "sku.updated"),
+        ("x:s2\\:", "sku.updated"),
+    ]
+    assert sorted(got[6:]) == [
+        ("a\\\\b\\:c:s\\:1", "sku.deleted"), ("x:s2\\:", "sku.deleted"), ("y\\::s\\\\3", "sku.deleted"),
+    ]
+
+
+def _install_at_0001(dsn: str, captures: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    """What an outbox-relay with only revision 0001 installed: schema, revision 0001, capture triggers."""
+    from alembic import command
+
+    after = [s for table, (agg, keys) in captures.items() for s in inst.capture_sql(table, agg, keys)]
+    engine = inst._engine(dsn)
+    try:
+        with engine.begin() as sa_conn:
+            config = inst.alembic_config(before=["CREATE SCHEMA IF NOT EXISTS outbox"], after=after, connection=sa_conn)
+            command.upgrade(config, "0001")
+    finally:
+        engine.dispose()
+    inst.ensure_slot(dsn, f"outbox_{dbname(dsn)}")
