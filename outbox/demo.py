@@ -351,7 +351,8 @@ def demo(stores: int, transactions: int, timeout: float, seed: int) -> None:
         click.echo(f"throughput: {events / span:,.0f} events/s (first commit to last event applied)")
         click.echo(f"commit-to-read-store latency over the {len(lat)} current rows: p50 {statistics.median(lat):.0f} ms, "
                    f"p99 {percentile(lat, 0.99):.0f} ms, max {max(lat):.0f} ms")
-        click.echo(f"explore: eval \"$(outbox dev env)\"; psql -d demo_readstore -c 'SELECT * FROM readstore.current_entities LIMIT 5'")
+        me = sys.argv[0] if os.path.basename(sys.argv[0]) == "outbox" else "outbox"
+        click.echo(f"explore: eval \"$({me} dev env)\"; psql -d demo_readstore -c 'SELECT * FROM readstore.current_entities LIMIT 5'")
     finally:
         for p in procs:
             if p.poll() is None:
