@@ -74,10 +74,6 @@ class Publisher:
         self._poller = threading.Thread(target=self._serve_reports, name="kafka-delivery-reports", daemon=True)
         self._poller.start()
 
-    @property
-    def ready(self) -> bool:
-        return self._producer is not None
-
     async def reachable(self, timeout: float) -> bool:
         """Whether a broker answers a metadata request now (for the health gauge)."""
         if self._producer is None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -110,13 +109,3 @@ def wait_for_records(bootstrap: str, topics: list[str], count: int, timeout: flo
         if total >= count or time.time() > deadline:
             return got
         time.sleep(0.5)
-
-
-def lsn_key(rec: dict[str, Any]) -> tuple[int, int]:
-    from outbox.contract import parse_lsn
-
-    return parse_lsn(rec["headers"]["ce_commitlsn"]), int(rec["headers"]["ce_txseq"])
-
-
-def env_ready() -> bool:
-    return "KAFKA_BOOTSTRAP_SERVERS" in os.environ
