@@ -49,6 +49,9 @@ def _register() -> None:
     from outbox.status import status
     from relay.cli import relay
 
+    from outbox.crm_reference import crm
+
+    dev.add_command(crm)
     for command in (dev, install, uninstall, grant, doctor, status, relay, consume, demo):
         cli.add_command(command)
 
