@@ -105,7 +105,7 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
     """On assignment, start each partition where the sink says; on revocation, let the batch in
     flight finish first (it commits its own offsets in the sink)."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, sink: Sink, busy: asyncio.Lock) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, sink: Sink | PipelinedSink, busy: asyncio.Lock) -> None:
         self._consumer = consumer
         self._sink = sink
         self._busy = busy
@@ -113,6 +113,9 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._busy:
             pass
+        release = getattr(self._sink, "release", None)
+        if release is not None:  # a PipelinedSink: settle what is in flight for these partitions
+            await release(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if not assigned:
@@ -178,22 +181,7 @@ async def run_consumer(
     **consumer_options: Any,
 ) -> None:
     """Feed ``sink`` from the topics matching ``pattern`` until ``stop`` is set."""
-    consumer = AIOKafkaConsumer(
-        **kafka.client_kwargs(),
-        group_id=group,
-        client_id=client_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        metadata_max_age_ms=METADATA_MAX_AGE_MS,
-        max_poll_records=batch_size,
-        **consumer_options,
-    )
-    try:
-        await consumer.start()
-    except KafkaError as exc:
-        await consumer.stop()
-        raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
+    consumer = await _start_consumer(kafka, group, client_id, batch_size, consumer_options)
     busy = asyncio.Lock()
     progress = progress or Progress(group)
     stats = metrics.ConsumerMetrics(group, sink_name or getattr(sink, "name", type(sink).__name__.lower()))
@@ -240,6 +228,117 @@ async def run_consumer(
     finally:
         stats.close()
         await consumer.stop()
+
+
+async def _start_consumer(kafka: KafkaSettings, group: str, client_id: str, batch_size: int,
+                          options: Mapping[str, Any]) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(
+        **kafka.client_kwargs(),
+        group_id=group,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        max_poll_records=batch_size,
+        **options,
+    )
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
+    return consumer
+
+
+class PipelinedSink(Protocol):
+    """A sink whose writes take long and may be retried one by one (an HTTP API): it takes records
+    as they come and works on them in the background, so the poll loop never waits for it.
+
+    ``submit`` accepts a fetched batch (quickly: no remote call per record). ``buffered`` says how
+    many records of a partition wait: the loop pauses a partition whose backlog is full and keeps
+    polling the others. ``completed`` hands over the offsets that are safe to commit (everything
+    before them is durably done) and the records finished since the last call. ``release`` runs on
+    revocation: finish or forget what is in flight for those partitions. ``check`` raises the
+    sink's fatal error, if it had one. ``close`` waits for calls in flight and saves what is done.
+    """
+
+    async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]: ...
+    async def submit(self, records: Sequence[Any]) -> None: ...
+    def buffered(self, tp: TopicPartition) -> int: ...
+    def completed(self) -> tuple[dict[TopicPartition, int], list[Any]]: ...
+    async def release(self, partitions: set[TopicPartition]) -> None: ...
+    def check(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+async def run_pipelined(
+    kafka: KafkaSettings,
+    *,
+    group: str,
+    pattern: str,
+    sink: PipelinedSink,
+    stop: asyncio.Event,
+    batch_size: int = 500,
+    max_buffered: int = 5000,
+    client_id: str = "outbox-consumer",
+    progress: Progress | None = None,
+    **consumer_options: Any,
+) -> None:
+    """Feed a :class:`PipelinedSink` until ``stop`` is set; never waits on the sink's remote calls.
+
+    A partition whose backlog in the sink reaches ``max_buffered`` is paused (Kafka stops fetching
+    it) and resumed below half of that; polling goes on for the others and for the group's sake.
+    Kafka offsets are committed as the sink reports them done (the sink's own stored offsets stay
+    the truth, see :class:`Sink`).
+    """
+    consumer = await _start_consumer(kafka, group, client_id, batch_size, consumer_options)
+    progress = progress or Progress(group)
+    stats = metrics.ConsumerMetrics(group, getattr(sink, "name", type(sink).__name__.lower()))
+    lag_updated = 0.0
+    paused: set[TopicPartition] = set()
+    try:
+        consumer.subscribe(pattern=pattern, listener=_SeekToStored(consumer, sink, asyncio.Lock()))
+        log.info("consumer group %s subscribed to /%s/", group, pattern)
+        while not stop.is_set():
+            sink.check()
+            batches = await consumer.getmany(timeout_ms=100, max_records=batch_size)
+            records = [r for part in batches.values() for r in part]
+            if records:
+                await sink.submit(records)
+            assigned = consumer.assignment()
+            paused &= assigned
+            full = {tp for tp in assigned if sink.buffered(tp) >= max_buffered}
+            drained = {tp for tp in paused if sink.buffered(tp) < max_buffered // 2}
+            if full - paused:
+                consumer.pause(*(full - paused))
+                log.info("paused %d partitions: the sink's backlog is full", len(full - paused))
+                paused |= full
+            if drained:
+                consumer.resume(*drained)
+                paused -= drained
+            offsets, done = sink.completed()
+            if offsets:
+                await _commit(consumer, offsets)
+            if done:
+                by_tp: dict[TopicPartition, list[Any]] = {}
+                for r in done:
+                    by_tp.setdefault(TopicPartition(r.topic, r.partition), []).append(r)
+                _count_applied(stats, by_tp, {})
+                progress.add({"records": len(done)})
+            else:
+                progress.maybe_log()
+            lag_updated = await _update_lag(consumer, stats, lag_updated)
+        progress.maybe_log(force=True)
+    finally:
+        stats.close()
+        try:
+            await sink.close()
+            offsets, _ = sink.completed()
+            if offsets:
+                await _commit(consumer, offsets)
+        finally:
+            await consumer.stop()
 
 
 def _count_applied(stats: metrics.ConsumerMetrics, batches: Mapping[TopicPartition, Sequence[Any]],

@@ -262,6 +262,64 @@ class ReadStoreSettings(_Settings):
     _dsn = field_validator("dsn")(_check_dsn)
 
 
+class CrmSinkSettings(_Settings):
+    """``outbox consume crm``: Kafka -> the CRM's HTTP API, with a ledger in a small database of its own."""
+
+    crm_url: str
+    dsn: str  # the sink's ledger database
+    kafka: KafkaSettings
+    crm_token: SecretStr | None = None  # from OUTBOX_CRM_TOKEN or --crm-token-file, never argv
+    topic_prefix: str = contract.DEFAULT_TOPIC_PREFIX
+    group: str = "outbox-crm"
+    mapping: str | None = None  # TOML file; None: the POS demo's customer and order mappings
+    batch_size: int = Field(default=50, ge=1, le=100)  # records per CRM call (1: single upserts only)
+    concurrency: int = Field(default=4, ge=1, le=64)  # CRM calls in flight
+    rate: float = Field(default=10.0, gt=0)  # CRM calls per second (token bucket)
+    burst: int | None = Field(default=None, ge=1)  # None: max(1, rate)
+    max_attempts: int = Field(default=10, ge=1)
+    retry_base: float = Field(default=0.5, gt=0)
+    retry_max: float = Field(default=60.0, gt=0)
+    timeout: float = Field(default=10.0, gt=0)
+    max_buffered: int = Field(default=5000, ge=1)  # records per partition held before it is paused
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    _dsn = field_validator("dsn")(_check_dsn)
+
+    @field_validator("crm_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+class CrmWebhookSettings(_Settings):
+    """``outbox consume crm-webhook``: the CRM's change notifications -> a Kafka topic."""
+
+    kafka: KafkaSettings
+    topic: str = "crm.changes"
+    port: int = Field(default=8481, ge=0, le=65535)
+    host: str = "127.0.0.1"
+    secret: SecretStr | None = None  # OUTBOX_CRM_WEBHOOK_SECRET or --secret-file
+
+
+class CrmWritebackSettings(_Settings):
+    """``outbox consume crm-writeback``: CRM changes from Kafka -> one store database's legacy tables."""
+
+    dsn: str  # the store database
+    source_id: str
+    kafka: KafkaSettings
+    topic: str = "crm.changes"
+    group: str | None = None  # None: outbox-crm-writeback-<source_id>
+    mapping: str | None = None
+    batch_size: int = Field(default=500, ge=1)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    _dsn = field_validator("dsn")(_check_dsn)
+
+
 def slot_name_for(dbname: str) -> str:
     """Default replication slot name for a store database (slot names are cluster-wide)."""
     cleaned = re.sub(r"[^a-z0-9_]", "_", dbname.lower())

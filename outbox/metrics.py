@@ -118,6 +118,27 @@ CONSUMER_END_TO_END = Histogram("outbox_consumer_end_to_end_seconds",
                                 "From the source commit (ce_time) to applied in the sink; observed once per source "
                                 "transaction per partition and batch.", ["group", "sink"], buckets=LATENCY_BUCKETS)
 
+# --------------------------------------------------------------------------- the CRM sink
+CRM_CALLS = Counter("outbox_crm_calls_total",
+                    "Calls to the CRM API by outcome: the HTTP status class (2xx, 4xx), 429, or timeout/connection.",
+                    ["group", "outcome"])
+CRM_CALL_SECONDS = Histogram("outbox_crm_call_seconds", "Duration of one CRM API call (a batch or a single upsert).",
+                             ["group"], buckets=APPLY_BUCKETS)
+CRM_RECORDS_SENT = Counter("outbox_crm_records_sent_total", "Records sent to the CRM (a batch counts each record).",
+                           ["group"])
+CRM_RETRIES = Counter("outbox_crm_retries_total",
+                      "Records scheduled for another attempt, by reason: rate_limited (429), server_error (5xx, 408), "
+                      "timeout, connection, bad_response, split (a refused batch retried record by record).",
+                      ["group", "reason"])
+CRM_DEAD_LETTERED = Counter("outbox_crm_dead_lettered_total",
+                            "Records sent to the dead-letter topic, by reason: permanent (a 4xx), attempts (past "
+                            "--max-attempts), invalid (breaks the event contract or the mapping).", ["group", "reason"])
+CRM_SKIPPED = Counter("outbox_crm_skipped_total",
+                      "Records not sent, by reason: echo (the change came from the CRM), unmapped (no mapping for "
+                      "its aggregate type), applied (already in the ledger: a re-delivery).", ["group", "reason"])
+CRM_THROTTLED = Counter("outbox_crm_throttled_seconds_total",
+                        "Seconds the sink held all calls back because the CRM answered 429 with Retry-After.", ["group"])
+
 
 # --------------------------------------------------------------------------- bound children
 class RelayMetrics:
@@ -265,3 +286,24 @@ def serve(host: str, port: int | None) -> Iterator[MetricsServer | None]:
     finally:
         server.close()
 
+
+class CrmMetrics:
+    """The CRM sink's metrics with ``group`` bound once."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.call_seconds = CRM_CALL_SECONDS.labels(group)
+        self.records_sent = CRM_RECORDS_SENT.labels(group)
+        self.throttled = CRM_THROTTLED.labels(group)
+
+    def call(self, outcome: str) -> None:
+        CRM_CALLS.labels(self.group, outcome).inc()
+
+    def retried(self, reason: str, n: int = 1) -> None:
+        CRM_RETRIES.labels(self.group, reason).inc(n)
+
+    def dead_lettered(self, reason: str, n: int = 1) -> None:
+        CRM_DEAD_LETTERED.labels(self.group, reason).inc(n)
+
+    def skipped(self, reason: str, n: int = 1) -> None:
+        CRM_SKIPPED.labels(self.group, reason).inc(n)

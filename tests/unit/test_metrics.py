@@ -14,7 +14,8 @@ from consumers.kafka import _count_applied
 from outbox import metrics
 from outbox.contract import H_TIME, format_time
 
-ALLOWED_LABELS = {"source_id", "slot", "database", "version", "topic", "group", "sink", "partition", "wal_status"}
+ALLOWED_LABELS = {"source_id", "slot", "database", "version", "topic", "group", "sink", "partition", "wal_status",
+                  "outcome", "reason"}  # the last two: small fixed sets (CRM call outcomes, retry and skip reasons)
 
 
 def sample(name: str, **labels: str) -> float | None:

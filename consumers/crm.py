@@ -1,0 +1,522 @@
+"""The CRM sink: events on Kafka -> upserts by external id in a CRM's HTTP API (docs/crm.md).
+
+Pure logic (mappings, retry policy, token bucket, per-key scheduling) is in consumers.crm_logic;
+this module holds the I/O edges and their wiring:
+
+- :class:`CrmClient`: the CRM's HTTP API (the reference CRM's contract; an adapter for a real CRM
+  replaces this class): batch or single upserts, each record with its idempotency key.
+- :class:`Ledger`: the sink's small PostgreSQL database: applied event ids and Kafka offsets,
+  written in one transaction, so a re-delivered event is a no-op.
+- :class:`CrmSink`: a :class:`consumers.kafka.PipelinedSink`. Records are taken as they are
+  fetched; a dispatcher sends the oldest event of each key (a later event of a key waits behind
+  one being retried), a flusher writes the ledger and the offsets. Calls never block polling.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping as MappingABC, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import psycopg
+from aiohttp import ClientConnectionError, ClientError, ClientSession, ClientTimeout, TCPConnector
+from aiokafka import TopicPartition
+
+from consumers.crm_logic import (AUTH, OK, ORIGIN_CRM, PERMANENT, KeyScheduler, Mapping, MappingError, Pending,
+                                 TokenBucket, backoff, classify_status, load_mappings, parse_retry_after)
+from consumers.kafka import Progress, run_pipelined, stop_on_signals, topic_pattern
+from outbox import contract, dsn as dsnmod, metrics
+from outbox.config import CrmSinkSettings
+from outbox.errors import DatabaseUnavailable, OutboxError
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 0.2  # seconds between ledger writes while records complete
+STORE_RETRY = 1.0  # seconds between attempts to write the ledger (or the dead-letter topic) when it fails
+
+
+class CrmRefused(OutboxError):
+    """The CRM refused the sink's credentials (401/403): never retried, the sink stops."""
+
+    exit_code = 1
+
+
+# --------------------------------------------------------------------------- I/O: the CRM
+@dataclass(slots=True)
+class CallResult:
+    """What one call gave: ``status`` (None: no answer), one (status, error) per record when the CRM
+    answered per record, Retry-After in seconds, and the retry reason for the metrics."""
+
+    status: int | None
+    items: list[tuple[int, str | None]] | None = None
+    retry_after: float | None = None
+    reason: str = ""
+    error: str = ""
+
+
+class CrmApi(Protocol):
+    async def upsert(self, kind: str, items: Sequence[dict[str, Any]]) -> CallResult: ...
+
+
+class CrmClient:
+    """The reference CRM's API (docs/crm.md): ``POST /v1/{kind}/batch`` or ``PUT /v1/{kind}/{external_id}``."""
+
+    def __init__(self, url: str, token: str | None, *, timeout: float, concurrency: int, batch: bool) -> None:
+        self.url = url
+        self._token = token
+        self._timeout = timeout
+        self._concurrency = concurrency
+        self.batch = batch
+        self._http: ClientSession | None = None
+
+    async def start(self) -> None:
+        headers = {"User-Agent": "outbox-relay-crm-sink"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        self._http = ClientSession(base_url=self.url + "/", headers=headers, timeout=ClientTimeout(total=self._timeout),
+                                   connector=TCPConnector(limit=self._concurrency * 2))
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    async def upsert(self, kind: str, items: Sequence[dict[str, Any]]) -> CallResult:
+        assert self._http is not None
+        try:
+            if self.batch:
+                request = self._http.post(f"v1/{quote(kind, safe='')}/batch", json={"records": list(items)})
+            else:
+                [item] = items
+                body = {"fields": item["fields"], "active": item["active"], "meta": item.get("meta")}
+                request = self._http.put(f"v1/{quote(kind, safe='')}/{quote(item['external_id'], safe='')}", json=body,
+                                         headers={"Idempotency-Key": item["idempotency_key"]})
+            async with request as response:
+                text = await response.text()
+                result = CallResult(response.status, retry_after=parse_retry_after(response.headers.get("Retry-After")))
+                if 200 <= response.status < 300:
+                    result.items = self._items(text, len(items)) if self.batch else [(response.status, None)]
+                else:
+                    result.error = f"HTTP {response.status}: {_error_text(text)}"
+                    result.reason = "rate_limited" if response.status == 429 else "server_error"
+                return result
+        except asyncio.TimeoutError:
+            return CallResult(None, reason="timeout", error=f"no answer within {self._timeout:g} s")
+        except ClientConnectionError as exc:
+            return CallResult(None, reason="connection", error=f"{type(exc).__name__}: {exc}")
+        except (ClientError, ValueError) as exc:
+            return CallResult(None, reason="bad_response", error=f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _items(text: str, count: int) -> list[tuple[int, str | None]]:
+        results = json.loads(text).get("results")
+        if not isinstance(results, list) or len(results) != count:
+            raise ValueError(f"batch answer has {len(results) if isinstance(results, list) else 'no'} results for {count} records")
+        return [(int(r["status"]), r.get("error")) for r in results]
+
+
+def _error_text(text: str) -> str:
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(json.loads(text).get("error", text))[:200]
+    return text[:200]
+
+
+# --------------------------------------------------------------------------- I/O: the ledger
+LEDGER_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS crm_sink;
+CREATE TABLE IF NOT EXISTS crm_sink.ledger (
+    group_id    text NOT NULL,
+    event_id    text NOT NULL,
+    external_id text,
+    outcome     text NOT NULL,  -- applied | dead_lettered
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (group_id, event_id)
+);
+CREATE TABLE IF NOT EXISTS crm_sink.consumer_offsets (
+    group_id    text NOT NULL,
+    topic       text NOT NULL,
+    partition   integer NOT NULL,
+    next_offset bigint NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    PRIMARY KEY (group_id, topic, partition)
+);
+"""
+SEEN = "SELECT event_id FROM crm_sink.ledger WHERE group_id = %s AND event_id = ANY(%s::text[])"
+RECORD = """
+INSERT INTO crm_sink.ledger (group_id, event_id, external_id, outcome)
+SELECT %s, u.event_id, u.external_id, u.outcome FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(event_id, external_id, outcome)
+ON CONFLICT DO NOTHING
+"""
+SAVE_OFFSETS = """
+INSERT INTO crm_sink.consumer_offsets AS o (group_id, topic, partition, next_offset, updated_at)
+SELECT %s, u.topic, u.partition, u.next_offset, clock_timestamp()
+  FROM unnest(%s::text[], %s::int4[], %s::int8[]) AS u(topic, partition, next_offset)
+ON CONFLICT (group_id, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = EXCLUDED.updated_at
+"""
+LOAD_OFFSETS = """
+SELECT topic, partition, next_offset FROM crm_sink.consumer_offsets
+ WHERE group_id = %s AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int4[]))
+"""
+
+
+class Ledger:
+    """Applied (and dead-lettered) event ids plus Kafka offsets, in the sink's own database."""
+
+    def __init__(self, dsn: str, group: str) -> None:
+        self.dsn = dsn
+        self.group = group
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(self.dsn, application_name="outbox-crm-sink")
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"cannot connect to the ledger database {dsnmod.describe(self.dsn)}: "
+                                      f"{dsnmod.first_line(exc)} (check --dsn and the PG* environment variables)") from None
+
+    async def start(self) -> None:
+        self._conn = await self._connect()
+        await self._conn.execute("SELECT pg_advisory_xact_lock(hashtext('outbox-crm-sink schema'))")
+        await self._conn.execute(LEDGER_SCHEMA)
+        await self._conn.commit()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await self._connect()
+        return self._conn
+
+    async def seen(self, event_ids: list[str]) -> set[str]:
+        conn = await self._connection()
+        async with conn.transaction():
+            rows = await (await conn.execute(SEEN, (self.group, event_ids))).fetchall()
+        return {r[0] for r in rows}
+
+    async def record(self, rows: list[tuple[str, str | None, str]], offsets: MappingABC[tuple[str, int], int]) -> None:
+        conn = await self._connection()
+        async with conn.transaction():
+            if rows:
+                await conn.execute(RECORD, (self.group, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
+            if offsets:
+                tps = sorted(offsets)
+                await conn.execute(SAVE_OFFSETS, (self.group, [t for t, _ in tps], [p for _, p in tps],
+                                                  [offsets[tp] for tp in tps]))
+
+    async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        conn = await self._connect()  # its own connection: this runs in Kafka's rebalance callback
+        try:
+            rows = await (await conn.execute(LOAD_OFFSETS, (self.group, [tp.topic for tp in partitions],
+                                                             [tp.partition for tp in partitions]))).fetchall()
+        finally:
+            await conn.close()
+        return {TopicPartition(t, p): o for t, p, o in rows}
+
+
+class DeadLetters(Protocol):
+    async def send(self, entries: Sequence[tuple[Any, str, int]]) -> None:
+        """Publish (record, reason, attempts) to ``<topic>.dlq``; return once Kafka acknowledged all."""
+        ...
+
+
+# --------------------------------------------------------------------------- the sink
+class CrmSink:
+    """Kafka records -> CRM upserts, retried per key without blocking the poll loop (see module doc)."""
+
+    name = "crm"
+
+    def __init__(self, settings: CrmSinkSettings, client: CrmApi, ledger: Ledger, dead_letters: DeadLetters,
+                 mappings: dict[str, Mapping], *, seed: int | None = None) -> None:
+        self.s = settings
+        self.client = client
+        self.ledger = ledger
+        self.dlq = dead_letters
+        self.mappings = mappings
+        self.m = metrics.CrmMetrics(settings.group)
+        self.sched = KeyScheduler()
+        self.bucket = TokenBucket(settings.rate, settings.burst or max(1, int(settings.rate)), time.monotonic())
+        self.rng = random.Random(seed)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._flush_due = asyncio.Event()
+        self._open_gate = asyncio.Event()
+        self._open_gate.set()
+        self._throttled_until = 0.0
+        self._applied: list[Pending] = []
+        self._dead: list[tuple[Pending, str, str]] = []  # (pending, reason label, error text)
+        self._skipped = False
+        self._safe: dict[TopicPartition, int] = {}
+        self._done_records: list[Any] = []
+        self._failure: OutboxError | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # -- lifecycle
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._flush_loop())]
+
+    async def close(self) -> None:
+        """Stop sending, let calls in flight end (bounded by --timeout), save what is done."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._failure is None:
+            await self._flush()
+
+    # -- PipelinedSink
+    async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return await self.ledger.stored_offsets(partitions)
+
+    async def submit(self, records: Sequence[Any]) -> None:
+        """Classify the records, ask the ledger once which were applied before, then queue them in
+        offset order (the partitions' done-up-to offsets rely on that order)."""
+        plan: list[tuple[str, Any, str]] = []  # (action, pending or record, reason/error)
+        for r in records:
+            tp = (r.topic, r.partition)
+            try:
+                event = contract.parse_record(list(r.headers), r.value)
+            except ValueError as exc:  # ContractError: a poison record
+                p = Pending(tp, r.offset, (r.topic, r.key), "", {"idempotency_key": _coordinates(r)}, r)
+                plan.append(("dead", p, f"{type(exc).__name__}: {exc}"))
+                continue
+            mapping = self.mappings.get(event.aggregate_type)
+            if event.origin == ORIGIN_CRM or mapping is None:
+                plan.append(("skip", r, "echo" if event.origin == ORIGIN_CRM else "unmapped"))
+                continue
+            try:
+                item = mapping.item(event)
+            except MappingError as exc:
+                p = Pending(tp, r.offset, (r.topic, r.key), "", {"idempotency_key": event.id}, r)
+                plan.append(("dead", p, f"MappingError: {exc}"))
+                continue
+            plan.append(("send", Pending(tp, r.offset, (r.topic, r.key), mapping.kind, item, r), ""))
+        ids = [p.item["idempotency_key"] for action, p, _ in plan if action == "send"]
+        seen = await self._store_retrying(lambda: self.ledger.seen(ids)) if ids else set()
+        for action, p, why in plan:
+            if action == "send" and p.item["idempotency_key"] in seen:
+                action, why, p = "skip", "applied", p.record
+            if action == "skip":
+                self.sched.skip((p.topic, p.partition), p.offset)
+                self.m.skipped(why)
+                self._skipped = True
+                self._flush_due.set()
+            elif action == "dead":
+                self.sched.hold(p)
+                self._dead.append((p, "invalid", why))
+                self._flush_due.set()
+            else:
+                self.sched.add(p)
+        self._wake.set()
+
+    def buffered(self, tp: TopicPartition) -> int:
+        return self.sched.buffered((tp.topic, tp.partition))
+
+    def completed(self) -> tuple[dict[TopicPartition, int], list[Any]]:
+        safe, self._safe = self._safe, {}
+        done, self._done_records = self._done_records, []
+        return safe, done
+
+    def check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def release(self, partitions: set[TopicPartition]) -> None:
+        """Revocation: hold new calls, let those in flight end, save what is done, forget the rest."""
+        self._open_gate.clear()
+        try:
+            if self._inflight:
+                await asyncio.wait(set(self._inflight))
+            await self._flush()
+            self.sched.drop((tp.topic, tp.partition) for tp in partitions)
+        finally:
+            self._open_gate.set()
+
+    # -- sending
+    async def _dispatch(self) -> None:
+        while not self._closing:
+            await self._open_gate.wait()
+            now = time.monotonic()
+            timeout = 1.0
+            if now < self._throttled_until:
+                timeout = self._throttled_until - now
+            elif len(self._inflight) < self.s.concurrency:
+                for kind in self.sched.kinds_ready(now):
+                    while len(self._inflight) < self.s.concurrency:
+                        batch = self.sched.take(kind, self.s.batch_size, now)
+                        if not batch:
+                            break
+                        singles = [p for p in batch if p.single] if len(batch) > 1 else []
+                        groups = [[p] for p in singles] + ([rest] if (rest := [p for p in batch if not p.single]) else [])
+                        for group in groups:
+                            task = asyncio.create_task(self._call(kind, group))
+                            self._inflight.add(task)
+                            task.add_done_callback(self._inflight.discard)
+                due = self.sched.next_due()
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - now))
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
+
+    async def _call(self, kind: str, batch: list[Pending]) -> None:
+        try:
+            wait = self.bucket.reserve(time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)
+            started = time.perf_counter()
+            result = await self.client.upsert(kind, [p.item for p in batch])
+            self.m.call_seconds.observe(time.perf_counter() - started)
+            self.m.records_sent.inc(len(batch))
+            self._outcome(batch, result)
+        except Exception as exc:  # noqa: BLE001 - a bug must stop the sink, not vanish in a task
+            self._failure = self._failure or OutboxError(f"CRM sink failed: {type(exc).__name__}: {exc}")
+            log.exception("CRM sink call failed")
+        finally:
+            self._wake.set()
+
+    def _outcome(self, batch: list[Pending], result: CallResult) -> None:
+        now = time.monotonic()
+        status = result.status
+        self.m.call(("429" if status == 429 else f"{status // 100}xx") if status is not None else result.reason)
+        verdict = classify_status(status) if status is not None else "retry"
+        if verdict == AUTH:
+            self._failure = CrmRefused(f"the CRM at {self.s.crm_url} refused the sink's credentials ({result.error}): "
+                                       "check OUTBOX_CRM_TOKEN or --crm-token-file")
+            return
+        if verdict == OK and result.items is not None:
+            for p, (item_status, error) in zip(batch, result.items):
+                item_verdict = classify_status(item_status)
+                if item_verdict == OK:
+                    self.sched.release(p)
+                    self._applied.append(p)
+                elif item_verdict == PERMANENT or item_verdict == AUTH:
+                    self._dead_after_call(p, "permanent", f"HTTP {item_status}: {error or ''}".strip())
+                else:
+                    self._retry(p, "server_error" if item_status != 429 else "rate_limited",
+                                f"HTTP {item_status}: {error or ''}", now, None)
+            self._flush_due.set()
+            return
+        if verdict == PERMANENT:
+            if len(batch) > 1:  # which record is bad? send each alone, at once, no attempt counted
+                for p in batch:
+                    p.single = True
+                    self.sched.retry(p, now)
+                self.m.retried("split", len(batch))
+                return
+            self._dead_after_call(batch[0], "permanent", result.error)
+            self._flush_due.set()
+            return
+        if status == 429:
+            wait = result.retry_after if result.retry_after is not None else backoff(1, self.s.retry_base, self.s.retry_max, self.rng)
+            if now + wait > self._throttled_until:
+                self.m.throttled.inc(now + wait - max(now, self._throttled_until))
+                self._throttled_until = now + wait
+                log.info("CRM answered 429: holding all calls for %.1f s", wait)
+        for p in batch:
+            self._retry(p, result.reason or "server_error", result.error, now, result.retry_after)
+        self._flush_due.set()
+
+    def _retry(self, p: Pending, reason: str, error: str, now: float, retry_after: float | None) -> None:
+        p.attempts += 1
+        if p.attempts >= self.s.max_attempts:
+            self._dead_after_call(p, "attempts", f"gave up after {p.attempts} attempts; last: {error}")
+            return
+        delay = max(backoff(p.attempts, self.s.retry_base, self.s.retry_max, self.rng), retry_after or 0.0)
+        self.m.retried(reason)
+        self.sched.retry(p, now + delay)
+
+    def _dead_after_call(self, p: Pending, reason: str, error: str) -> None:
+        p.attempts = max(p.attempts, 1)
+        self.sched.release(p)
+        self._dead.append((p, reason, error))
+
+    # -- saving: dead letters first, then ledger rows and offsets in one transaction
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_due.wait()
+            await asyncio.sleep(FLUSH_INTERVAL)  # gather what completes meanwhile into one transaction
+            self._flush_due.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        applied, self._applied = self._applied, []
+        dead, self._dead = self._dead, []
+        if not applied and not dead and not self._skipped:
+            return
+        self._skipped = False
+        if dead:
+            for p, reason, error in dead:
+                log.error("dead-lettered %s[%d]@%d (%s) after %d attempt(s): %s", p.tp[0], p.tp[1], p.offset,
+                          p.item.get("external_id", "?"), p.attempts, error)
+            await self._store_retrying(lambda: self.dlq.send([(p.record, error, p.attempts) for p, _, error in dead]))
+            for _, reason, _ in dead:
+                self.m.dead_lettered(reason)
+        finished = applied + [p for p, _, _ in dead]
+        self.sched.finish(finished)
+        safe = self.sched.committable()
+        rows = [(p.item["idempotency_key"], p.item.get("external_id"), "applied") for p in applied]
+        rows += [(p.item["idempotency_key"], p.item.get("external_id"), "dead_lettered") for p, _, _ in dead]
+        await self._store_retrying(lambda: self.ledger.record(rows, safe))
+        self._safe.update({TopicPartition(t, p): o for (t, p), o in safe.items()})
+        self._done_records.extend(p.record for p in finished if not p.dropped)
+
+    async def _store_retrying(self, write: Any) -> Any:
+        """The ledger database or Kafka may be away for a while: keep trying (the loop keeps polling)."""
+        while True:
+            try:
+                return await write()
+            except (psycopg.OperationalError, DatabaseUnavailable, OSError) as exc:
+                log.warning("cannot save the CRM sink's progress (%s); retrying in %.0f s",
+                            dsnmod.first_line(exc), STORE_RETRY)
+            await asyncio.sleep(STORE_RETRY)
+
+
+def _coordinates(record: Any) -> str:
+    """A ledger id for a record without a readable event id."""
+    return f"{record.topic}:{record.partition}:{record.offset}"
+
+
+# --------------------------------------------------------------------------- wiring
+async def run_crm(settings: CrmSinkSettings, stop: asyncio.Event | None = None,
+                  dead_letters: DeadLetters | None = None) -> MappingABC[str, int]:
+    """Send events to the CRM until ``stop`` is set (or SIGTERM/SIGINT when stop is None)."""
+    own_stop = stop is None
+    stop = stop or asyncio.Event()
+    mappings = load_mappings(settings.mapping)
+    progress = Progress(f"crm[{settings.group}]")
+    token = settings.crm_token.get_secret_value() if settings.crm_token else None
+    client = CrmClient(settings.crm_url, token, timeout=settings.timeout, concurrency=settings.concurrency,
+                       batch=settings.batch_size > 1)
+    ledger = Ledger(settings.dsn, settings.group)
+    await ledger.start()
+    await client.start()
+    if dead_letters is None:
+        from consumers.dlq import DeadLetterPublisher  # the shared dead-letter mechanism
+        dead_letters = DeadLetterPublisher(settings.kafka, group=settings.group)  # type: ignore[assignment]
+    sink = CrmSink(settings, client, ledger, dead_letters, mappings)
+    try:
+        await sink.start()
+        with stop_on_signals(stop) if own_stop else contextlib.nullcontext():
+            await run_pipelined(settings.kafka, group=settings.group, pattern=topic_pattern(settings.topic_prefix),
+                                sink=sink, stop=stop, batch_size=500, max_buffered=settings.max_buffered,
+                                client_id="outbox-crm", progress=progress)
+    finally:
+        await sink.close()
+        await client.close()
+        await ledger.close()
+    return progress.totals
