@@ -30,6 +30,7 @@ from aiokafka import TopicPartition
 
 from consumers.crm_logic import (AUTH, OK, ORIGIN_CRM, PERMANENT, KeyScheduler, Mapping, MappingError, Pending,
                                  TokenBucket, backoff, classify_status, load_mappings, parse_retry_after)
+from consumers.dlq import DeadLetter, DeadLetters, DeadLetterUnavailable, for_group
 from consumers.kafka import Progress, run_pipelined, stop_on_signals, topic_pattern
 from outbox import contract, dsn as dsnmod, metrics
 from outbox.config import CrmSinkSettings
@@ -114,10 +115,13 @@ class CrmClient:
 
     @staticmethod
     def _items(text: str, count: int) -> list[tuple[int, str | None]]:
-        results = json.loads(text).get("results")
-        if not isinstance(results, list) or len(results) != count:
-            raise ValueError(f"batch answer has {len(results) if isinstance(results, list) else 'no'} results for {count} records")
-        return [(int(r["status"]), r.get("error")) for r in results]
+        try:
+            results = json.loads(text)["results"]
+            if len(results) != count:
+                raise ValueError(f"{len(results)} results for {count} records")
+            return [(int(r["status"]), r.get("error")) for r in results]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"unreadable batch answer ({type(exc).__name__}: {exc})") from None
 
 
 def _error_text(text: str) -> str:
@@ -220,24 +224,18 @@ class Ledger:
         return {TopicPartition(t, p): o for t, p, o in rows}
 
 
-class DeadLetters(Protocol):
-    async def send(self, entries: Sequence[tuple[Any, str, int]]) -> None:
-        """Publish (record, reason, attempts) to ``<topic>.dlq``; return once Kafka acknowledged all."""
-        ...
-
-
 # --------------------------------------------------------------------------- the sink
 class CrmSink:
     """Kafka records -> CRM upserts, retried per key without blocking the poll loop (see module doc)."""
 
     name = "crm"
 
-    def __init__(self, settings: CrmSinkSettings, client: CrmApi, ledger: Ledger, dead_letters: DeadLetters,
-                 mappings: dict[str, Mapping], *, seed: int | None = None) -> None:
+    def __init__(self, settings: CrmSinkSettings, client: CrmApi, ledger: Ledger, mappings: dict[str, Mapping], *,
+                 seed: int | None = None) -> None:
         self.s = settings
         self.client = client
         self.ledger = ledger
-        self.dlq = dead_letters
+        self.dlq: DeadLetters | None = None  # the loop's, handed over with every batch
         self.mappings = mappings
         self.m = metrics.CrmMetrics(settings.group)
         self.sched = KeyScheduler()
@@ -282,11 +280,16 @@ class CrmSink:
     async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         return await self.ledger.stored_offsets(partitions)
 
-    async def submit(self, records: Sequence[Any]) -> None:
+    async def submit(self, records: Sequence[Any], dead_letters: DeadLetters) -> None:
         """Classify the records, ask the ledger once which were applied before, then queue them in
         offset order (the partitions' done-up-to offsets rely on that order)."""
+        self.dlq = dead_letters
+        mine = {id(r) for r in for_group(records, self.s.group)}
         plan: list[tuple[str, Any, str]] = []  # (action, pending or record, reason/error)
         for r in records:
+            if id(r) not in mine:  # re-driven from the dead-letter topic for another group
+                plan.append(("skip", r, "redrive"))
+                continue
             tp = (r.topic, r.partition)
             try:
                 event = contract.parse_record(list(r.headers), r.value)
@@ -463,7 +466,9 @@ class CrmSink:
             for p, reason, error in dead:
                 log.error("dead-lettered %s[%d]@%d (%s) after %d attempt(s): %s", p.tp[0], p.tp[1], p.offset,
                           p.item.get("external_id", "?"), p.attempts, error)
-            await self._store_retrying(lambda: self.dlq.send([(p.record, error, p.attempts) for p, _, error in dead]))
+            assert self.dlq is not None
+            dlq = self.dlq
+            await self._store_retrying(lambda: dlq.park([DeadLetter.of(p.record, error) for p, _, error in dead]))
             for _, reason, _ in dead:
                 self.m.dead_lettered(reason)
         finished = applied + [p for p, _, _ in dead]
@@ -480,7 +485,7 @@ class CrmSink:
         while True:
             try:
                 return await write()
-            except (psycopg.OperationalError, DatabaseUnavailable, OSError) as exc:
+            except (psycopg.OperationalError, DatabaseUnavailable, DeadLetterUnavailable, OSError) as exc:
                 log.warning("cannot save the CRM sink's progress (%s); retrying in %.0f s",
                             dsnmod.first_line(exc), STORE_RETRY)
             await asyncio.sleep(STORE_RETRY)
@@ -492,8 +497,7 @@ def _coordinates(record: Any) -> str:
 
 
 # --------------------------------------------------------------------------- wiring
-async def run_crm(settings: CrmSinkSettings, stop: asyncio.Event | None = None,
-                  dead_letters: DeadLetters | None = None) -> MappingABC[str, int]:
+async def run_crm(settings: CrmSinkSettings, stop: asyncio.Event | None = None) -> MappingABC[str, int]:
     """Send events to the CRM until ``stop`` is set (or SIGTERM/SIGINT when stop is None)."""
     own_stop = stop is None
     stop = stop or asyncio.Event()
@@ -505,10 +509,7 @@ async def run_crm(settings: CrmSinkSettings, stop: asyncio.Event | None = None,
     ledger = Ledger(settings.dsn, settings.group)
     await ledger.start()
     await client.start()
-    if dead_letters is None:
-        from consumers.dlq import DeadLetterPublisher  # the shared dead-letter mechanism
-        dead_letters = DeadLetterPublisher(settings.kafka, group=settings.group)  # type: ignore[assignment]
-    sink = CrmSink(settings, client, ledger, dead_letters, mappings)
+    sink = CrmSink(settings, client, ledger, mappings)
     try:
         await sink.start()
         with stop_on_signals(stop) if own_stop else contextlib.nullcontext():

@@ -255,7 +255,8 @@ class PipelinedSink(Protocol):
     """A sink whose writes take long and may be retried one by one (an HTTP API): it takes records
     as they come and works on them in the background, so the poll loop never waits for it.
 
-    ``submit`` accepts a fetched batch (quickly: no remote call per record). ``buffered`` says how
+    ``submit`` accepts a fetched batch (quickly: no remote call per record) and the shared
+    dead-letter queue (consumers/dlq.py), to park what it cannot apply before it saves its progress. ``buffered`` says how
     many records of a partition wait: the loop pauses a partition whose backlog is full and keeps
     polling the others. ``completed`` hands over the offsets that are safe to commit (everything
     before them is durably done) and the records finished since the last call. ``release`` runs on
@@ -264,7 +265,7 @@ class PipelinedSink(Protocol):
     """
 
     async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]: ...
-    async def submit(self, records: Sequence[Any]) -> None: ...
+    async def submit(self, records: Sequence[Any], dead_letters: DeadLetters) -> None: ...
     def buffered(self, tp: TopicPartition) -> int: ...
     def completed(self) -> tuple[dict[TopicPartition, int], list[Any]]: ...
     async def release(self, partitions: set[TopicPartition]) -> None: ...
@@ -297,6 +298,7 @@ async def run_pipelined(
     stats = metrics.ConsumerMetrics(group, getattr(sink, "name", type(sink).__name__.lower()))
     lag_updated = 0.0
     paused: set[TopicPartition] = set()
+    dead_letters = DeadLetters(kafka, group)
     try:
         consumer.subscribe(pattern=pattern, listener=_SeekToStored(consumer, sink, asyncio.Lock()))
         log.info("consumer group %s subscribed to /%s/", group, pattern)
@@ -305,7 +307,7 @@ async def run_pipelined(
             batches = await consumer.getmany(timeout_ms=100, max_records=batch_size)
             records = [r for part in batches.values() for r in part]
             if records:
-                await sink.submit(records)
+                await sink.submit(records, dead_letters)
             assigned = consumer.assignment()
             paused &= assigned
             full = {tp for tp in assigned if sink.buffered(tp) >= max_buffered}
@@ -324,7 +326,7 @@ async def run_pipelined(
                 by_tp: dict[TopicPartition, list[Any]] = {}
                 for r in done:
                     by_tp.setdefault(TopicPartition(r.topic, r.partition), []).append(r)
-                _count_applied(stats, by_tp, {})
+                _count_applied(stats, by_tp, {}, dead_letters.take_count())
                 progress.add({"records": len(done)})
             else:
                 progress.maybe_log()
@@ -338,6 +340,7 @@ async def run_pipelined(
             if offsets:
                 await _commit(consumer, offsets)
         finally:
+            await dead_letters.close()
             await consumer.stop()
 
 
