@@ -58,3 +58,121 @@ def readstore(**params: Any) -> None:
     with metrics.serve(settings.metrics_host, settings.metrics_port):
         totals = asyncio.run(rs.run_readstore(settings))
     click.echo(f"stopped: {totals.get('records', 0)} records applied, {totals.get('rejected', 0)} rejected", err=True)
+
+
+def _secret(env: str, path: str | None, what: str) -> str | None:
+    from outbox.crm_reference import read_secret
+
+    return read_secret(env, path, what)
+
+
+@consume.command("crm")
+@click.option("--crm-url", metavar="URL", required=True, help="Base URL of the CRM API (the reference CRM: http://127.0.0.1:8480).")
+@click.option("--dsn", metavar="DSN", required=True,
+              help="The sink's own small database for its ledger (applied event ids) and Kafka offsets; "
+                   "PGHOST, PGPORT, PGUSER... fill what it leaves out.")
+@kafka_options
+@click.option("--crm-token-file", type=click.Path(dir_okay=False), default=None,
+              help="File whose first line is the CRM bearer token [default: $OUTBOX_CRM_TOKEN, else none]. "
+                   "Never on the command line.")
+@click.option("--topic-prefix", default=contract.DEFAULT_TOPIC_PREFIX, show_default=True,
+              help="Consume every topic <prefix>.<aggregate_type> (not *.dlq).")
+@click.option("--group", default="outbox-crm", show_default=True, help="Kafka consumer group id (and ledger scope).")
+@click.option("--mapping", type=click.Path(dir_okay=False), default=None,
+              help="TOML file: one table per aggregate type (kind, fields, references) [default: the POS demo's "
+                   "customer -> contacts, order -> orders]. Unmapped aggregate types are skipped.")
+@click.option("--batch-size", type=click.IntRange(1, 100), default=50, show_default=True,
+              help="Records per CRM call (batch upsert); 1 sends single upserts.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True, help="CRM calls in flight.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="CRM calls per second on average (token bucket).")
+@click.option("--burst", type=click.IntRange(min=1), default=None, help="Calls allowed at once [default: the rate].")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Attempts per record before it is dead-lettered to <topic>.dlq.")
+@click.option("--retry-base", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
+              help="First retry delay in seconds; doubles per attempt, with jitter.")
+@click.option("--retry-max", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Longest retry delay in seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds a CRM call may take before it counts as failed (and is retried).")
+@click.option("--max-buffered", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Records of one partition held while the CRM is slow; above it the partition is paused.")
+@metrics_options
+def crm(**params: Any) -> None:
+    """Keep a CRM current: upsert by external id <source_id>:<aggregate_id>, one mapping per aggregate type.
+
+    Each record is sent with its event id as idempotency key; transient failures (timeouts,
+    connection errors, 5xx, 408, 429 with Retry-After) are retried with exponential backoff and
+    jitter while polling goes on; a later event of a key waits behind an earlier one being retried.
+    Permanent failures (other 4xx) and records past --max-attempts are parked in <topic>.dlq.
+    A ledger of applied event ids makes re-delivery a no-op. Changes that came from the CRM
+    (origin crm) are not sent back. SIGTERM or SIGINT ends the calls in flight and exits 0.
+    See docs/crm.md.
+    """
+    from consumers.crm import run_crm
+    from outbox import metrics
+    from outbox.config import CrmSinkSettings
+
+    kafka = build(KafkaSettings, **kafka_from_params(params))
+    token = _secret("OUTBOX_CRM_TOKEN", params.pop("crm_token_file"), "CRM token")
+    settings = build(CrmSinkSettings, kafka=kafka, crm_token=token, **params)
+    with metrics.serve(settings.metrics_host, settings.metrics_port):
+        totals = asyncio.run(run_crm(settings))
+    click.echo(f"stopped: {totals.get('records', 0)} records done", err=True)
+
+
+@consume.command("crm-webhook")
+@kafka_options
+@click.option("--port", type=click.IntRange(0, 65535), default=8481, show_default=True,
+              help="Port of the webhook endpoint POST /webhook (0: any free port, logged).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--topic", default="crm.changes", show_default=True,
+              help="Kafka topic the notifications go to (key: the record's external id). Keep it outside "
+                   "the event topics' prefix.")
+@click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
+              help="Verify X-CRM-Signature (HMAC-SHA256) with this secret [default: $OUTBOX_CRM_WEBHOOK_SECRET, "
+                   "else unchecked].")
+def crm_webhook(**params: Any) -> None:
+    """Receive the CRM's change notifications and put them on Kafka (the way back, step one).
+
+    A notification is answered 204 only after Kafka acknowledged it (acks=all); 503 otherwise,
+    and the CRM retries. See docs/crm.md.
+    """
+    from consumers.crm_inbound import run_webhook_receiver
+    from outbox.config import CrmWebhookSettings
+
+    kafka = build(KafkaSettings, **kafka_from_params(params))
+    secret = _secret("OUTBOX_CRM_WEBHOOK_SECRET", params.pop("secret_file"), "webhook secret")
+    settings = build(CrmWebhookSettings, kafka=kafka, secret=secret, **params)
+    received = asyncio.run(run_webhook_receiver(settings))
+    click.echo(f"stopped: {received} notifications put on {settings.topic}", err=True)
+
+
+@consume.command("crm-writeback")
+@click.option("--dsn", metavar="DSN", required=True,
+              help="The store database whose legacy tables receive the CRM's changes.")
+@click.option("--source-id", required=True, help="This store's source id: only records <source_id>:<id> are applied here.")
+@kafka_options
+@click.option("--topic", default="crm.changes", show_default=True, help="Kafka topic of the CRM's notifications.")
+@click.option("--group", default=None, help="Kafka consumer group id [default: outbox-crm-writeback-<source-id>].")
+@click.option("--mapping", type=click.Path(dir_okay=False), default=None,
+              help="The sink's mapping file (CRM fields -> columns; 'table' names the legacy table) "
+                   "[default: contacts -> pos.customers, orders -> pos.orders].")
+@click.option("--batch-size", type=int, default=500, show_default=True, help="Notifications per database transaction.")
+@metrics_options
+def crm_writeback(**params: Any) -> None:
+    """Apply CRM changes to a store database's legacy tables (the way back, step two).
+
+    Writes run with outbox.origin = 'crm', so the capture trigger marks their events and the
+    CRM sink does not send them back. A notification applied once is never applied again.
+    See docs/crm.md.
+    """
+    from consumers.crm_inbound import run_writeback
+    from outbox import metrics
+    from outbox.config import CrmWritebackSettings
+
+    kafka = build(KafkaSettings, **kafka_from_params(params))
+    settings = build(CrmWritebackSettings, kafka=kafka, **params)
+    with metrics.serve(settings.metrics_host, settings.metrics_port):
+        totals = asyncio.run(run_writeback(settings))
+    click.echo(f"stopped: {totals.get('changed', 0)} rows changed", err=True)
