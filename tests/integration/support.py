@@ -32,34 +32,35 @@ def install_pos(dsn: str) -> None:
     outbox("install", "--dsn", dsn, *captures)
 
 
-class RelayProcess:
-    """``outbox relay`` as a real process, so tests can SIGKILL and SIGTERM it."""
+class OutboxProcess:
+    """An ``outbox ...`` command as a real process, so tests can SIGKILL and SIGTERM it."""
 
-    def __init__(self, dsn: str, source_id: str, prefix: str, bootstrap: str, *extra: str) -> None:
-        self.args = ["relay", "--dsn", dsn, "--source-id", source_id, "--kafka-bootstrap", bootstrap,
-                     "--topic-prefix", prefix, *extra]
-        self.dsn = dsn
-        self.log = Path(tempfile.mkstemp(prefix="relay-", suffix=".log")[1])
+    def __init__(self, *args: str, name: str = "outbox", env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.env = env
+        self.log = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: bool = True) -> "RelayProcess":
+    def start(self) -> "OutboxProcess":
+        import os
+
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(OUTBOX + self.args, stdout=log, stderr=subprocess.STDOUT)
-        if wait:
-            self.wait_streaming()
+            self.proc = subprocess.Popen(OUTBOX + self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env} if self.env else None)
         return self
 
-    def wait_streaming(self, timeout: float = 30) -> None:
+    def wait_for_output(self, text: str, timeout: float = 30) -> str:
+        """Wait until the process printed ``text``; returns the first line holding it."""
         deadline = time.time() + timeout
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while time.time() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"relay exited {self.proc.returncode}: {self.output()}")
-                if conn.execute("SELECT 1 FROM pg_replication_slots WHERE database = current_database() AND active").fetchone():
-                    return
-                time.sleep(0.05)
-        raise AssertionError(f"relay not streaming after {timeout}s: {self.output()}")
+        while time.time() < deadline:
+            assert self.proc is not None
+            for line in self.log.read_text(errors="replace").splitlines():
+                if text in line:
+                    return line
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.args[0]} exited {self.proc.returncode}: {self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.args[0]} did not print {text!r} within {timeout}s: {self.output()}")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -79,6 +80,33 @@ class RelayProcess:
             self.proc.kill()
             self.proc.wait(10)
         self.log.unlink(missing_ok=True)
+
+
+class RelayProcess(OutboxProcess):
+    """``outbox relay`` as a real process."""
+
+    def __init__(self, dsn: str, source_id: str, prefix: str, bootstrap: str, *extra: str) -> None:
+        super().__init__("relay", "--dsn", dsn, "--source-id", source_id, "--kafka-bootstrap", bootstrap,
+                         "--topic-prefix", prefix, *extra, name="relay")
+        self.dsn = dsn
+
+    def start(self, wait: bool = True) -> "RelayProcess":
+        super().start()
+        if wait:
+            self.wait_streaming()
+        return self
+
+    def wait_streaming(self, timeout: float = 30) -> None:
+        deadline = time.time() + timeout
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while time.time() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"relay exited {self.proc.returncode}: {self.output()}")
+                if conn.execute("SELECT 1 FROM pg_replication_slots WHERE database = current_database() AND active").fetchone():
+                    return
+                time.sleep(0.05)
+        raise AssertionError(f"relay not streaming after {timeout}s: {self.output()}")
 
 
 def kcat_read(bootstrap: str, topic: str) -> list[dict[str, Any]]:

@@ -1,0 +1,292 @@
+"""CRM sync on the real servers: store -> relay -> Kafka -> CRM sink -> the reference CRM (a real
+process), and back: CRM agent edit -> webhook -> Kafka -> writeback -> store, one hop only."""
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbox.demo import run_workload
+from tests.integration.support import OutboxProcess, RelayProcess, install_pos, kcat_read
+
+pytestmark = pytest.mark.integration
+
+SOURCE = "store1"
+FAULTS_30 = {"error_rate": 0.15, "rate_limit_rate": 0.15, "retry_after": 1, "retry_after_form": "mixed",
+             "after_write_share": 0.5}
+
+
+class Crm:
+    """The reference CRM as a process, and its database for the checks."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.proc = OutboxProcess("dev", "crm", "--port", "0", "--dsn", dsn, "--seed", "7", name="crm")
+        self.url = ""
+
+    def start(self) -> "Crm":
+        self.proc.start()
+        line = self.proc.wait_for_output("listening on http://")
+        self.url = re.search(r"(http://127\.0\.0\.1:\d+)", line).group(1)  # type: ignore[union-attr]
+        return self
+
+    def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def faults(self, **faults: Any) -> None:
+        self.call("PUT", "/admin/faults", faults)
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def crm(new_database: Callable[..., str]) -> Iterator[Crm]:
+    server = Crm(new_database("crm")).start()
+    yield server
+    server.proc.close()
+
+
+@pytest.fixture
+def store(new_database: Callable[..., str]) -> str:
+    dsn = new_database("store")
+    install_pos(dsn)
+    return dsn
+
+
+@pytest.fixture
+def processes() -> Iterator[list[OutboxProcess]]:
+    started: list[OutboxProcess] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+def sink_process(crm: Crm, ledger_dsn: str, prefix: str, bootstrap: str, *extra: str) -> OutboxProcess:
+    return OutboxProcess("consume", "crm", "--crm-url", crm.url, "--dsn", ledger_dsn, "--kafka-bootstrap", bootstrap,
+                         "--topic-prefix", prefix, "--group", f"{prefix}-crm", "--rate", "500", "--burst", "50",
+                         "--retry-base", "0.05", "--retry-max", "1", "--max-attempts", "40", *extra, name="crm-sink")
+
+
+# --------------------------------------------------------------------------- checks
+def expected_records(store_dsn: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """What the CRM must hold for the store, through the default mapping: (kind, external id) -> fields."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    with psycopg.connect(store_dsn, autocommit=True) as conn:
+        for (image,) in conn.execute("SELECT to_jsonb(c) FROM pos.customers c"):
+            out[("contacts", f"{SOURCE}:{image['id']}")] = {
+                "name": image["name"], "email": image["email"], "phone": image["phone"],
+                "loyalty_points": image["loyalty_pts"], "balance": image["balance"]}
+        for (image,) in conn.execute("SELECT to_jsonb(o) FROM pos.orders o"):
+            fields = {"status": image["status"], "total": image["total"], "placed_at": image["placed_at"],
+                      "note": image["note"]}
+            if image["customer_id"] is not None:
+                fields["contact"] = f"{SOURCE}:{image['customer_id']}"
+            out[("orders", f"{SOURCE}:{image['id']}")] = fields
+    return out
+
+
+def crm_records(crm: Crm) -> dict[tuple[str, str], tuple[dict[str, Any], bool]]:
+    return {(k, e): (f, a) for k, e, f, a in crm.query("SELECT kind, external_id, fields, active FROM crm.records")}
+
+
+def differences(store_dsn: str, crm: Crm) -> list[str]:
+    want, have = expected_records(store_dsn), crm_records(crm)
+    problems = []
+    for key, fields in want.items():
+        if key not in have:
+            problems.append(f"{key} missing")
+        elif have[key] != (fields, True):
+            problems.append(f"{key}: {have[key]} != {fields}")
+    for key, (_, active) in have.items():
+        if key not in want and active:
+            problems.append(f"{key} deleted in the store, still active in the CRM")
+    return problems
+
+
+def wait_converged(store_dsn: str, crm: Crm, sink: OutboxProcess, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        problems = differences(store_dsn, crm)
+        if not problems:
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"{len(problems)} differences, e.g. {problems[:3]}; sink: {sink.output()}")
+        assert sink.proc is not None and sink.proc.poll() is None, sink.output()
+        time.sleep(0.5)
+
+
+def assert_no_duplicates_and_key_order(crm: Crm) -> int:
+    """Every event written at most once, and per record in source order; returns the sync writes."""
+    dupes = crm.query("SELECT idempotency_key, count(*) FROM crm.writes WHERE actor = 'sync' "
+                      "GROUP BY 1 HAVING count(*) > 1")
+    assert dupes == [], f"events written twice: {dupes[:5]}"
+    rows = crm.query("SELECT kind, external_id, meta->>'position' FROM crm.writes WHERE actor = 'sync' ORDER BY seq")
+    last: dict[tuple[str, str], tuple[int, int]] = {}
+    for kind, ext, position in rows:
+        lsn, seq = position.split("#")
+        hi, lo = lsn.split("/")
+        pos = ((int(hi, 16) << 32) | int(lo, 16), int(seq))
+        assert pos > last.get((kind, ext), (-1, -1)), f"{kind} {ext}: {pos} after {last[(kind, ext)]}"
+        last[(kind, ext)] = pos
+    return len(rows)
+
+
+def sink_metric(sink_port: int, name: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            labels, value = line.rsplit(" ", 1)
+            out[labels] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+def test_thirty_percent_failures_end_equal_without_duplicates_in_key_order(
+        crm: Crm, store: str, new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str,
+        processes: list[OutboxProcess]) -> None:
+    crm.faults(**FAULTS_30)
+    relay = RelayProcess(store, SOURCE, topic_prefix, kafka_bootstrap).start()
+    processes.append(relay)
+    sink = sink_process(crm, new_database("ledger"), topic_prefix, kafka_bootstrap, "--metrics-port", "0").start()
+    processes.append(sink)
+    port = int(sink.wait_for_output("/metrics").rsplit(":", 1)[1].split("/")[0])
+    result = run_workload(store, transactions=300, seed=11)
+    assert result.committed > 250
+    wait_converged(store, crm, sink)
+    writes = assert_no_duplicates_and_key_order(crm)
+    stats = crm.call("GET", "/admin/stats")["calls"]
+    assert stats.get("429", 0) > 0 and stats.get("500", 0) > 0, stats  # the faults really happened...
+    retries = sum(sink_metric(port, "outbox_crm_retries_total").values())
+    assert retries > 0  # ...and were retried
+    assert sum(sink_metric(port, "outbox_crm_dead_lettered_total").values()) == 0
+    assert kcat_read(kafka_bootstrap, f"{topic_prefix}.customer.dlq") == []
+    assert writes >= len(expected_records(store))
+    assert sink.terminate() == 0
+
+
+def test_a_poison_record_is_dead_lettered_with_its_reason_while_others_flow(
+        crm: Crm, store: str, new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str,
+        processes: list[OutboxProcess]) -> None:
+    relay = RelayProcess(store, SOURCE, topic_prefix, kafka_bootstrap).start()
+    sink = sink_process(crm, new_database("ledger"), topic_prefix, kafka_bootstrap).start()
+    processes.extend([relay, sink])
+    with psycopg.connect(store, autocommit=True) as conn:
+        conn.execute("INSERT INTO pos.customers (name, email) VALUES ('Ana', 'ana@example.com')")
+        poison = conn.execute("INSERT INTO pos.customers (name, email) VALUES ('Bad', 'not-an-email') RETURNING id").fetchone()[0]  # type: ignore[index]
+        for n in range(20):
+            conn.execute("INSERT INTO pos.customers (name, email) VALUES (%s, %s)", (f"C{n}", f"c{n}@example.com"))
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        letters = kcat_read(kafka_bootstrap, f"{topic_prefix}.customer.dlq")
+        if letters and len(crm_records(crm)) == 21:
+            break
+        time.sleep(0.5)
+    assert len(letters) == 1, sink.output()
+    letter = letters[0]
+    assert letter["key"] == f"{SOURCE}:{poison}"
+    assert "invalid email" in letter["headers"]["dlq_error"] and "400" in letter["headers"]["dlq_error"]
+    assert letter["headers"]["dlq_topic"] == f"{topic_prefix}.customer"
+    assert int(letter["headers"]["dlq_attempts"]) >= 1
+    have = crm_records(crm)
+    assert ("contacts", f"{SOURCE}:{poison}") not in have
+    assert len(have) == 21  # every other record went through
+    # the stream goes on after the poison record
+    with psycopg.connect(store, autocommit=True) as conn:
+        late = conn.execute("INSERT INTO pos.customers (name) VALUES ('Late') RETURNING id").fetchone()[0]  # type: ignore[index]
+    deadline = time.time() + 30
+    while ("contacts", f"{SOURCE}:{late}") not in crm_records(crm):
+        assert time.time() < deadline, sink.output()
+        time.sleep(0.2)
+
+
+def test_a_crm_edit_reaches_the_store_once_and_stops_after_one_hop(
+        crm: Crm, store: str, new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str,
+        processes: list[OutboxProcess]) -> None:
+    topic = f"{topic_prefix}-crm.changes"  # outside the event topics' pattern <prefix>.*
+    relay = RelayProcess(store, SOURCE, topic_prefix, kafka_bootstrap).start()
+    sink = sink_process(crm, new_database("ledger"), topic_prefix, kafka_bootstrap).start()
+    receiver = OutboxProcess("consume", "crm-webhook", "--kafka-bootstrap", kafka_bootstrap, "--port", "0",
+                             "--topic", topic, name="crm-webhook").start()
+    writeback = OutboxProcess("consume", "crm-writeback", "--dsn", store, "--source-id", SOURCE, "--kafka-bootstrap",
+                              kafka_bootstrap, "--topic", topic, "--group", f"{topic_prefix}-wb", name="crm-writeback").start()
+    processes.extend([relay, sink, receiver, writeback])
+    port = re.search(r"127\.0\.0\.1:(\d+)/webhook", receiver.wait_for_output("/webhook")).group(1)  # type: ignore[union-attr]
+    crm.call("PUT", "/admin/webhook", {"url": f"http://127.0.0.1:{port}/webhook"})
+    try:
+        with psycopg.connect(store, autocommit=True) as conn:
+            cid = conn.execute("INSERT INTO pos.customers (name, phone) VALUES ('Zoë', '+49 1') RETURNING id").fetchone()[0]  # type: ignore[index]
+        external = f"{SOURCE}:{cid}"
+        deadline = time.time() + 60
+        while ("contacts", external) not in crm_records(crm):
+            assert time.time() < deadline, sink.output()
+            time.sleep(0.2)
+        sync_writes_before = crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0]
+        # a sales agent edits the contact in the CRM
+        crm.call("PATCH", f"/v1/contacts/{external}", {"fields": {"phone": "+49 30 555"}}, {"X-CRM-Actor": "agent"})
+        deadline = time.time() + 60
+        with psycopg.connect(store, autocommit=True) as conn:
+            while conn.execute("SELECT phone FROM pos.customers WHERE id = %s", (cid,)).fetchone()[0] != "+49 30 555":  # type: ignore[index]
+                assert time.time() < deadline, writeback.output() + receiver.output()
+                time.sleep(0.2)
+            time.sleep(3)  # time for an echo to travel: store -> relay -> Kafka -> sink -> CRM, if it were sent
+            events = conn.execute("SELECT type, origin FROM outbox.events WHERE aggregateid = %s ORDER BY created_at",
+                                  (str(cid),)).fetchall()
+        assert events == [("customer.created", None), ("customer.updated", "crm")]  # the edit reached the store once
+        kafka = kcat_read(kafka_bootstrap, f"{topic_prefix}.customer")
+        assert [r["headers"].get("ce_origin") for r in kafka if r["key"] == external] == [None, "crm"]
+        # the echo was not sent back: no sync write since the edit, one notification in all
+        assert crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0] == sync_writes_before
+        assert crm.query("SELECT count(*), count(delivered_at) FROM crm.webhooks") == [(1, 1)]
+        assert crm.query("SELECT fields->>'phone', version FROM crm.records WHERE external_id = %s", external) == \
+            [("+49 30 555", 2)]
+        assert len(kcat_read(kafka_bootstrap, topic)) == 1
+    finally:
+        crm.call("PUT", "/admin/webhook", {"url": None})
+        from tests.conftest import delete_topics
+        import asyncio
+
+        asyncio.run(delete_topics(kafka_bootstrap, f"{topic_prefix}-crm"))
+
+
+def test_sigkill_mid_batch_and_restart_creates_no_duplicates(
+        crm: Crm, store: str, new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str,
+        processes: list[OutboxProcess]) -> None:
+    crm.faults(latency_ms=150, error_rate=0.1, after_write_share=1.0)  # slow calls: always some in flight
+    ledger = new_database("ledger")
+    relay = RelayProcess(store, SOURCE, topic_prefix, kafka_bootstrap).start()
+    processes.append(relay)
+    run_workload(store, transactions=300, seed=5)
+    for round_ in range(2):
+        sink = sink_process(crm, ledger, topic_prefix, kafka_bootstrap, "--batch-size", "20").start()
+        processes.append(sink)
+        target = 60 * (round_ + 1)
+        deadline = time.time() + 60
+        while crm.query("SELECT count(*) FROM crm.writes")[0][0] < target:
+            assert time.time() < deadline, sink.output()
+            time.sleep(0.05)
+        sink.kill()  # SIGKILL: calls in flight, answers lost, ledger behind the CRM
+    crm.faults(latency_ms=0, error_rate=0.1, after_write_share=1.0)
+    sink = sink_process(crm, ledger, topic_prefix, kafka_bootstrap, "--batch-size", "20").start()
+    processes.append(sink)
+    wait_converged(store, crm, sink)
+    assert_no_duplicates_and_key_order(crm)
+    with psycopg.connect(ledger, autocommit=True) as conn:
+        applied = conn.execute("SELECT count(*) FROM crm_sink.ledger WHERE outcome = 'applied'").fetchone()[0]  # type: ignore[index]
+    writes = crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0]
+    assert applied == writes  # every write the CRM made is in the ledger once, and nothing else
+    assert sink.terminate() == 0
