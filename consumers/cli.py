@@ -44,7 +44,7 @@ def readstore(**params: Any) -> None:
 
     Each batch is applied in one transaction together with its Kafka offsets; duplicates and
     older events change nothing; deletes leave tombstones (view readstore.current_entities
-    hides them). Records that break the event contract go to readstore.rejected. SIGTERM or
+    hides them). Records that break the event contract are parked in <topic>.dlq. SIGTERM or
     SIGINT finishes the current batch and exits 0. See docs/readstore.md.
     """
     from consumers import readstore as rs

@@ -1,14 +1,17 @@
 """The Kafka side every sink shares: subscribe by pattern, fetch batches, hand them to a sink,
 commit to Kafka only after the sink has committed, stop cleanly on SIGTERM/SIGINT.
 
-A sink is anything with ``stored_offsets`` and ``apply`` (see :class:`Sink`). The loop never
-commits a Kafka offset before ``apply`` has returned, so Kafka's committed offsets are never
+A sink is anything with ``stored_offsets`` and ``apply`` (see :class:`Sink`); ``apply`` gets a
+:class:`consumers.dlq.Batch` (records, offsets, and the shared dead-letter queue: see consumers/dlq.py
+for that API). The loop never commits a Kafka offset before ``apply`` has returned, so Kafka's committed offsets are never
 ahead of what the sink holds. Sinks that keep their own offsets (the read store) return them
 from ``stored_offsets`` and the loop seeks there on every assignment: the sink is the truth.
 
 When ``apply`` raises an error whose ``retriable`` attribute is true, the loop rewinds the
 batch's partitions, waits (exponential backoff up to 30 s) and fetches the batch again; polling
 goes on meanwhile, so the consumer keeps its place in the group. Other errors end the loop.
+Records a sink cannot apply for good are parked in ``<topic>.dlq`` by the sink itself, through
+``batch.dead_letters`` (consumers/dlq.py), before it commits.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from consumers.dlq import Batch, DeadLetters, for_group
 from outbox import metrics
 from outbox.config import KafkaSettings
 from outbox.contract import DLQ_SUFFIX, H_TIME
@@ -54,13 +58,14 @@ class Sink(Protocol):
         """Next offset to read for each partition the sink knows; others are left out."""
         ...
 
-    async def apply(self, records: Sequence[Any]) -> Mapping[str, int]:
-        """Apply a batch durably (records are aiokafka ``ConsumerRecord``s); return counters.
+    async def apply(self, batch: Batch) -> Mapping[str, int]:
+        """Apply ``batch.records`` (aiokafka ``ConsumerRecord``s) durably; return counters.
 
-        Counters the loop turns into metrics: ``skipped`` (records that changed nothing: duplicates,
-        older events), ``rejected`` and ``refused`` (records parked instead of applied: found by the
-        sink's checks, or refused by its store). A sink may also set a
-        ``name`` attribute: the ``sink`` label of its metrics.
+        Records it cannot apply for good go to ``await batch.dead_letters.park(...)`` before the
+        sink commits (consumers/dlq.py). The loop turns the counter ``skipped`` (records that
+        changed nothing: duplicates, older events) into a metric and counts parked records
+        itself; other counters are summed for the progress lines and the totals. A sink may also
+        set a ``name`` attribute: the ``sink`` label of its metrics.
         """
         ...
 
@@ -186,6 +191,7 @@ async def run_consumer(
     progress = progress or Progress(group)
     stats = metrics.ConsumerMetrics(group, sink_name or getattr(sink, "name", type(sink).__name__.lower()))
     lag_updated = 0.0
+    dead_letters = DeadLetters(kafka, group)
     try:
         consumer.subscribe(pattern=pattern, listener=_SeekToStored(consumer, sink, busy))
         log.info("consumer group %s subscribed to /%s/", group, pattern)
@@ -201,10 +207,14 @@ async def run_consumer(
             # from the offsets this batch writes in the sink. Kafka is told afterwards, outside it.
             failure: Exception | None = None
             counters: Mapping[str, int] = {}
+            mine = for_group(records, group)
+            batch = Batch(mine, {(tp.topic, tp.partition): part[-1].offset + 1 for tp, part in batches.items()},
+                          dead_letters, skipped=len(records) - len(mine))
+            dead_letters.take_count()  # count only what this attempt parks
             async with busy:
                 try:
                     started = time.perf_counter()
-                    counters = await sink.apply(records)
+                    counters = await sink.apply(batch)
                     stats.apply_seconds.observe(time.perf_counter() - started)
                 except Exception as exc:
                     if not getattr(exc, "retriable", False):
@@ -221,12 +231,16 @@ async def run_consumer(
                 continue
             backoff = BACKOFF_FIRST
             await _commit(consumer, {tp: part[-1].offset + 1 for tp, part in batches.items()})
-            _count_applied(stats, batches, counters)
+            parked = dead_letters.take_count()
+            if batch.skipped:  # re-driven for another group: nothing to do here
+                counters = {**counters, "skipped": counters.get("skipped", 0) + batch.skipped}
+            _count_applied(stats, batches, counters, parked)
             progress.add({"records": len(records), **counters})
             lag_updated = await _update_lag(consumer, stats, lag_updated)
         progress.maybe_log(force=True)
     finally:
         stats.close()
+        await dead_letters.close()
         await consumer.stop()
 
 
@@ -345,7 +359,7 @@ async def run_pipelined(
 
 
 def _count_applied(stats: metrics.ConsumerMetrics, batches: Mapping[TopicPartition, Sequence[Any]],
-                   counters: Mapping[str, int]) -> None:
+                   counters: Mapping[str, int], parked: int = 0) -> None:
     """Once per applied batch: counters per topic; end-to-end latency once per source transaction
     (records of one transaction share their ce_time), so the cost per record is one header lookup."""
     now = time.time()
@@ -369,7 +383,6 @@ def _count_applied(stats: metrics.ConsumerMetrics, batches: Mapping[TopicPartiti
     for tp, raw in last:
         if (at := times[raw]) is not None:
             stats.partition(tp.topic, tp.partition).last_time = at
-    parked = counters.get("rejected", 0) + counters.get("refused", 0)
     if parked:
         stats.rejected.inc(parked)
     if counters.get("skipped"):

@@ -4,8 +4,8 @@ Pure part (no I/O): :func:`classify` turns one Kafka record into a row to upsert
 (a record that breaks the event contract); :func:`plan_batch` reduces a batch to at most one
 row per key, the one with the greatest source position, plus the next offset per partition.
 
-I/O edge: :class:`ReadStore` writes a plan in one transaction (one set-based upsert guarded by
-the source position, the rejections, the offsets); :func:`migrate` / :func:`migration_sql`
+I/O edge: :class:`ReadStore` parks the rejections in ``<topic>.dlq`` (consumers/dlq.py), then
+writes a plan in one transaction (one set-based upsert guarded by the source position, the offsets); :func:`migrate` / :func:`migration_sql`
 run or print the schema migrations; :func:`run_readstore` wires it to the Kafka loop.
 See docs/readstore.md.
 """
@@ -21,11 +21,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 from aiokafka import TopicPartition
 
+from consumers.dlq import Batch, DeadLetter, DeadLetters, RecordLike
 from consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals, topic_pattern
 from outbox import contract, dsn as dsnmod
 from outbox.config import ReadStoreSettings
@@ -42,23 +43,6 @@ _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 # --------------------------------------------------------------------------- pure: records
-class RecordLike(Protocol):
-    """What the sink reads from a Kafka record (aiokafka's ConsumerRecord fits)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def headers(self) -> Sequence[tuple[str, bytes]]: ...
-
-
 @dataclass(frozen=True, slots=True)
 class Row:
     """One event as a row of readstore.entities."""
@@ -83,23 +67,8 @@ class Row:
         return (self.commit_lsn, self.txseq)
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A record that breaks the contract (a poison event), kept whole in readstore.rejected."""
-
-    topic: str
-    partition: int
-    offset: int
-    error: str
-    headers: tuple[tuple[str, bytes | None], ...]
-    key: bytes | None
-    value: bytes | None
-
-    def headers_json(self) -> str:
-        """Headers as a JSON array of [name, value] pairs (duplicates and order kept)."""
-        pairs = [[name, None if v is None else v.decode("utf-8", "replace").replace("\x00", "\ufffd")]
-                 for name, v in self.headers]
-        return json.dumps(pairs)
+# A record that breaks the contract (a poison event): parked whole in <topic>.dlq (consumers/dlq.py).
+Rejected = DeadLetter
 
 
 def _reject_constant(name: str) -> Any:
@@ -138,7 +107,7 @@ def classify(record: RecordLike) -> Row | Rejected:
             raise ValueError(f"{contract.H_TIME} has no time zone")
     except (ValueError, UnicodeDecodeError) as exc:  # ContractError is a ValueError
         error = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
-        return Rejected(record.topic, record.partition, record.offset, error, tuple(record.headers), record.key, record.value)
+        return DeadLetter.of(record, error)
     return Row(
         source_id=event.source_id,
         aggregate_type=event.aggregate_type,
@@ -233,14 +202,6 @@ ON CONFLICT (source_id, aggregate_type, aggregate_id) DO UPDATE SET
        applied_at = EXCLUDED.applied_at,
        deleted = EXCLUDED.deleted
  WHERE (e.commit_lsn, e.txseq) < (EXCLUDED.commit_lsn, EXCLUDED.txseq)
-"""
-
-REJECT = """
-INSERT INTO readstore.rejected AS r (group_id, topic, partition, kafka_offset, error, received_at, headers, key, value)
-SELECT %b, u.topic, u.partition, u.kafka_offset, u.error, clock_timestamp(), u.headers::jsonb, u.key, u.value
-  FROM unnest(%b::text[], %b::int4[], %b::int8[], %b::text[], %b::text[], %b::bytea[], %b::bytea[])
-       AS u(topic, partition, kafka_offset, error, headers, key, value)
-ON CONFLICT (group_id, topic, partition, kafka_offset) DO NOTHING
 """
 
 SAVE_OFFSETS = """
@@ -346,21 +307,23 @@ class ReadStore:
             await conn.close()
         return {TopicPartition(topic, partition): offset for topic, partition, offset in rows}
 
-    async def apply(self, records: Sequence[RecordLike]) -> dict[str, int]:
-        plan = plan_batch(records)
-        for r in plan.rejected:
-            log.error("rejected %s[%d]@%d: %s (kept in readstore.rejected)", r.topic, r.partition, r.offset, r.error)
+    async def apply(self, batch: Batch) -> dict[str, int]:
+        plan = plan_batch(batch.records)
+        for (topic, partition), offset in batch.offsets.items():  # the fetch may hold records not for us
+            plan.offsets[(topic, partition)] = max(offset, plan.offsets.get((topic, partition), 0))
         checked = len(plan.rejected)
-        changed = await self.write(plan)
+        changed = await self.write(plan, batch.dead_letters)
         # skipped: rows the guarded upsert left alone (duplicates, replays, events older than the stored row);
-        # rejected: by the contract checks; refused: rows PostgreSQL refused, rejected too (see write)
+        # rejected: by the contract checks; refused: rows PostgreSQL refused (see write); both parked in <topic>.dlq
         return {"changed": changed, "skipped": len(plan.rows) - changed, "rejected": checked,
                 "refused": len(plan.rejected) - checked}
 
-    async def write(self, plan: Plan) -> int:
-        """Write a plan in one transaction; returns how many rows changed. Retriable errors raise
-        SinkUnavailable. A row PostgreSQL refuses (a DataError the checks did not foresee) is
-        found row by row, moved to the rejections (``plan`` is updated), and the batch goes through."""
+    async def write(self, plan: Plan, dead_letters: DeadLetters) -> int:
+        """Park the plan's rejections, then write its rows and offsets in one transaction; returns
+        how many rows changed. Retriable errors raise SinkUnavailable (or DeadLetterUnavailable).
+        A row PostgreSQL refuses (a DataError the checks did not foresee) is found row by row,
+        parked too (``plan`` is updated), and the batch goes through."""
+        await dead_letters.park(plan.rejected)  # acknowledged by Kafka before the offsets pass them
         conn = await self._connection()
         try:
             try:
@@ -368,6 +331,7 @@ class ReadStore:
                     return await self._write(conn, plan)
             except psycopg.DataError:
                 isolated = await self._isolate(conn, plan)
+                await dead_letters.park(isolated.rejected[len(plan.rejected):])
                 plan.rows, plan.rejected = isolated.rows, isolated.rejected
                 async with conn.transaction():
                     return await self._write(conn, plan)
@@ -380,11 +344,6 @@ class ReadStore:
             if plan.rows:
                 await cur.execute(UPSERT, row_columns(plan.rows))
                 changed = cur.rowcount
-            if plan.rejected:
-                rj = plan.rejected
-                await cur.execute(REJECT, (self.group, [r.topic for r in rj], [r.partition for r in rj],
-                                           [r.offset for r in rj], [r.error for r in rj],
-                                           [r.headers_json() for r in rj], [r.key for r in rj], [r.value for r in rj]))
             if plan.offsets:
                 tps = sorted(plan.offsets)
                 await cur.execute(SAVE_OFFSETS, (self.group, [t for t, _ in tps], [p for _, p in tps],
@@ -402,12 +361,7 @@ class ReadStore:
                         await conn.execute(UPSERT, row_columns([row]))
                     good.append(row)
                 except psycopg.DataError as exc:
-                    rec = plan.records[row.key]
-                    bad = Rejected(rec.topic, rec.partition, rec.offset, f"DataError: {dsnmod.first_line(exc)}",
-                                   tuple(rec.headers), rec.key, rec.value)
-                    log.error("rejected %s[%d]@%d: %s (kept in readstore.rejected)", bad.topic, bad.partition,
-                              bad.offset, bad.error)
-                    rejected.append(bad)
+                    rejected.append(DeadLetter.of(plan.records[row.key], f"DataError: {dsnmod.first_line(exc)}"))
         return Plan(rows=good, rejected=rejected, offsets=plan.offsets, received=plan.received, records=plan.records)
 
 

@@ -158,7 +158,7 @@ def consumer_role_sql(role: str, database: str) -> list[str]:
     """The read-store consumer's grants when the schema's owner runs the migrations.
 
     The consumer then runs with ``--no-migrate``: it reads the version table, upserts entities,
-    writes its offsets and rejected records, and needs nothing else.
+    writes its offsets, and needs nothing else (rejected records go to Kafka's ``<topic>.dlq``).
     """
     r, schema = quote_ident(role), READSTORE_SCHEMA
     return [
@@ -166,7 +166,7 @@ def consumer_role_sql(role: str, database: str) -> list[str]:
         f"GRANT CONNECT ON DATABASE {quote_ident(database)} TO {r}",
         f"GRANT USAGE ON SCHEMA {schema} TO {r}",
         f"GRANT SELECT ON {schema}.alembic_version, {schema}.current_entities TO {r}",
-        f"GRANT SELECT, INSERT, UPDATE ON {schema}.entities, {schema}.consumer_offsets, {schema}.rejected TO {r}",
+        f"GRANT SELECT, INSERT, UPDATE ON {schema}.entities, {schema}.consumer_offsets TO {r}",
     ]
 
 

@@ -107,7 +107,7 @@ CONSUMER_DUPLICATES = Counter("outbox_consumer_duplicates_skipped_total",
                               "Records that changed nothing in the sink: already applied, or older than what it holds.",
                               ["group", "sink"])
 CONSUMER_REJECTED = Counter("outbox_consumer_events_rejected_total",
-                            "Records parked instead of applied (poison events: readstore.rejected, or the dead-letter topic).",
+                            "Records parked in the dead-letter topic <topic>.dlq instead of applied (poison events, refused by the sink).",
                             ["group", "sink"])
 CONSUMER_RETRIES = Counter("outbox_consumer_retries_total",
                            "Batches the sink could not apply for a retriable reason, fetched again after a backoff.",

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers import readstore as rs
+from tests.integration.support import kcat_read
 from outbox import contract
 from outbox.config import KafkaSettings, ReadStoreSettings
 from outbox.errors import KafkaUnavailable, NotInstalled
@@ -190,7 +191,7 @@ def test_migrate_is_idempotent_and_preflight_catches_a_missing_schema(new_databa
     rs.migrate(dsn)
     rs.migrate(dsn)
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT version_num FROM readstore.alembic_version").fetchall() == [("readstore_0001",)]
+        assert conn.execute("SELECT version_num FROM readstore.alembic_version").fetchall() == [("readstore_0002",)]
         assert conn.execute("SELECT count(*) FROM readstore.current_entities").fetchone() == (0,)
 
 
@@ -210,7 +211,7 @@ def test_applies_current_rows_with_tombstones_and_replays_change_nothing(
     with psycopg.connect(dsn) as conn:
         visible = {r[0] for r in conn.execute("SELECT aggregate_id FROM readstore.current_entities")}
         assert visible == {i for (_, i), (_, d) in want.items() if not d}
-        assert conn.execute("SELECT count(*) FROM readstore.rejected").fetchone() == (0,)
+        assert conn.execute("SELECT to_regclass('readstore.rejected')").fetchone() == (None,)  # the DLQ replaced it
     before = checksum(dsn)
 
     # The same events again, plus older ones: an update older than a delete, an older create.
@@ -262,7 +263,7 @@ def test_offsets_live_in_the_database_and_kafka_mirrors_them(
     assert checksum(dsn) == after_c9
 
 
-def test_poison_records_are_kept_in_rejected_and_do_not_block(
+def test_poison_records_are_dead_lettered_and_do_not_block(
         readstore_db: str, kafka_bootstrap: str, topic_prefix: str, group: Callable[[], str],
         caplog: pytest.LogCaptureFixture) -> None:
     dsn, g = readstore_db, group()
@@ -273,26 +274,30 @@ def test_poison_records_are_kept_in_rejected_and_do_not_block(
     bad_json_raw = (bad_json.topic, bad_json.key, b'{"name": "c", ', bad_json.headers)
     good2 = ev(topic_prefix, "customer", "d", "created", 0x40)
     ends = asyncio.run(produce(kafka_bootstrap, [good1, no_id_raw, bad_json_raw, good2]))
-    with caplog.at_level("ERROR", logger="consumers.readstore"):
+    with caplog.at_level("ERROR", logger="consumers.dlq"):
         totals = asyncio.run(run_until(settings(dsn, kafka_bootstrap, topic_prefix, g), caught_up(dsn, g, ends)))
     assert totals["rejected"] == 2
     assert set(entities(dsn)) == {("customer", "a"), ("customer", "d")}
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT topic, partition, kafka_offset, error, headers, key, value FROM readstore.rejected "
-                            "ORDER BY key").fetchall()
-    assert [bytes(r[5]) for r in rows] == [b"s1:b", b"s1:c"]
-    assert "ce_id" in rows[0][3] and [contract.H_ID, no_id.headers[1][1].decode()] not in rows[0][4]
-    assert "JSON" in rows[1][3] or "Expecting" in rows[1][3]
-    assert bytes(rows[1][6]) == b'{"name": "c", '
-    assert all(r[0] == f"{topic_prefix}.customer" for r in rows)
-    logged = [m for m in caplog.messages if m.startswith("rejected")]
+    parked = sorted(kcat_read(kafka_bootstrap, f"{topic_prefix}.customer.dlq"), key=lambda r: r["key"])
+    assert [r["key"] for r in parked] == ["s1:b", "s1:c"]
+    h0, h1 = parked[0]["headers"], parked[1]["headers"]
+    assert "ce_id" in h0["dlq_error"] and contract.H_ID not in h0
+    assert "JSON" in h1["dlq_error"] or "Expecting" in h1["dlq_error"]
+    assert h1[contract.H_ID] == bad_json.headers[[k for k, _ in bad_json.headers].index(contract.H_ID)][1].decode()
+    assert parked[1]["payload"] == '{"name": "c", '
+    for r in parked:
+        h = r["headers"]
+        tp = TopicPartition(h["dlq_topic"], int(h["dlq_partition"]))
+        assert tp.topic == f"{topic_prefix}.customer" and 0 <= int(h["dlq_offset"]) < ends[tp]
+        assert h["dlq_group"] == g and h["dlq_attempts"] == "1" and h["dlq_time"].endswith("Z")
+    logged = [m for m in caplog.messages if m.startswith("parked")]
     assert len(logged) == 2 and all(f"{topic_prefix}.customer[" in m and "]@" in m for m in logged)
 
 
-def test_a_row_postgresql_refuses_is_rejected_alone(
+def test_a_row_postgresql_refuses_is_dead_lettered_alone(
         readstore_db: str, kafka_bootstrap: str, topic_prefix: str, group: Callable[[], str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The safety net behind the payload checks: the batch goes through, the bad row is kept."""
+    """The safety net behind the payload checks: the batch goes through, the bad row is parked."""
     monkeypatch.setattr(rs, "check_payload", lambda value: value.decode())  # let \u0000 through
     dsn, g = readstore_db, group()
     events = [ev(topic_prefix, "customer", "a", "created", 0x10),
@@ -300,11 +305,10 @@ def test_a_row_postgresql_refuses_is_rejected_alone(
               ev(topic_prefix, "customer", "c", "created", 0x30)]
     ends = asyncio.run(produce(kafka_bootstrap, events))
     totals = asyncio.run(run_until(settings(dsn, kafka_bootstrap, topic_prefix, g), caught_up(dsn, g, ends)))
-    assert totals["rejected"] == 0  # found by PostgreSQL, not by the checks
+    assert totals["rejected"] == 0 and totals["refused"] == 1  # found by PostgreSQL, not by the checks
     assert set(entities(dsn)) == {("customer", "a"), ("customer", "c")}
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT key, error FROM readstore.rejected").fetchall()
-    assert len(rows) == 1 and bytes(rows[0][0]) == b"s1:b" and "DataError" in rows[0][1]
+    parked = kcat_read(kafka_bootstrap, f"{topic_prefix}.customer.dlq")
+    assert len(parked) == 1 and parked[0]["key"] == "s1:b" and "DataError" in parked[0]["headers"]["dlq_error"]
 
 
 def test_new_topics_are_picked_up_and_dlq_topics_ignored(

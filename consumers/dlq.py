@@ -1,0 +1,289 @@
+"""The dead-letter mechanism every sink shares: ``<topic>.dlq``.
+
+A record a sink cannot apply for a permanent reason (it breaks the event contract, the target
+refuses it, it is past its attempt limit) is *parked*: produced whole to ``<topic>.dlq`` (same
+key, same value, every original header, so ``ce_id`` stays) with these headers added:
+
+=================  ==========================================================================
+``dlq_error``      why, one line, passwords redacted, at most 500 characters
+``dlq_attempts``   how many times a consumer tried it: 1, plus one for every re-drive that failed
+``dlq_topic``      the topic, partition and offset it was read from
+``dlq_partition``
+``dlq_offset``
+``dlq_group``      the consumer group that parked it (re-drives go back to that group only)
+``dlq_time``       when it was parked (RFC 3339, UTC)
+=================  ==========================================================================
+
+API for a sink (consumers/kafka.py ``run_consumer`` calls it)
+-------------------------------------------------------------
+The loop calls ``await sink.apply(batch)`` with a :class:`Batch`: ``batch.records`` (aiokafka
+``ConsumerRecord``s for this group), ``batch.offsets`` (the next offset per partition the
+whole fetch covers, for sinks that store offsets themselves) and ``batch.dead_letters``
+(:class:`DeadLetters`). For each record it cannot apply for good, the sink calls::
+
+    await batch.dead_letters.park([DeadLetter.of(record, "ValueError: ...")])
+
+BEFORE it makes its own effects or offsets durable. ``park`` returns once Kafka acknowledged
+every letter (acks=all, idempotent producer); when Kafka cannot take them it raises
+:class:`DeadLetterUnavailable` (retriable): the loop rewinds and retries the whole batch, so a
+record is never lost (it may be parked twice, with the same ``ce_id``, if the sink then fails).
+The loop commits Kafka offsets only after ``apply`` returned, and counts parked records in
+``outbox_consumer_events_rejected_total``. A transient failure is not a dead letter: raise an
+error with ``retriable = True`` (e.g. ``SinkUnavailable``) and the loop retries with backoff.
+
+Re-drive
+--------
+``outbox replay --dlq TOPIC`` (and a consumer's ``--redrive-every``) produce parked records back
+to their original topic with one more header, ``dlq_redrive`` = the group that parked them, and
+their ``dlq_attempts``. The loop hands such a record only to that group (:func:`for_group`);
+other groups skip it. Parked again, its ``dlq_attempts`` grows by one.
+
+The pure part (building letters and records, filters) has no I/O; :class:`DeadLetters` is the
+thin Kafka edge.
+"""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from outbox import contract
+from outbox.config import KafkaSettings
+from outbox.dsn import redact
+from outbox.errors import OutboxError
+
+log = logging.getLogger(__name__)
+
+H_ERROR = "dlq_error"
+H_ATTEMPTS = "dlq_attempts"
+H_TOPIC = "dlq_topic"
+H_PARTITION = "dlq_partition"
+H_OFFSET = "dlq_offset"
+H_GROUP = "dlq_group"
+H_TIME = "dlq_time"
+H_REDRIVE = "dlq_redrive"
+DLQ_HEADERS = (H_ERROR, H_ATTEMPTS, H_TOPIC, H_PARTITION, H_OFFSET, H_GROUP, H_TIME, H_REDRIVE)
+MAX_ERROR = 500
+SEND_TIMEOUT = 30.0
+
+
+class DeadLetterUnavailable(OutboxError):
+    """Kafka did not acknowledge a dead letter: the batch is retried, nothing is lost."""
+
+    retriable = True
+
+
+class RecordLike(Protocol):
+    """What is read from a Kafka record (aiokafka's ConsumerRecord fits)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+# --------------------------------------------------------------------------- pure
+def dlq_topic(topic: str) -> str:
+    return topic + contract.DLQ_SUFFIX
+
+
+def one_line(error: str) -> str:
+    text = " ".join(redact(error).split())
+    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR - 1] + "…"
+
+
+def header(headers: Iterable[tuple[str, bytes | None]], name: str) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def attempts_of(headers: Iterable[tuple[str, bytes | None]]) -> int:
+    """Attempts recorded on a (re-driven or parked) record; 0 for a fresh one."""
+    raw = header(headers, H_ATTEMPTS)
+    try:
+        return int(raw) if raw is not None else 0
+    except ValueError:
+        return 0
+
+
+def original_headers(headers: Iterable[tuple[str, bytes | None]]) -> list[tuple[str, bytes | None]]:
+    """The record's own headers, without any dead-letter bookkeeping from an earlier parking."""
+    return [(k, v) for k, v in headers if k not in DLQ_HEADERS]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record a sink could not apply, and why."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: str
+    headers: tuple[tuple[str, bytes | None], ...]
+    key: bytes | None
+    value: bytes | None
+    attempts: int = 1
+
+    @classmethod
+    def of(cls, record: RecordLike, error: str, attempts: int | None = None) -> "DeadLetter":
+        """``attempts`` defaults to one more than the record carries (1 for a fresh record)."""
+        tries = attempts if attempts is not None else attempts_of(record.headers) + 1
+        return cls(record.topic, record.partition, record.offset, one_line(error), tuple(record.headers),
+                   record.key, record.value, tries)
+
+    def record(self, group: str, now: datetime) -> contract.Record:
+        """The record produced to ``<topic>.dlq``."""
+        headers = [(k, v if v is not None else b"") for k, v in original_headers(self.headers)]
+        headers += [
+            (H_ERROR, self.error.encode()),
+            (H_ATTEMPTS, str(self.attempts).encode()),
+            (H_TOPIC, self.topic.encode()),
+            (H_PARTITION, str(self.partition).encode()),
+            (H_OFFSET, str(self.offset).encode()),
+            (H_GROUP, group.encode()),
+            (H_TIME, contract.format_time(now).encode()),
+        ]
+        return contract.Record(dlq_topic(self.topic), self.key or b"", self.value or b"", headers)
+
+
+def redrive_record(parked: RecordLike) -> contract.Record | None:
+    """The record that sends a parked one back to the group that parked it (None: not a dead letter)."""
+    topic, group = header(parked.headers, H_TOPIC), header(parked.headers, H_GROUP)
+    if not topic or not group:
+        return None
+    headers = [(k, v if v is not None else b"") for k, v in original_headers(parked.headers)]
+    headers += [(H_REDRIVE, group), (H_ATTEMPTS, str(attempts_of(parked.headers)).encode())]
+    return contract.Record(topic.decode(), parked.key or b"", parked.value or b"", headers)
+
+
+def for_group(records: Sequence[Any], group: str) -> list[Any]:
+    """The records this group applies: all but those re-driven for another group."""
+    mine = group.encode()
+    out = []
+    for r in records:
+        target = header(r.headers, H_REDRIVE) if r.headers else None
+        if target is None or target == mine:
+            out.append(r)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which parked records ``outbox replay --dlq`` re-drives (every given condition must hold)."""
+
+    group: str | None = None
+    error: str | None = None  # substring of dlq_error
+    event_type: str | None = None  # ce_type, shell pattern (customer.*)
+    key: str | None = None  # record key, shell pattern
+    ids: frozenset[str] = frozenset()  # ce_id values
+    max_attempts: int | None = None  # only records with fewer attempts
+
+    def matches(self, record: RecordLike) -> bool:
+        h = {k: (v or b"").decode("utf-8", "replace") for k, v in record.headers}
+        if self.group is not None and h.get(H_GROUP) != self.group:
+            return False
+        if self.error is not None and self.error not in h.get(H_ERROR, ""):
+            return False
+        if self.event_type is not None and not fnmatch.fnmatchcase(h.get(contract.H_TYPE, ""), self.event_type):
+            return False
+        if self.key is not None and not fnmatch.fnmatchcase((record.key or b"").decode("utf-8", "replace"), self.key):
+            return False
+        if self.ids and h.get(contract.H_ID) not in self.ids:
+            return False
+        if self.max_attempts is not None and attempts_of(record.headers) >= self.max_attempts:
+            return False
+        return True
+
+
+# --------------------------------------------------------------------------- the batch a sink gets
+@dataclass(slots=True)
+class Batch:
+    """One fetch, as handed to ``Sink.apply``."""
+
+    records: Sequence[Any]
+    offsets: Mapping[tuple[str, int], int]  # (topic, partition) -> next offset, the whole fetch
+    dead_letters: "DeadLetters"
+    skipped: int = 0  # records of the fetch re-driven for another group, not in ``records``
+
+
+# --------------------------------------------------------------------------- I/O: Kafka
+@dataclass
+class DeadLetters:
+    """Produces dead letters for one consumer group; ``async with`` or ``start``/``close``.
+
+    The producer is opened on the first ``park`` (most batches park nothing).
+    """
+
+    kafka: KafkaSettings
+    group: str
+    parked: int = 0  # records parked since the last take_count()
+    _producer: AIOKafkaProducer | None = field(default=None, repr=False)
+
+    async def __aenter__(self) -> "DeadLetters":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    def take_count(self) -> int:
+        n, self.parked = self.parked, 0
+        return n
+
+    async def park(self, letters: Sequence[DeadLetter]) -> None:
+        """Produce every letter and wait for all acknowledgements (one round of sends, not one per letter)."""
+        if not letters:
+            return
+        now = datetime.now(timezone.utc)
+        await send_all(await self._ready(), [letter.record(self.group, now) for letter in letters], "dead letters")
+        for letter in letters:
+            log.error("parked %s[%d]@%d in %s (attempt %d): %s", letter.topic, letter.partition, letter.offset,
+                      dlq_topic(letter.topic), letter.attempts, letter.error)
+        self.parked += len(letters)
+
+    async def _ready(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            self._producer = await start_producer(self.kafka, "outbox-dlq")
+        return self._producer
+
+
+async def start_producer(kafka: KafkaSettings, client_id: str) -> AIOKafkaProducer:
+    producer = AIOKafkaProducer(**kafka.client_kwargs(), client_id=client_id, acks="all", enable_idempotence=True,
+                                linger_ms=5)
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        raise DeadLetterUnavailable(f"cannot reach Kafka at {kafka.bootstrap} to produce dead letters: {exc}") from None
+    return producer
+
+
+async def send_all(producer: AIOKafkaProducer, records: Sequence[contract.Record], what: str) -> None:
+    """Send every record, then wait for every acknowledgement; one line when Kafka refuses."""
+    try:
+        futures = [await producer.send(r.topic, value=r.value, key=r.key, headers=r.headers) for r in records]
+        await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT)
+    except (KafkaError, asyncio.TimeoutError) as exc:
+        raise DeadLetterUnavailable(f"Kafka did not acknowledge {len(records)} {what} "
+                                    f"({type(exc).__name__}: {exc}); the batch is retried") from None
