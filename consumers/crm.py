@@ -175,6 +175,7 @@ class Ledger:
         self.dsn = dsn
         self.group = group
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()  # the poll loop (seen) and the flusher (record) share the connection
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         try:
@@ -199,13 +200,18 @@ class Ledger:
         return self._conn
 
     async def seen(self, event_ids: list[str]) -> set[str]:
-        conn = await self._connection()
-        async with conn.transaction():
-            rows = await (await conn.execute(SEEN, (self.group, event_ids))).fetchall()
+        async with self._lock:
+            conn = await self._connection()
+            async with conn.transaction():
+                rows = await (await conn.execute(SEEN, (self.group, event_ids))).fetchall()
         return {r[0] for r in rows}
 
     async def record(self, rows: list[tuple[str, str | None, str]], offsets: MappingABC[tuple[str, int], int]) -> None:
-        conn = await self._connection()
+        async with self._lock:
+            await self._record(await self._connection(), rows, offsets)
+
+    async def _record(self, conn: psycopg.AsyncConnection[Any], rows: list[tuple[str, str | None, str]],
+                      offsets: MappingABC[tuple[str, int], int]) -> None:
         async with conn.transaction():
             if rows:
                 await conn.execute(RECORD, (self.group, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
