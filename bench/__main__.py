@@ -15,7 +15,7 @@ import click
 
 from bench.common import ensure_servers, quiet_logs
 
-BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory")
+BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory", "crm")
 
 
 def _runner(name: str) -> Callable[[bool], Any]:
@@ -29,6 +29,8 @@ def _runner(name: str) -> Callable[[bool], Any]:
         from bench import consumer as mod  # type: ignore[no-redef]
     elif name == "memory":
         from bench import memory as mod  # type: ignore[no-redef]
+    elif name == "crm":
+        from bench import crm as mod  # type: ignore[no-redef]
     else:
         raise click.UsageError(f"unknown benchmark {name}")
     return lambda quick: asyncio.run(mod.run(quick))
@@ -61,6 +63,7 @@ _command("latency", "Commit-to-Kafka and commit-to-read-store latency at fixed r
 _command("overhead", "pgbench TPS of a POS workload with and without capture triggers.")
 _command("consumer", "Read-store apply rate.")
 _command("memory", "Relay RSS idle and under load.")
+_command("crm", "CRM sink throughput against the reference CRM at 0% and 30% failures.")
 _command("all", "Every benchmark, one after the other.")
 
 

@@ -38,6 +38,8 @@ FIGURES = [
     rf"^consumer\s+read-store apply \(from start, group join incl\.\)\s+{NUMBER} events/s",
     rf"^memory\s+relay RSS idle\s+{NUMBER} MB",
     rf"^memory\s+relay RSS peak under load\s+{NUMBER} MB",
+    *[rf"^crm\s+CRM sink at {f}% failures\s+{NUMBER} events/s" for f in (0, 30)],
+    *[rf"^crm\s+calls retried at {f}% failures\s+{NUMBER} %" for f in (0, 30)],
 ]
 
 
@@ -60,7 +62,7 @@ def test_quick_suite_prints_every_figure_and_cleans_up(servers: dict[str, str], 
     missing = [p for p in FIGURES if not re.search(p, proc.stdout, re.MULTILINE)]
     assert not missing, f"figure lines missing: {missing}\n{proc.stdout}"
     saved = sorted(p.name.split("-")[0] for p in tmp_path.glob("*-quick.json"))
-    assert saved == ["consumer", "latency", "memory", "overhead", "relay"]
+    assert saved == ["consumer", "crm", "latency", "memory", "overhead", "relay"]
 
     with admin_conn() as conn:
         left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_%'").fetchall()
