@@ -52,8 +52,8 @@ def _set_faults(url: str, faults: dict[str, Any]) -> None:
     urllib.request.urlopen(request, timeout=10).close()
 
 
-def _calls(group: str) -> tuple[float, float]:
-    """(all calls, calls answered 2xx) of a sink group, from this process's metrics."""
+def _calls(group: str) -> tuple[float, float, float]:
+    """(all calls, calls answered 2xx, seconds held back by Retry-After) of a sink group, from this process's metrics."""
     total = ok = 0.0
     for family in REGISTRY.collect():
         if family.name == "outbox_crm_calls":
@@ -61,7 +61,8 @@ def _calls(group: str) -> tuple[float, float]:
                 if s.name.endswith("_total") and s.labels.get("group") == group:
                     total += s.value
                     ok += s.value if s.labels.get("outcome") == "2xx" else 0
-    return total, ok
+    held = REGISTRY.get_sample_value("outbox_crm_throttled_seconds_total", {"group": group}) or 0.0
+    return total, ok, held
 
 
 async def _done(conn: psycopg.AsyncConnection[Any], group: str) -> int:
@@ -103,7 +104,7 @@ async def _one_run(scratch: Scratch, prefix: str, n: int, label: str, i: int) ->
     elapsed = time.perf_counter() - started
     stop.set()
     await task
-    total, ok = _calls(group)
+    total, ok, held = _calls(group)
     with psycopg.connect(dbname=crm_db) as conn:
         records, writes, keys = conn.execute(
             "SELECT (SELECT count(*) FROM crm.records), count(*), count(DISTINCT idempotency_key) FROM crm.writes"
@@ -111,7 +112,7 @@ async def _one_run(scratch: Scratch, prefix: str, n: int, label: str, i: int) ->
     if not records == writes == keys == n:
         raise RuntimeError(f"the CRM holds {records} records from {writes} writes of {keys} events, not {n}")
     return {"run": i + 1, "failures": label, "events_per_s": n / elapsed, "seconds": elapsed, "calls": total,
-            "retried_share": (total - ok) / total if total else 0.0}
+            "retried_share": (total - ok) / total if total else 0.0, "held_share": held / elapsed}
 
 
 async def run(quick: bool, events: int | None = None, runs: int | None = None) -> Result:
@@ -128,7 +129,8 @@ async def run(quick: bool, events: int | None = None, runs: int | None = None) -
                 run_ = await _one_run(scratch, prefix, n, label, i)
                 result.runs.append(run_)
                 say(f"{label} failures, run {i + 1}/{runs}: {run_['events_per_s']:,.0f} events/s, "
-                    f"{run_['calls']:.0f} calls, {run_['retried_share']:.1%} retried")
+                    f"{run_['calls']:.0f} calls, {run_['retried_share']:.1%} retried, "
+                    f"{run_['held_share']:.0%} of the time held back by Retry-After")
     print(f"crm: CRM sink applying {n} pre-produced events to the reference CRM, median of {runs} run(s)")
     for label in FAULTS:
         mine = [r for r in result.runs if r["failures"] == label]
@@ -138,5 +140,7 @@ async def run(quick: bool, events: int | None = None, runs: int | None = None) -
         figure(NAME, f"CRM sink at {label} failures", result.figures[f"events_per_s_{key}"], "events/s",
                spread([r["events_per_s"] for r in mine]))
         figure(NAME, f"calls retried at {label} failures", 100 * result.figures[f"retried_share_{key}"], "%")
+        result.figures[f"held_share_{key}"] = median([r["held_share"] for r in mine])
+        figure(NAME, f"time held by Retry-After at {label} failures", 100 * result.figures[f"held_share_{key}"], "%")
     result.save()
     return result

@@ -279,8 +279,14 @@ class Writeback:
                     columns = mapping.columns(change.fields)
                     if not columns:
                         continue
-                    cur = await conn.execute(update_statement(mapping, sorted(columns)),
-                                             (json.dumps(columns), change.aggregate_id))
+                    try:
+                        async with conn.transaction():  # a savepoint: a refused change is parked, the batch goes on
+                            cur = await conn.execute(update_statement(mapping, sorted(columns)),
+                                                     (json.dumps(columns), change.aggregate_id))
+                    except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                        missing.append(DeadLetter.of(record, f"{mapping.table} refused the change: "
+                                                             f"{type(exc).__name__}: {dsnmod.first_line(exc)}"))
+                        continue
                     if cur.rowcount:
                         applied += 1
                     else:

@@ -311,7 +311,6 @@ async def run_pipelined(
     progress = progress or Progress(group)
     stats = metrics.ConsumerMetrics(group, getattr(sink, "name", type(sink).__name__.lower()))
     lag_updated = 0.0
-    paused: set[TopicPartition] = set()
     dead_letters = DeadLetters(kafka, group)
     try:
         consumer.subscribe(pattern=pattern, listener=_SeekToStored(consumer, sink, asyncio.Lock()))
@@ -323,16 +322,14 @@ async def run_pipelined(
             if records:
                 await sink.submit(records, dead_letters)
             assigned = consumer.assignment()
-            paused &= assigned
+            paused = consumer.paused() & assigned  # a new assignment starts unpaused
             full = {tp for tp in assigned if sink.buffered(tp) >= max_buffered}
             drained = {tp for tp in paused if sink.buffered(tp) < max_buffered // 2}
             if full - paused:
                 consumer.pause(*(full - paused))
                 log.info("paused %d partitions: the sink's backlog is full", len(full - paused))
-                paused |= full
             if drained:
                 consumer.resume(*drained)
-                paused -= drained
             offsets, done = sink.completed()
             if offsets:
                 await _commit(consumer, offsets)

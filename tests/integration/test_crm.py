@@ -236,8 +236,10 @@ def test_a_crm_edit_reaches_the_store_once_and_stops_after_one_hop(
             assert time.time() < deadline, sink.output()
             time.sleep(0.2)
         sync_writes_before = crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0]
-        # a sales agent edits the contact in the CRM
-        crm.call("PATCH", f"/v1/contacts/{external}", {"fields": {"phone": "+49 30 555"}}, {"X-CRM-Actor": "agent"})
+        # a sales agent empties the name (the store refuses it: parked), then edits the phone
+        crm.call("PATCH", f"/v1/contacts/{external}", {"fields": {"name": None}}, {"X-CRM-Actor": "agent"})
+        crm.call("PATCH", f"/v1/contacts/{external}", {"fields": {"name": "Zoë", "phone": "+49 30 555"}},
+                 {"X-CRM-Actor": "agent"})
         deadline = time.time() + 60
         with psycopg.connect(store, autocommit=True) as conn:
             while conn.execute("SELECT phone FROM pos.customers WHERE id = %s", (cid,)).fetchone()[0] != "+49 30 555":  # type: ignore[index]
@@ -251,10 +253,12 @@ def test_a_crm_edit_reaches_the_store_once_and_stops_after_one_hop(
         assert [r["headers"].get("ce_origin") for r in kafka if r["key"] == external] == [None, "crm"]
         # the echo was not sent back: no sync write since the edit, one notification in all
         assert crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0] == sync_writes_before
-        assert crm.query("SELECT count(*), count(delivered_at) FROM crm.webhooks") == [(1, 1)]
+        assert crm.query("SELECT count(*), count(delivered_at) FROM crm.webhooks") == [(2, 2)]
         assert crm.query("SELECT fields->>'phone', version FROM crm.records WHERE external_id = %s", external) == \
-            [("+49 30 555", 2)]
-        assert len(kcat_read(kafka_bootstrap, topic)) == 1
+            [("+49 30 555", 3)]
+        assert len(kcat_read(kafka_bootstrap, topic)) == 2
+        [parked] = kcat_read(kafka_bootstrap, f"{topic}.dlq")
+        assert "NotNullViolation" in parked["headers"]["dlq_error"], parked
     finally:
         crm.call("PUT", "/admin/webhook", {"url": None})
         from tests.conftest import delete_topics
@@ -280,6 +284,9 @@ def test_sigkill_mid_batch_and_restart_creates_no_duplicates(
             assert time.time() < deadline, sink.output()
             time.sleep(0.05)
         sink.kill()  # SIGKILL: calls in flight, answers lost, ledger behind the CRM
+        with psycopg.connect(ledger, autocommit=True) as conn:
+            recorded = conn.execute("SELECT count(*) FROM crm_sink.ledger").fetchone()[0]  # type: ignore[index]
+        assert recorded < crm.query("SELECT count(*) FROM crm.writes")[0][0]  # the restart has work the CRM already did
     crm.faults(latency_ms=0, error_rate=0.1, after_write_share=1.0)
     sink = sink_process(crm, ledger, topic_prefix, kafka_bootstrap, "--batch-size", "20").start()
     processes.append(sink)
@@ -290,3 +297,24 @@ def test_sigkill_mid_batch_and_restart_creates_no_duplicates(
     writes = crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0]
     assert applied == writes  # every write the CRM made is in the ledger once, and nothing else
     assert sink.terminate() == 0
+
+
+def test_a_hanging_crm_times_out_and_is_retried_until_it_answers(
+        crm: Crm, store: str, new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str,
+        processes: list[OutboxProcess]) -> None:
+    crm.faults(hang=True)
+    relay = RelayProcess(store, SOURCE, topic_prefix, kafka_bootstrap).start()
+    sink = sink_process(crm, new_database("ledger"), topic_prefix, kafka_bootstrap, "--timeout", "0.5",
+                        "--metrics-port", "0").start()
+    processes.extend([relay, sink])
+    port = int(sink.wait_for_output("/metrics").rsplit(":", 1)[1].split("/")[0])
+    run_workload(store, transactions=30, seed=3)
+    deadline = time.time() + 30
+    while sink_metric(port, "outbox_crm_retries_total").get(
+            'outbox_crm_retries_total{group="%s-crm",reason="timeout"}' % topic_prefix, 0) < 3:
+        assert time.time() < deadline, sink.output()
+        time.sleep(0.2)
+    assert crm_records(crm) == {}
+    crm.faults(hang=False)
+    wait_converged(store, crm, sink, timeout=60)
+    assert_no_duplicates_and_key_order(crm)
