@@ -95,6 +95,10 @@ class WebhookReceiver:
         except KafkaError as exc:
             await self._producer.stop()
             raise KafkaUnavailable(f"cannot reach Kafka at {self.s.kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
+        # ask for the topic's metadata now: a broker that creates topics on demand creates it, so
+        # the writebacks subscribed to it are assigned before the first notification arrives
+        with contextlib.suppress(KafkaError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._producer.partitions_for(self.s.topic), 10)
         app = web.Application(client_max_size=1024 * 1024)
         app.add_routes([web.post("/webhook", self.webhook), web.get("/healthz", self.health)])
         self._runner = web.AppRunner(app, access_log=None)

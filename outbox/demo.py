@@ -244,7 +244,10 @@ def percentile(values: list[float], q: float) -> float:
               help="Transactions per store.")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for the read store to converge.")
 @click.option("--seed", default=1, show_default=True, help="Workload random seed.")
-def demo(stores: int, transactions: int, timeout: float, seed: int) -> None:
+@click.option("--crm", "with_crm", is_flag=True,
+              help="Also keep the reference CRM current (database demo_crm) and send an agent's edit back to a "
+                   "store (docs/crm.md).")
+def demo(stores: int, transactions: int, timeout: float, seed: int, with_crm: bool) -> None:
     """Run the whole pipeline on the local sandbox and check the result.
 
     Starts the sandbox (outbox dev up), creates the store databases demo_store1..N with a small
@@ -292,8 +295,14 @@ def demo(stores: int, transactions: int, timeout: float, seed: int) -> None:
                    "--topic-prefix", prefix], f"relay-store{i}.log")
         spawn(["consume", "readstore", "--dsn", "dbname=demo_readstore", "--kafka-bootstrap", bootstrap,
                "--topic-prefix", prefix, "--group", f"{prefix}-readstore"], "readstore.log")
+        crm = None
+        if with_crm:
+            from outbox.demo_crm import CrmDemo
+
+            crm = CrmDemo(spawn, procs, logdir, bootstrap, prefix, {f"store{i}": n for i, n in enumerate(store_names, 1)})
+            crm.start()
         _wait_ready(store_names, logdir / "readstore.log", procs)
-        say(f"started {stores} relays and the read-store consumer (logs in {logdir})")
+        say(f"started {stores} relays and the read-store consumer{' and the CRM sync' if crm else ''} (logs in {logdir})")
 
         say(f"running the workload: {transactions} transactions in each store, concurrently...")
         results: list[WorkloadResult] = [WorkloadResult() for _ in store_names]
@@ -351,6 +360,13 @@ def demo(stores: int, transactions: int, timeout: float, seed: int) -> None:
         click.echo(f"throughput: {events / span:,.0f} events/s (first commit to last event applied)")
         click.echo(f"commit-to-read-store latency over the {len(lat)} current rows: p50 {statistics.median(lat):.0f} ms, "
                    f"p99 {percentile(lat, 0.99):.0f} ms, max {max(lat):.0f} ms")
+        if crm is not None:
+            records = crm.wait_converged(timeout)
+            click.echo(f"CRM matches all {stores} stores: {records} contacts and orders, {time.time() - started:.1f} s "
+                       "after the first commit")
+            external, took = crm.agent_edit()
+            click.echo(f"an agent's edit of contact {external} in the CRM reached its store in {took * 1000:.0f} ms "
+                       "(and was not sent back: origin crm)")
         me = sys.argv[0] if os.path.basename(sys.argv[0]) == "outbox" else "outbox"
         click.echo(f"explore: eval \"$({me} dev env)\"; psql -d demo_readstore -c 'SELECT * FROM readstore.current_entities LIMIT 5'")
     finally:

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from outbox import demo_crm
 from outbox.demo import run_workload
 from tests.integration.support import OutboxProcess, RelayProcess, install_pos, kcat_read
 
@@ -81,39 +82,12 @@ def sink_process(crm: Crm, ledger_dsn: str, prefix: str, bootstrap: str, *extra:
 
 
 # --------------------------------------------------------------------------- checks
-def expected_records(store_dsn: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """What the CRM must hold for the store, through the default mapping: (kind, external id) -> fields."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    with psycopg.connect(store_dsn, autocommit=True) as conn:
-        for (image,) in conn.execute("SELECT to_jsonb(c) FROM pos.customers c"):
-            out[("contacts", f"{SOURCE}:{image['id']}")] = {
-                "name": image["name"], "email": image["email"], "phone": image["phone"],
-                "loyalty_points": image["loyalty_pts"], "balance": image["balance"]}
-        for (image,) in conn.execute("SELECT to_jsonb(o) FROM pos.orders o"):
-            fields = {"status": image["status"], "total": image["total"], "placed_at": image["placed_at"],
-                      "note": image["note"]}
-            if image["customer_id"] is not None:
-                fields["contact"] = f"{SOURCE}:{image['customer_id']}"
-            out[("orders", f"{SOURCE}:{image['id']}")] = fields
-    return out
-
-
 def crm_records(crm: Crm) -> dict[tuple[str, str], tuple[dict[str, Any], bool]]:
     return {(k, e): (f, a) for k, e, f, a in crm.query("SELECT kind, external_id, fields, active FROM crm.records")}
 
 
 def differences(store_dsn: str, crm: Crm) -> list[str]:
-    want, have = expected_records(store_dsn), crm_records(crm)
-    problems = []
-    for key, fields in want.items():
-        if key not in have:
-            problems.append(f"{key} missing")
-        elif have[key] != (fields, True):
-            problems.append(f"{key}: {have[key]} != {fields}")
-    for key, (_, active) in have.items():
-        if key not in want and active:
-            problems.append(f"{key} deleted in the store, still active in the CRM")
-    return problems
+    return demo_crm.differences(demo_crm.expected_records(store_dsn, SOURCE), crm.dsn)
 
 
 def wait_converged(store_dsn: str, crm: Crm, sink: OutboxProcess, timeout: float = 180) -> None:
@@ -175,7 +149,7 @@ def test_thirty_percent_failures_end_equal_without_duplicates_in_key_order(
     assert retries > 0  # ...and were retried
     assert sum(sink_metric(port, "outbox_crm_dead_lettered_total").values()) == 0
     assert kcat_read(kafka_bootstrap, f"{topic_prefix}.customer.dlq") == []
-    assert writes >= len(expected_records(store))
+    assert writes >= len(demo_crm.expected_records(store, SOURCE))
     assert sink.terminate() == 0
 
 
