@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,18 @@ from outbox.config import slot_name_for
 from relay import pgoutput
 
 log = logging.getLogger(__name__)
+
+
+class SlotInUse(PreconditionFailed):
+    """Another process streams the slot: a second relay, or (just after a reconnect) our own old
+    walsender that PostgreSQL has not noticed is gone yet."""
+
+    def __init__(self, slot: str, pid: int | None, where: str) -> None:
+        super().__init__(f"slot {slot} on {where} is in use by another relay (pid {pid if pid is not None else '?'}): "
+                         "run one relay per store database; stop the other one first")
+
+
+_ACTIVE_PID = re.compile(r"is active for PID (\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +70,9 @@ def preflight(dsn: str, slot: str | None) -> SlotInfo:
         ).fetchone()
     if row is None:
         raise PreconditionFailed(
-            f"replication slot {name} does not exist on {where}: run 'outbox install --dsn ...' to create it; "
-            "if it was dropped, events since then are gone from the WAL: re-snapshot the tables with a backfill"
+            f"replication slot {name} does not exist on {where}: the relay never creates it from 'now' (events "
+            "since it was dropped are gone from the WAL): re-create it with 'outbox install --dsn ...', then "
+            "re-snapshot the tables with 'outbox backfill'"
         )
     database, plugin, slot_type, active_pid, wal_status, confirmed = row
     if slot_type != "logical" or plugin != "pgoutput" or database != dbname:
@@ -68,13 +82,12 @@ def preflight(dsn: str, slot: str | None) -> SlotInfo:
         )
     if wal_status == "lost":
         raise PreconditionFailed(
-            f"replication slot {name} on {where} was invalidated (WAL it needed was removed): drop it, "
-            "reinstall, and re-snapshot the tables with a backfill"
+            f"replication slot {name} on {where} was invalidated (wal_status lost: WAL it needed was removed, "
+            "events are missing): drop it (SELECT pg_drop_replication_slot(...)), re-create it with "
+            "'outbox install --dsn ...', then re-snapshot the tables with 'outbox backfill'"
         )
     if active_pid is not None:
-        raise PreconditionFailed(
-            f"replication slot {name} on {where} is in use by process {active_pid}: another relay already streams this database"
-        )
+        raise SlotInUse(name, active_pid, where)
     return SlotInfo(name=name, database=dbname, confirmed_flush=contract.parse_lsn(confirmed) if confirmed else 0)
 
 
@@ -186,13 +199,21 @@ class ReplicationStream:
             f'START_REPLICATION SLOT "{self._slot}" LOGICAL 0/0 '
             f"(proto_version '1', publication_names '{self._publication}')"
         ).encode()
-        result = await asyncio.to_thread(pgconn.exec_, command)
-        if result.status != pq.ExecStatus.COPY_BOTH:
-            message = (result.error_message or b"").decode(errors="replace").strip()
+        try:
+            result = await asyncio.to_thread(pgconn.exec_, command)
+        except psycopg.OperationalError as exc:
             self.close()
-            if "is active" in message:
-                raise PreconditionFailed(f"replication slot {self._slot} is in use: another relay already streams this database")
-            raise PreconditionFailed(f"cannot start replication on slot {self._slot}: {message}")
+            raise DatabaseUnavailable(f"cannot start replication on slot {self._slot}: {first_line(exc)}") from None
+        if result.status != pq.ExecStatus.COPY_BOTH:
+            message = first_line(RuntimeError((result.error_message or b"").decode(errors="replace")))
+            self.close()
+            active = _ACTIVE_PID.search(message)
+            if active:
+                raise SlotInUse(self._slot, int(active.group(1)), describe(self._dsn))
+            if "does not exist" in message or "can no longer get changes" in message or "invalidated" in message:
+                raise PreconditionFailed(f"cannot start replication on slot {self._slot}: {message}: re-create the slot "
+                                         "with 'outbox install --dsn ...', then re-snapshot with 'outbox backfill'")
+            raise DatabaseUnavailable(f"cannot start replication on slot {self._slot}: {message}")
         self._loop.add_reader(pgconn.socket, self._readable.set)
 
     async def read(self, timeout: float) -> list[pgoutput.XLogData | pgoutput.Keepalive]:

@@ -1,0 +1,166 @@
+"""The relay when its servers fail: Kafka away, PostgreSQL restarted, slot gone or busy, SIGTERM,
+oversized rows, one huge transaction, and an idle slot next to a busy database. Real servers."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import psycopg
+import pytest
+
+from tests.integration.support import RelayProcess, install_pos, kcat_read, outbox as run_outbox
+
+pytestmark = pytest.mark.integration
+
+TOPICS = ("customer", "order", "order_line")
+
+
+@pytest.fixture
+def store(new_database: Callable[..., str]) -> str:
+    dsn = new_database("store")
+    install_pos(dsn)
+    return dsn
+
+
+@pytest.fixture
+def relays() -> Any:
+    started: list[RelayProcess] = []
+
+    def make(*args: Any, **kw: Any) -> RelayProcess:
+        r = RelayProcess(*args, **kw)
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.close()
+
+
+def slot_state(dsn: str) -> tuple[int | None, str]:
+    """(active_pid, confirmed_flush_lsn) of the store's slot."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT active_pid, confirmed_flush_lsn::text FROM pg_replication_slots"
+                           " WHERE database = current_database()").fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def committed_ids(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        return {r[0] for r in conn.execute("SELECT id::text FROM outbox.events WHERE type <> 'outbox.heartbeat'")}
+
+
+def wait_all_arrive(bootstrap: str, prefix: str, ids: set[str], timeout: float = 120) -> list[dict[str, Any]]:
+    """Every record of the POS topics once ``ids`` are all there (or the timeout passed)."""
+    deadline = time.time() + timeout
+    while True:
+        records = [r for a in TOPICS for r in kcat_read(bootstrap, f"{prefix}.{a}")]
+        seen = {r["headers"]["ce_id"] for r in records}
+        if ids <= seen or time.time() > deadline:
+            missing = ids - seen
+            assert not missing, f"{len(missing)} of {len(ids)} committed events never reached Kafka"
+            assert seen <= ids, "events that were never committed reached Kafka"
+            return records
+        time.sleep(1)
+
+
+def write_customers(dsn: str, transactions: int, rows: int) -> None:
+    with psycopg.connect(dsn) as conn:
+        for t in range(transactions):
+            conn.execute("INSERT INTO pos.customers (name) SELECT 'c' || g FROM generate_series(1, %s) g", (rows,))
+            conn.commit()
+
+
+def test_kafka_down_pauses_reading_keeps_the_replication_connection_and_resumes(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any, sandbox: Any) -> None:
+    # wal_sender_timeout of 3 s: the relay must keep talking to PostgreSQL while it cannot publish
+    dsn = f"{store} options='-c wal_sender_timeout=3s'"
+    relay = relays(dsn, "s1", topic_prefix, kafka_bootstrap, "--max-in-flight", "50", "--status-interval", "1").start()
+    write_customers(store, 2, 5)
+    wait_all_arrive(kafka_bootstrap, topic_prefix, committed_ids(store))
+    pid_before, confirmed_before = slot_state(store)
+    sandbox.stop_kafka()
+    try:
+        write_customers(store, 30, 10)  # 300 events: far more than --max-in-flight
+        confirmed_during: set[str] = set()
+        pids_during: set[int | None] = set()
+        for _ in range(16):  # longer than wal_sender_timeout several times over, and than one probe
+            time.sleep(1)
+            pid, confirmed = slot_state(store)
+            pids_during.add(pid)
+            confirmed_during.add(confirmed)
+            assert relay.proc is not None and relay.proc.poll() is None, relay.output()
+    finally:
+        sandbox.up()
+    assert pids_during == {pid_before}, "the replication connection was dropped while Kafka was down"
+    assert len(confirmed_during) == 1, "the relay confirmed a position Kafka never acknowledged"
+    records = wait_all_arrive(kafka_bootstrap, topic_prefix, committed_ids(store))
+    assert len(records) == 310  # Kafka was down for less than --kafka-message-timeout: nothing repeats
+    assert relay.proc is not None and relay.proc.poll() is None
+    deadline = time.time() + 15
+    while slot_state(store)[1] == confirmed_before and time.time() < deadline:
+        time.sleep(0.5)
+    assert slot_state(store)[1] != confirmed_before, "the slot did not move once Kafka acknowledged"
+    out = relay.output()
+    print(out)
+    assert out.count("is unreachable") == 1 and out.count("is reachable again") == 1, out
+    assert relay.terminate() == 0
+
+
+def test_kafka_down_past_the_message_timeout_replays_from_the_slot(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any, sandbox: Any) -> None:
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--kafka-message-timeout", "2",
+                   "--status-interval", "1").start()
+    write_customers(store, 1, 3)
+    wait_all_arrive(kafka_bootstrap, topic_prefix, committed_ids(store))
+    sandbox.stop_kafka()
+    try:
+        write_customers(store, 20, 10)
+        time.sleep(8)  # deliveries time out: the relay drops its producer and waits for Kafka
+        assert relay.proc is not None and relay.proc.poll() is None, relay.output()
+    finally:
+        sandbox.up()
+    records = wait_all_arrive(kafka_bootstrap, topic_prefix, committed_ids(store))
+    assert len({r["headers"]["ce_id"] for r in records}) == 203
+    assert relay.proc is not None and relay.proc.poll() is None
+    assert "reconnecting" in relay.output()
+    assert relay.terminate() == 0
+
+
+def test_postgresql_restart_reconnects_with_backoff_and_loses_nothing(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any, sandbox: Any) -> None:
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--status-interval", "1").start()
+    committed = 0
+    stop = threading.Event()
+
+    def writer() -> None:
+        nonlocal committed
+        while not stop.is_set():
+            try:
+                with psycopg.connect(store, connect_timeout=2) as conn:
+                    while not stop.is_set():
+                        conn.execute("INSERT INTO pos.customers (name) SELECT 'w' || g FROM generate_series(1, 5) g")
+                        conn.commit()
+                        committed += 5
+                        time.sleep(0.02)
+            except psycopg.OperationalError:  # the restart: a commit may be lost, and then it is not in the WAL
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(2)
+        sandbox.restart_pg()
+        time.sleep(3)
+    finally:
+        stop.set()
+        thread.join()
+    assert committed > 0
+    ids = committed_ids(store)
+    wait_all_arrive(kafka_bootstrap, topic_prefix, ids)
+    assert relay.proc is not None and relay.proc.poll() is None, relay.output()
+    out = relay.output()
+    assert "reconnecting to 127.0.0.1:" in out and "(attempt 1)" in out, out
+    relay.wait_streaming()
+    assert relay.terminate() == 0
