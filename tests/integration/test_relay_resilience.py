@@ -4,37 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 import pytest
 
-from tests.integration.support import RelayProcess, install_pos, kcat_read, outbox as run_outbox
+from tests.integration.support import kcat_read, outbox as run_outbox
 
 pytestmark = pytest.mark.integration
 
 TOPICS = ("customer", "order", "order_line")
-
-
-@pytest.fixture
-def store(new_database: Callable[..., str]) -> str:
-    dsn = new_database("store")
-    install_pos(dsn)
-    return dsn
-
-
-@pytest.fixture
-def relays() -> Any:
-    started: list[RelayProcess] = []
-
-    def make(*args: Any, **kw: Any) -> RelayProcess:
-        r = RelayProcess(*args, **kw)
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        r.close()
 
 
 def slot_state(dsn: str) -> tuple[int | None, str]:
