@@ -143,3 +143,85 @@ def test_postgresql_restart_reconnects_with_backoff_and_loses_nothing(
     assert "reconnecting to 127.0.0.1:" in out and "(attempt 1)" in out, out
     relay.wait_streaming()
     assert relay.terminate() == 0
+
+
+def test_sigterm_while_kafka_is_down_exits_0_within_the_drain_timeout_and_confirms_nothing_unsent(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any, sandbox: Any) -> None:
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--drain-timeout", "3", "--status-interval", "1").start()
+    write_customers(store, 1, 2)
+    wait_all_arrive(kafka_bootstrap, topic_prefix, committed_ids(store))
+    time.sleep(2)  # a status update confirms the first transaction
+    _, confirmed_before = slot_state(store)
+    sandbox.stop_kafka()
+    try:
+        write_customers(store, 5, 10)
+        time.sleep(1)
+        started = time.monotonic()
+        assert relay.terminate(timeout=30) == 0, relay.output()
+        took = time.monotonic() - started
+        assert took < 3 + 7, f"SIGTERM took {took:.1f} s with --drain-timeout 3"
+        assert slot_state(store) == (None, confirmed_before), "an event Kafka never acknowledged was confirmed"
+        assert "unacknowledged after 3 s" in relay.output()
+    finally:
+        sandbox.up()
+    relays(store, "s1", topic_prefix, kafka_bootstrap).start()  # the next relay sends them
+    wait_all_arrive(kafka_bootstrap, topic_prefix, committed_ids(store))
+
+
+def test_sigterm_drains_in_flight_events_and_confirms_them(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any) -> None:
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--status-interval", "60").start()
+    write_customers(store, 20, 50)
+    time.sleep(0.5)
+    assert relay.terminate(timeout=40) == 0, relay.output()
+    records = wait_all_arrive(kafka_bootstrap, topic_prefix, committed_ids(store), timeout=10)
+    published = len(records)
+    relays(store, "s1", topic_prefix, kafka_bootstrap).start()
+    time.sleep(3)  # a restarted relay resends only what was not confirmed: nothing, when the drain ended in time
+    assert sum(len(kcat_read(kafka_bootstrap, f"{topic_prefix}.{a}")) for a in TOPICS) == published
+
+
+def test_missing_or_invalidated_slot_refuses_to_start_and_names_the_recovery(
+        store: str, kafka_bootstrap: str) -> None:
+    args = ("relay", "--dsn", store, "--source-id", "s1", "--kafka-bootstrap", kafka_bootstrap)
+    with psycopg.connect(store, autocommit=True) as conn:
+        slot = conn.execute("SELECT slot_name FROM pg_replication_slots WHERE database = current_database()").fetchone()[0]  # type: ignore[index]
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    proc = run_outbox(*args, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "does not exist" in proc.stderr and "outbox install" in proc.stderr and "outbox backfill" in proc.stderr
+    with psycopg.connect(store, autocommit=True) as conn:  # never silently recreated from "now"
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()[0] == 0  # type: ignore[index]
+
+    # invalidated: max_slot_wal_keep_size exceeded while no relay ran
+    with psycopg.connect(store, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            for _ in range(40):
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS filler (x text)")
+                conn.execute("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 2000)")
+                conn.execute("SELECT pg_switch_wal()")
+                conn.execute("CHECKPOINT")
+                status = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()[0]  # type: ignore[index]
+                if status == "lost":
+                    break
+        finally:
+            conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            conn.execute("SELECT pg_reload_conf()")
+    assert status == "lost"
+    proc = run_outbox(*args, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "invalidated" in proc.stderr and "outbox install" in proc.stderr and "outbox backfill" in proc.stderr
+
+
+def test_a_second_relay_on_the_same_slot_fails_with_one_clear_line(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any) -> None:
+    first = relays(store, "s1", topic_prefix, kafka_bootstrap).start()
+    pid, _ = slot_state(store)
+    proc = run_outbox("relay", "--dsn", store, "--source-id", "s1", "--kafka-bootstrap", kafka_bootstrap, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"is in use by another relay (pid {pid})" in proc.stderr
+    assert first.proc is not None and first.proc.poll() is None
+    assert first.terminate() == 0
