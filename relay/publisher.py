@@ -176,6 +176,26 @@ class Publisher:
             on_done(error)
 
 
+async def topic_max_bytes(kafka: KafkaSettings, topics: list[str], timeout: float = 10.0) -> dict[str, int]:
+    """Each topic's max.message.bytes as the brokers enforce it (topic override or broker default)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    def describe() -> dict[str, int]:
+        admin = AdminClient({**kafka.librdkafka_config(), "logger": librdkafka_log})
+        resources = [ConfigResource("topic", t) for t in topics]
+        out = {}
+        try:
+            for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
+                out[resource.name] = int(future.result(timeout)["max.message.bytes"].value)
+        except (KafkaException, TimeoutError) as exc:
+            reason = _reason(exc) if isinstance(exc, KafkaException) else "timed out"
+            raise KafkaUnavailable(f"cannot read max.message.bytes of {', '.join(topics)} from Kafka at "
+                                   f"{kafka.bootstrap}: {reason}") from None
+        return out
+
+    return await asyncio.to_thread(describe)
+
+
 def _reason(exc: KafkaException) -> str:
     err = exc.args[0] if exc.args else None
     return err.str() if isinstance(err, KafkaError) else str(exc)

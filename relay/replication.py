@@ -17,7 +17,7 @@ from psycopg import pq
 
 from outbox import contract
 from outbox.dsn import connect, describe, first_line
-from outbox.errors import DatabaseUnavailable, NotInstalled, PreconditionFailed
+from outbox.errors import DatabaseRefused, DatabaseUnavailable, NotInstalled, PreconditionFailed
 from outbox.config import slot_name_for
 from relay import pgoutput
 
@@ -176,6 +176,61 @@ class SlotMonitor:
                 conn.close()
             except psycopg.Error:  # already broken
                 pass
+
+
+PARK_INSERT = (
+    f"INSERT INTO {contract.SCHEMA}.{contract.PARKED_TABLE} (id, aggregatetype, aggregateid, type, payload, origin,"
+    " traceparent, created_at, topic, commit_lsn, xid, txseq, size_bytes, error)"
+    " VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s::timestamptz, %s, %s::pg_lsn, %s, %s, %s, %s)"
+    " ON CONFLICT (id) DO NOTHING"  # replayed after a restart: parked once
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedEvent:
+    columns: dict[str, str | None]  # the outbox.events row as the WAL carried it (text values)
+    topic: str
+    commit_lsn: int
+    xid: int
+    txseq: int
+    size: int
+    error: str
+
+
+class Parker:
+    """Writes events Kafka cannot take into outbox.parked (rare: one connection, opened on first use).
+
+    Blocking: call :meth:`park` through ``asyncio.to_thread``; it returns once the row is committed.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def park(self, event: ParkedEvent) -> None:
+        c = event.columns
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self._dsn, autocommit=True, application_name="outbox-relay-parker", connect_timeout=5)
+            self._conn.execute(PARK_INSERT, (
+                c["id"], c["aggregatetype"], c["aggregateid"], c["type"], c["payload"], c.get("origin"),
+                c.get("traceparent"), c.get("created_at"), event.topic, contract.format_lsn(event.commit_lsn),
+                event.xid, event.txseq, event.size, event.error))
+        except psycopg.errors.UndefinedTable:
+            raise NotInstalled(f"{contract.SCHEMA}.{contract.PARKED_TABLE} is missing on {describe(self._dsn)}: "
+                               "upgrade the outbox with 'outbox install --dsn ...'") from None
+        except psycopg.Error as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            error = DatabaseRefused if isinstance(exc, psycopg.errors.InsufficientPrivilege) else DatabaseUnavailable
+            raise error(f"cannot park event {c['id']} in {contract.SCHEMA}.{contract.PARKED_TABLE}: {first_line(exc)}"
+                        " (the relay's role needs INSERT on it: outbox install --relay-role ...)") from None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class ReplicationStream:

@@ -25,8 +25,9 @@ from relay import pgoutput
 from relay.backoff import Backoff
 from relay.events import outbox_row
 from relay.positions import PositionTracker, Txn
-from relay.publisher import DeliveryFailed, Publisher
-from relay.replication import ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, preflight, purge_events
+from relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, topic_max_bytes
+from relay.replication import (ParkedEvent, Parker, ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, preflight,
+                               purge_events)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class KafkaOutage(OutboxError):
 class RelayStats:
     events: int = 0
     transactions: int = 0
+    parked: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -68,6 +70,9 @@ class Relay:
         self._publisher: Publisher | None = None  # one per session
         self._stream: ReplicationStream | None = None
         self._streamed = False  # a session reached the stream at least once
+        self._parker = Parker(settings.dsn)
+        self._size_limits: dict[str, int] = {}  # topic -> max.message.bytes, learned when the broker refused a size
+        self._oversized_topics: set[str] = set()  # refused by the broker for size: learn their limit, then replay
         self._kafka_up: bool | None = None
         self._progress = asyncio.Event()  # set whenever an acknowledgement frees room
         self._error: OutboxError | None = None
@@ -160,7 +165,12 @@ class Relay:
         self._txn_context = None
         self._error = None
         self._reported = -1
-        publisher = Publisher(s.kafka, message_timeout_ms=int(s.kafka_message_timeout * 1000))
+        if self._oversized_topics:
+            self._size_limits.update(await topic_max_bytes(s.kafka, sorted(self._oversized_topics)))
+            self._oversized_topics.clear()
+        # Kafka limits a whole batch to the topic's max.message.bytes: keep batches under the smallest known
+        batch_bytes = min([1_000_000, *(limit - contract.RECORD_OVERHEAD for limit in self._size_limits.values())])
+        publisher = Publisher(s.kafka, message_timeout_ms=int(s.kafka_message_timeout * 1000), batch_bytes=batch_bytes)
         stream: ReplicationStream | None = None
         try:
             await publisher.start()
@@ -241,7 +251,8 @@ class Relay:
         txn = self._txn
         assert txn is not None, "Insert outside a transaction"
         relation = self._relations[insert.relation_id]
-        row = outbox_row(pgoutput.relation_row(relation, insert.new))
+        columns = pgoutput.relation_row(relation, insert.new)
+        row = outbox_row(columns)
         if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
             self._heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
             return
@@ -250,14 +261,41 @@ class Relay:
             context = self._txn_context = contract.TxnContext.of(
                 source_id=self.settings.source_id, prefix=self.settings.topic_prefix, commit_lsn=txn.commit_lsn,
                 commit_time=contract.pg_timestamp_to_datetime(txn.commit_time), xid=txn.xid)
+        seq = self.tracker.sent(txn)  # counted as sent: never confirmed if what follows fails
         try:
-            record = context.record(row, self.tracker.sent(txn))  # counted as sent: never confirmed if this fails
+            record = context.record(row, seq)
         except contract.ContractError as exc:
             raise PublishFailed(f"event {row.id} of transaction {txn.xid} cannot be published: {exc}; "
                                 "nothing after it is confirmed (fix or delete the row's cause, then restart)") from None
-        assert self._publisher is not None
-        await self._publisher.send(record, partial(self._on_ack, self.tracker, txn, record.topic, row.id))
+        publisher = self._publisher
+        assert publisher is not None
+        on_ack = partial(self._on_ack, self.tracker, txn, record.topic, row.id)
+        limit = self._size_limits.get(record.topic)
+        if limit is not None and contract.record_size(record) > limit:
+            await self._park(columns, record, txn, seq, f"larger than max.message.bytes {limit} of topic {record.topic}")
+            return
+        try:
+            await publisher.send(record, on_ack)
+        except RecordTooLarge:
+            await self._park(columns, record, txn, seq,
+                             f"larger than the producer's message.max.bytes {publisher.max_message_bytes}")
+            return
         self.stats.events += 1
+
+    async def _park(self, columns: dict[str, Any], record: contract.Record, txn: Txn, seq: int, error: str) -> None:
+        """Kafka will never take this event: keep the whole row in outbox.parked (before anything past it
+        is confirmed) and send a small marker to ``<topic>.dlq`` in its place; its acknowledgement
+        stands for the event's."""
+        size = contract.record_size(record)
+        await asyncio.to_thread(self._parker.park, ParkedEvent(columns, record.topic, txn.commit_lsn, txn.xid, seq,
+                                                               size, error))
+        marker = contract.parked_marker(record, error, txn.commit_lsn)
+        assert self._publisher is not None
+        await self._publisher.send(marker, partial(self._on_ack, self.tracker, txn, marker.topic, columns["id"]))
+        self.metrics.parked(record.topic)
+        self.stats.parked += 1
+        log.warning("event %s (%d bytes) of transaction %s is %s: parked in %s.%s, a marker sent to %s",
+                    columns["id"], size, txn.xid, error, contract.SCHEMA, contract.PARKED_TABLE, marker.topic)
 
     def _on_ack(self, tracker: PositionTracker, txn: Txn, topic: str, event_id: str, exc: Exception | None) -> None:
         if tracker is not self.tracker or (isinstance(exc, DeliveryFailed) and exc.purged):
@@ -271,7 +309,11 @@ class Relay:
             tracker.failed(txn)
             self.metrics.publish_errors.inc()
             if self._error is None:
-                if isinstance(exc, DeliveryFailed) and exc.outage:
+                if isinstance(exc, DeliveryFailed) and exc.too_large:  # the topic's limit is below the producer's
+                    self._oversized_topics.add(topic)
+                    self._error = KafkaOutage(f"Kafka refused event {event_id} of transaction {txn.xid} as too large "
+                                              f"for {topic}: reading its max.message.bytes, then replaying to park it")
+                elif isinstance(exc, DeliveryFailed) and exc.outage:
                     self._kafka_reachable(False)
                     self._error = KafkaOutage(f"Kafka did not take event {event_id} of transaction {txn.xid} in time "
                                               f"({exc}); nothing after it was confirmed")
@@ -356,6 +398,7 @@ class Relay:
                 await asyncio.wait_for(halt.wait(), tick)
         # Not on cancellation: a sample may still be running in its thread, and the connection with it.
         monitor.close()
+        self._parker.close()
 
     async def _send_heartbeat(self, monitor: SlotMonitor) -> None:
         self._last_heartbeat_sent = time.monotonic()

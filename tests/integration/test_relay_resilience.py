@@ -225,3 +225,46 @@ def test_a_second_relay_on_the_same_slot_fails_with_one_clear_line(
     assert f"is in use by another relay (pid {pid})" in proc.stderr
     assert first.proc is not None and first.proc.poll() is None
     assert first.terminate() == 0
+
+
+def test_an_event_too_large_for_kafka_is_parked_not_dropped_and_the_relay_goes_on(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"{topic_prefix}.customer"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1, config={"max.message.bytes": "200000"})])[topic].result(30)
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--status-interval", "1").start()
+    with psycopg.connect(store) as conn:
+        for name in ("small-1", "x" * 3_000_000, "y" * 500_000, "small-2"):
+            # 3 MB: over the producer's message.max.bytes; 500 kB: under it, over the topic's limit
+            conn.execute("INSERT INTO pos.customers (name) VALUES (%s)", (name,))
+            conn.commit()
+        events = {r[0]: r[1] for r in conn.execute("SELECT id::text, payload::text FROM outbox.events"
+                                                   " WHERE type <> 'outbox.heartbeat'")}
+    big = {i for i, p in events.items() if len(p) > 100_000}
+    assert len(big) == 2
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        published = {r["headers"]["ce_id"] for r in kcat_read(kafka_bootstrap, topic)}
+        markers = kcat_read(kafka_bootstrap, topic + ".dlq")
+        if published >= set(events) - big and {m["headers"]["ce_id"] for m in markers} >= big:
+            break
+        time.sleep(1)
+    assert published == set(events) - big
+    assert {m["headers"]["ce_id"] for m in markers} == big
+    for m in markers:
+        h = m["headers"]
+        assert m["payload"] in (None, "") and m["key"].startswith("s1:")
+        assert "too large" in h["dlq_error"] or "larger than" in h["dlq_error"]
+        assert int(h["dlq_size"]) > 200_000 and h["dlq_lsn"] == h["ce_commitlsn"] and h["ce_type"] == "customer.created"
+    with psycopg.connect(store) as conn:  # the whole row is findable, with its reason and position
+        parked = {r[0]: r[1:] for r in conn.execute(
+            "SELECT id::text, payload::text, topic, error, size_bytes, commit_lsn::text FROM outbox.parked")}
+    assert set(parked) == big
+    for event_id, (payload, ptopic, error, size, lsn) in parked.items():
+        assert payload == events[event_id] and ptopic == topic and size > 200_000 and "larger than" in error
+        assert lsn == next(m["headers"]["dlq_lsn"] for m in markers if m["headers"]["ce_id"] == event_id)
+    assert relay.proc is not None and relay.proc.poll() is None, relay.output()
+    assert relay.output().count("parked in outbox.parked") >= 2
+    assert relay.terminate() == 0
