@@ -53,7 +53,8 @@ RELAY_UP = Gauge("outbox_relay_up", "1 while the relay streams its slot to Kafka
 RELAY_EVENTS_PUBLISHED = Counter("outbox_relay_events_published_total",
                                  "Events Kafka acknowledged (acks=all).", ["source_id", "topic"])
 RELAY_PUBLISH_ERRORS = Counter("outbox_relay_publish_errors_total",
-                               "Events Kafka refused after the producer's own retries (the relay then stops).",
+                               "Events Kafka did not take after the producer's own retries (timed out while Kafka was "
+                               "away: the relay replays from its slot; refused: it stops).",
                                ["source_id"])
 RELAY_EVENTS_PARKED = Counter("outbox_relay_events_parked_total",
                               "Events larger than Kafka takes (producer message.max.bytes or the topic's "

@@ -60,4 +60,5 @@ def relay(**params: Any) -> None:
     settings = build(RelaySettings, kafka=kafka, **params)
     with metrics.serve(settings.metrics_host, settings.metrics_port):
         stats = asyncio.run(run_relay(settings))
-    click.echo(f"relay stopped: {stats.events} events in {stats.transactions} transactions published", err=True)
+    parked = f", {stats.parked} parked in outbox.parked" if stats.parked else ""
+    click.echo(f"relay stopped: {stats.events} events in {stats.transactions} transactions published{parked}", err=True)

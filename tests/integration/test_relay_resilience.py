@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import psycopg
 import pytest
@@ -267,4 +267,50 @@ def test_an_event_too_large_for_kafka_is_parked_not_dropped_and_the_relay_goes_o
         assert lsn == next(m["headers"]["dlq_lsn"] for m in markers if m["headers"]["ce_id"] == event_id)
     assert relay.proc is not None and relay.proc.poll() is None, relay.output()
     assert relay.output().count("parked in outbox.parked") >= 2
+    assert relay.terminate() == 0
+
+
+def test_a_large_transaction_is_published_only_after_its_commit(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any) -> None:
+    rows = 50_000
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--max-in-flight", "5000").start()
+    topic = f"{topic_prefix}.big"
+    with psycopg.connect(store) as conn:
+        conn.execute("INSERT INTO outbox.events (aggregatetype, aggregateid, type, payload)"
+                     " SELECT 'big', g::text, 'big.created', jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+                     (rows,))
+        time.sleep(3)  # open, with its rows in the WAL: pgoutput v1 sends nothing before the commit
+        assert kcat_read(kafka_bootstrap, topic) == []
+        before_commit_ms = time.time() * 1000
+        conn.commit()
+    deadline = time.time() + 120
+    while len(records := kcat_read(kafka_bootstrap, topic)) < rows and time.time() < deadline:
+        time.sleep(2)
+    assert len({r["headers"]["ce_id"] for r in records}) == rows
+    assert min(r["ts"] for r in records) >= before_commit_ms - 5  # created by the relay after the commit
+    assert len({r["headers"]["ce_commitlsn"] for r in records}) == 1
+    assert sorted(int(r["headers"]["ce_txseq"]) for r in records) == list(range(rows))
+    assert relay.terminate() == 0
+
+
+def test_an_idle_stores_slot_does_not_pin_the_wal_of_a_busy_neighbour(
+        store: str, new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str, relays: Any) -> None:
+    busy = new_database("busy")
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--heartbeat-interval", "1", "--status-interval", "1").start()
+    retained = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots" \
+               " WHERE database = current_database()"
+    with psycopg.connect(busy, autocommit=True) as conn:
+        start = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
+        conn.execute("CREATE TABLE filler (x text)")
+        written = 0
+        while written < 50 * 2**20:  # ~50 MB of WAL in another database of the same cluster
+            conn.execute("INSERT INTO filler SELECT repeat(md5(g::text), 30) FROM generate_series(1, 20000) g")
+            written = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)::bigint", (start,)).fetchone()[0]  # type: ignore[index]
+        conn.execute("CHECKPOINT")  # logs running transactions: a place the slot's restart_lsn may move to
+    deadline = time.time() + 60
+    with psycopg.connect(store, autocommit=True) as conn:
+        while (held := conn.execute(retained).fetchone()[0]) > 4 * 2**20 and time.time() < deadline:  # type: ignore[index]
+            time.sleep(1)
+    assert written >= 50 * 2**20
+    assert held <= 4 * 2**20, f"the idle store's slot retains {held / 2**20:.1f} MB of WAL"
     assert relay.terminate() == 0
