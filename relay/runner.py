@@ -21,7 +21,7 @@ from outbox import contract, metrics
 from outbox.config import RelaySettings
 from outbox.errors import OutboxError
 from relay import pgoutput
-from relay.events import outbox_row
+from relay.events import RowReader
 from relay.positions import PositionTracker, Txn
 from relay.publisher import Publisher
 from relay.replication import ReplicationStream, SlotMonitor, preflight, purge_events
@@ -52,7 +52,7 @@ class Relay:
         self.settings = settings
         self.tracker = PositionTracker()
         self.stats = RelayStats()
-        self._relations: dict[int, pgoutput.Relation] = {}
+        self._readers: dict[int, RowReader] = {}  # relation id -> reader of its rows
         self._txn: Txn | None = None
         self._txn_context: contract.TxnContext | None = None  # built at the transaction's first event
         self._publisher = Publisher(settings.kafka)
@@ -160,14 +160,13 @@ class Relay:
             if not txn.pending and not txn.failed:  # acknowledged before its Commit arrived (or no events)
                 self._txn_acked(txn)
         elif isinstance(decoded, pgoutput.Relation):
-            self._relations[decoded.relation_id] = decoded
+            self._readers[decoded.relation_id] = RowReader(decoded)
         # Type, Origin, Update, Delete, Truncate: the publication carries inserts only.
 
     async def _publish(self, insert: pgoutput.Insert) -> None:
         txn = self._txn
         assert txn is not None, "Insert outside a transaction"
-        relation = self._relations[insert.relation_id]
-        row = outbox_row(pgoutput.relation_row(relation, insert.new))
+        row = self._readers[insert.relation_id](insert.new)
         if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
             self._heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
             return
