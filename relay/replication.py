@@ -181,14 +181,15 @@ class SlotMonitor:
 PARK_INSERT = (
     f"INSERT INTO {contract.SCHEMA}.{contract.PARKED_TABLE} (id, aggregatetype, aggregateid, type, payload, origin,"
     " traceparent, created_at, topic, commit_lsn, xid, txseq, size_bytes, error)"
-    " VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s::timestamptz, %s, %s::pg_lsn, %s, %s, %s, %s)"
+    " VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, (SELECT created_at FROM outbox.events WHERE id = %s::uuid),"
+    " %s, %s::pg_lsn, %s, %s, %s, %s)"
     " ON CONFLICT (id) DO NOTHING"  # replayed after a restart: parked once
 )
 
 
 @dataclass(frozen=True, slots=True)
 class ParkedEvent:
-    columns: dict[str, str | None]  # the outbox.events row as the WAL carried it (text values)
+    row: contract.OutboxRow  # as the WAL carried it
     topic: str
     commit_lsn: int
     xid: int
@@ -208,13 +209,12 @@ class Parker:
         self._conn: psycopg.Connection[Any] | None = None
 
     def park(self, event: ParkedEvent) -> None:
-        c = event.columns
+        r = event.row
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self._dsn, autocommit=True, application_name="outbox-relay-parker", connect_timeout=5)
             self._conn.execute(PARK_INSERT, (
-                c["id"], c["aggregatetype"], c["aggregateid"], c["type"], c["payload"], c.get("origin"),
-                c.get("traceparent"), c.get("created_at"), event.topic, contract.format_lsn(event.commit_lsn),
+                r.id, r.aggregatetype, r.aggregateid, r.type, r.payload, r.origin, r.traceparent, r.id, event.topic, contract.format_lsn(event.commit_lsn),
                 event.xid, event.txseq, event.size, event.error))
         except psycopg.errors.UndefinedTable:
             raise NotInstalled(f"{contract.SCHEMA}.{contract.PARKED_TABLE} is missing on {describe(self._dsn)}: "
@@ -224,7 +224,7 @@ class Parker:
                 self._conn.close()
                 self._conn = None
             error = DatabaseRefused if isinstance(exc, psycopg.errors.InsufficientPrivilege) else DatabaseUnavailable
-            raise error(f"cannot park event {c['id']} in {contract.SCHEMA}.{contract.PARKED_TABLE}: {first_line(exc)}"
+            raise error(f"cannot park event {r.id} in {contract.SCHEMA}.{contract.PARKED_TABLE}: {first_line(exc)}"
                         " (the relay's role needs INSERT on it: outbox install --relay-role ...)") from None
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from outbox.dsn import describe
 from outbox.errors import KafkaUnavailable, OutboxError
 from relay import pgoutput
 from relay.backoff import Backoff
-from relay.events import outbox_row
+from relay.events import RowReader
 from relay.positions import PositionTracker, Txn
 from relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, topic_max_bytes
 from relay.replication import (ParkedEvent, Parker, ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, preflight,
@@ -64,7 +64,7 @@ class Relay:
         self.settings = settings
         self.tracker = PositionTracker()
         self.stats = RelayStats()
-        self._relations: dict[int, pgoutput.Relation] = {}
+        self._readers: dict[int, RowReader] = {}  # relation id -> reader of its rows
         self._txn: Txn | None = None
         self._txn_context: contract.TxnContext | None = None  # built at the transaction's first event
         self._publisher: Publisher | None = None  # one per session
@@ -244,15 +244,13 @@ class Relay:
             if not txn.pending and not txn.failed:  # acknowledged before its Commit arrived (or no events)
                 self._txn_acked(txn)
         elif isinstance(decoded, pgoutput.Relation):
-            self._relations[decoded.relation_id] = decoded
+            self._readers[decoded.relation_id] = RowReader(decoded)
         # Type, Origin, Update, Delete, Truncate: the publication carries inserts only.
 
     async def _publish(self, insert: pgoutput.Insert) -> None:
         txn = self._txn
         assert txn is not None, "Insert outside a transaction"
-        relation = self._relations[insert.relation_id]
-        columns = pgoutput.relation_row(relation, insert.new)
-        row = outbox_row(columns)
+        row = self._readers[insert.relation_id](insert.new)
         if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
             self._heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
             return
@@ -272,30 +270,30 @@ class Relay:
         on_ack = partial(self._on_ack, self.tracker, txn, record.topic, row.id)
         limit = self._size_limits.get(record.topic)
         if limit is not None and contract.record_size(record) > limit:
-            await self._park(columns, record, txn, seq, f"larger than max.message.bytes {limit} of topic {record.topic}")
+            await self._park(row, record, txn, seq, f"larger than max.message.bytes {limit} of topic {record.topic}")
             return
         try:
             await publisher.send(record, on_ack)
         except RecordTooLarge:
-            await self._park(columns, record, txn, seq,
+            await self._park(row, record, txn, seq,
                              f"larger than the producer's message.max.bytes {publisher.max_message_bytes}")
             return
         self.stats.events += 1
 
-    async def _park(self, columns: dict[str, Any], record: contract.Record, txn: Txn, seq: int, error: str) -> None:
+    async def _park(self, row: contract.OutboxRow, record: contract.Record, txn: Txn, seq: int, error: str) -> None:
         """Kafka will never take this event: keep the whole row in outbox.parked (before anything past it
         is confirmed) and send a small marker to ``<topic>.dlq`` in its place; its acknowledgement
         stands for the event's."""
         size = contract.record_size(record)
-        await asyncio.to_thread(self._parker.park, ParkedEvent(columns, record.topic, txn.commit_lsn, txn.xid, seq,
+        await asyncio.to_thread(self._parker.park, ParkedEvent(row, record.topic, txn.commit_lsn, txn.xid, seq,
                                                                size, error))
         marker = contract.parked_marker(record, error, txn.commit_lsn)
         assert self._publisher is not None
-        await self._publisher.send(marker, partial(self._on_ack, self.tracker, txn, marker.topic, columns["id"]))
+        await self._publisher.send(marker, partial(self._on_ack, self.tracker, txn, marker.topic, row.id))
         self.metrics.parked(record.topic)
         self.stats.parked += 1
         log.warning("event %s (%d bytes) of transaction %s is %s: parked in %s.%s, a marker sent to %s",
-                    columns["id"], size, txn.xid, error, contract.SCHEMA, contract.PARKED_TABLE, marker.topic)
+                    row.id, size, txn.xid, error, contract.SCHEMA, contract.PARKED_TABLE, marker.topic)
 
     def _on_ack(self, tracker: PositionTracker, txn: Txn, topic: str, event_id: str, exc: Exception | None) -> None:
         if tracker is not self.tracker or (isinstance(exc, DeliveryFailed) and exc.purged):
