@@ -39,6 +39,7 @@ from outbox.errors import DatabaseUnavailable, OutboxError
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 0.2  # seconds between ledger writes while records complete
+CLOSE_FLUSH_TIMEOUT = 30.0  # seconds a stopping sink tries to save its last progress
 STORE_RETRY = 1.0  # seconds between attempts to write the ledger (or the dead-letter topic) when it fails
 
 
@@ -250,6 +251,7 @@ class CrmSink:
         self._inflight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._flush_due = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._open_gate = asyncio.Event()
         self._open_gate.set()
         self._throttled_until = 0.0
@@ -280,7 +282,10 @@ class CrmSink:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._failure is None:
-            await self._flush()
+            try:
+                await asyncio.wait_for(self._flush(), CLOSE_FLUSH_TIMEOUT)
+            except asyncio.TimeoutError:  # nothing is lost: what the ledger lacks is sent again, same keys
+                log.warning("could not save the CRM sink's last progress within %.0f s", CLOSE_FLUSH_TIMEOUT)
 
     # -- PipelinedSink
     async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
@@ -359,6 +364,7 @@ class CrmSink:
     async def _dispatch(self) -> None:
         while not self._closing:
             await self._open_gate.wait()
+            self._wake.clear()  # before looking: a completion from now on wakes the wait below
             now = time.monotonic()
             timeout = 1.0
             if now < self._throttled_until:
@@ -378,7 +384,6 @@ class CrmSink:
                 due = self.sched.next_due()
                 if due is not None:
                     timeout = min(timeout, max(0.0, due - now))
-            self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
 
@@ -463,6 +468,10 @@ class CrmSink:
             await self._flush()
 
     async def _flush(self) -> None:
+        async with self._flushing:  # one at a time: the offsets written only ever grow
+            await self._flush_now()
+
+    async def _flush_now(self) -> None:
         applied, self._applied = self._applied, []
         dead, self._dead = self._dead, []
         if not applied and not dead and not self._skipped:
