@@ -267,6 +267,16 @@ class CrmSink:
     # -- lifecycle
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._flush_loop())]
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """The dispatcher and the flusher run until close: ending earlier is a bug, and stops the sink."""
+        if task.cancelled() or self._closing:
+            return
+        exc = task.exception()
+        log.error("CRM sink task %s ended: %r", task.get_coro(), exc, exc_info=exc)
+        self._failure = self._failure or OutboxError(f"CRM sink failed: {type(exc).__name__}: {exc}")
 
     async def close(self) -> None:
         """Stop sending, let calls in flight end (bounded by --timeout), save what is done."""
@@ -327,6 +337,7 @@ class CrmSink:
             if action == "skip":
                 self.sched.skip((p.topic, p.partition), p.offset)
                 self.m.skipped(why)
+                self._done_records.append(p)  # done: counted like applied records (consumer metrics, progress)
                 self._skipped = True
                 self._flush_due.set()
             elif action == "dead":
@@ -357,6 +368,8 @@ class CrmSink:
                 await asyncio.wait(set(self._inflight))
             await self._flush()
             self.sched.drop((tp.topic, tp.partition) for tp in partitions)
+            for tp in partitions:  # their next owner commits them
+                self._safe.pop(tp, None)
         finally:
             self._open_gate.set()
 
@@ -440,7 +453,7 @@ class CrmSink:
             if now + wait > self._throttled_until:
                 self.m.throttled.inc(now + wait - max(now, self._throttled_until))
                 self._throttled_until = now + wait
-                log.info("CRM answered 429: holding all calls for %.1f s", wait)
+                log.log(logging.INFO if wait >= 1 else logging.DEBUG, "CRM answered 429: holding all calls for %.1f s", wait)
         for p in batch:
             self._retry(p, result.reason or "server_error", result.error, now, result.retry_after)
         self._flush_due.set()

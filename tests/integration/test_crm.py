@@ -292,3 +292,33 @@ def test_a_hanging_crm_times_out_and_is_retried_until_it_answers(
     crm.faults(hang=False)
     wait_converged(store, crm, sink, timeout=60)
     assert_no_duplicates_and_key_order(crm)
+
+
+def test_a_second_sink_joining_and_the_first_leaving_keeps_order_and_writes_once(
+        crm: Crm, store: str, new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str,
+        processes: list[OutboxProcess]) -> None:
+    crm.faults(latency_ms=100, error_rate=0.2, rate_limit_rate=0.05, retry_after=0)  # slow and failing: calls in flight
+    ledger = new_database("ledger")
+    relay = RelayProcess(store, SOURCE, topic_prefix, kafka_bootstrap).start()
+    slow = ("--batch-size", "10", "--rate", "3", "--burst", "1")  # ~30 records/s each: work left for both
+    first = sink_process(crm, ledger, topic_prefix, kafka_bootstrap, *slow).start()
+    processes.extend([relay, first])
+    run_workload(store, transactions=300, seed=21)
+
+    def wait_writes(n: int) -> None:
+        deadline = time.time() + 60
+        while crm.query("SELECT count(*) FROM crm.writes")[0][0] < n:
+            assert time.time() < deadline, first.output() + "\n---- second\n" + (second.output() if second else "")
+            time.sleep(0.05)
+
+    second = None
+
+    wait_writes(60)
+    second = sink_process(crm, ledger, topic_prefix, kafka_bootstrap, *slow).start()
+    processes.append(second)
+    second.wait_for_output("assigned", timeout=60)  # the group rebalanced: the first released partitions
+    wait_writes(crm.query("SELECT count(*) FROM crm.writes")[0][0] + 60)
+    assert differences(store, crm)  # still work to do when the first leaves
+    assert first.terminate() == 0  # leaves the group: the second takes every partition
+    wait_converged(store, crm, second)
+    assert_no_duplicates_and_key_order(crm)
