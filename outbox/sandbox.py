@@ -724,6 +724,16 @@ class Sandbox:
             self._stop_kafka()
             self._stop_pg()
 
+    def stop_kafka(self) -> None:
+        """Stop Kafka only (the fault suite restarts one server at a time); ``up`` starts it again."""
+        with self._locked():
+            self._stop_kafka()
+
+    def stop_postgres(self) -> None:
+        """Stop PostgreSQL only (fast shutdown); ``up`` starts it again."""
+        with self._locked():
+            self._stop_pg()
+
     # ---------------------------------------------------------------- steps
     @contextmanager
     def _locked(self) -> Iterator[None]:
