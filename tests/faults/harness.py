@@ -81,6 +81,9 @@ class Pipeline:
         target = wal_now(self.dsn)
         deadline = time.monotonic() + timeout
         while self.confirmed() < target:
+            proc = self.relay.proc
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the relay exited ({proc.returncode}) instead of recovering: {self.relay.output()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"the relay did not catch up with {contract.format_lsn(target)} within "
                                      f"{timeout:.0f} s: {self.relay.output()}")

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-COLUMNS = ("scenario", "committed", "events", "lost", "rolled_back", "duplicated", "order_violations",
+COLUMNS = ("scenario", "committed", "rolled_back_txns", "events", "lost", "rolled_back", "duplicated", "order_violations",
            "recover_s", "notes")
-HEADINGS = ("scenario", "txns committed", "events committed", "lost", "rolled-back published", "duplicated",
+HEADINGS = ("scenario", "txns committed", "txns rolled back", "events committed", "lost", "rolled-back published", "duplicated",
             "order violations", "time to recover (s)", "notes")
 
 
