@@ -30,20 +30,45 @@ POLL_SECONDS = 0.05  # the delivery thread's longest wait; reports are served as
 class DeliveryFailed(Exception):
     """Kafka did not take an event (after librdkafka's own retries)."""
 
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(error.str())
+        self.code = error.code()
+        # The relay restarts from its slot with a new producer after these: Kafka (or the way to
+        # it) was away, or the producer's idempotence state is spent; nothing is lost that way.
+        self.outage = bool(error.retriable() or error.fatal() or self.code in _OUTAGE_CODES)
+        self.too_large = self.code == KafkaError.MSG_SIZE_TOO_LARGE
+        self.purged = self.code in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)  # by the relay itself
+
+
+_OUTAGE_CODES = frozenset({KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+                           KafkaError._ALL_BROKERS_DOWN, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT,
+                           KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_ENOUGH_REPLICAS,
+                           KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.LEADER_NOT_AVAILABLE,
+                           KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError._UNKNOWN_PARTITION,
+                           KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, KafkaError.UNKNOWN_PRODUCER_ID,
+                           KafkaError.INVALID_PRODUCER_EPOCH})
+
 
 class RecordRefused(OutboxError):
     """The producer refused a record outright (too large, unknown topic name, ...)."""
+
+
+class RecordTooLarge(RecordRefused):
+    """Larger than the producer's message.max.bytes: Kafka would never take it."""
 
 
 class Publisher:
     """Sends records and reports each acknowledgement (or failure) through a callback on the loop."""
 
     def __init__(self, kafka: KafkaSettings, *, linger_ms: int = 5, queue_messages: int = 100_000,
-                 queue_kbytes: int = 32 * 1024) -> None:
+                 queue_kbytes: int = 32 * 1024, message_timeout_ms: int = 300_000,
+                 batch_bytes: int = 1_000_000) -> None:
         self._kafka = kafka
         self._linger_ms = linger_ms
         self._queue_messages = queue_messages
         self._queue_kbytes = queue_kbytes  # bounds the relay's memory: a full queue is back-pressure
+        self._message_timeout_ms = message_timeout_ms
+        self._batch_bytes = batch_bytes  # at most the smallest topic's max.message.bytes: Kafka limits batches
         self._producer: Producer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reports: deque[tuple[AckCallback, Exception | None]] = deque()
@@ -61,6 +86,8 @@ class Publisher:
             "linger.ms": self._linger_ms,
             "queue.buffering.max.messages": self._queue_messages,
             "queue.buffering.max.kbytes": self._queue_kbytes,
+            "message.timeout.ms": self._message_timeout_ms,
+            "batch.size": self._batch_bytes,
             "logger": librdkafka_log,
         }
         producer = Producer(config)
@@ -96,7 +123,9 @@ class Publisher:
             except BufferError:  # queue full: let deliveries drain it
                 await asyncio.sleep(0.005)
             except KafkaException as exc:
-                raise RecordRefused(f"Kafka producer refused a record for {record.topic} "
+                too_large = exc.args and isinstance(exc.args[0], KafkaError) and \
+                    exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
+                raise (RecordTooLarge if too_large else RecordRefused)(f"Kafka producer refused a record for {record.topic} "
                                     f"({len(record.value)} bytes): {_reason(exc)}") from None
 
     async def flush(self, timeout: float) -> bool:
@@ -108,7 +137,16 @@ class Publisher:
         self._dispatch()
         return remaining == 0
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The producer's own limit (librdkafka's message.max.bytes default)."""
+        return int(self._kafka.librdkafka_config().get("message.max.bytes", 1_000_000))
+
     async def stop(self) -> None:
+        """Drop whatever is still queued (its events were never confirmed) and close the producer."""
+        if self._producer is not None:
+            self._producer.purge(in_queue=True, in_flight=True)
+            await asyncio.to_thread(self._producer.flush, 5)  # serves the purge reports; returns at once
         self._polling.clear()
         if self._poller is not None:
             await asyncio.to_thread(self._poller.join)
@@ -124,7 +162,7 @@ class Publisher:
 
     def _delivered(self, on_done: AckCallback, err: KafkaError | None, _msg: Any) -> None:
         """In librdkafka's calling thread: queue the report, wake the loop once per batch."""
-        self._reports.append((on_done, None if err is None else DeliveryFailed(err.str())))
+        self._reports.append((on_done, None if err is None else DeliveryFailed(err)))
         if not self._dispatch_pending and self._loop is not None:
             self._dispatch_pending = True
             self._loop.call_soon_threadsafe(self._dispatch)
@@ -136,6 +174,26 @@ class Publisher:
         while reports:
             on_done, error = reports.popleft()
             on_done(error)
+
+
+async def topic_max_bytes(kafka: KafkaSettings, topics: list[str], timeout: float = 10.0) -> dict[str, int]:
+    """Each topic's max.message.bytes as the brokers enforce it (topic override or broker default)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    def describe() -> dict[str, int]:
+        admin = AdminClient({**kafka.librdkafka_config(), "logger": librdkafka_log})
+        resources = [ConfigResource("topic", t) for t in topics]
+        out = {}
+        try:
+            for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
+                out[resource.name] = int(future.result(timeout)["max.message.bytes"].value)
+        except (KafkaException, TimeoutError) as exc:
+            reason = _reason(exc) if isinstance(exc, KafkaException) else "timed out"
+            raise KafkaUnavailable(f"cannot read max.message.bytes of {', '.join(topics)} from Kafka at "
+                                   f"{kafka.bootstrap}: {reason}") from None
+        return out
+
+    return await asyncio.to_thread(describe)
 
 
 def _reason(exc: KafkaException) -> str:
