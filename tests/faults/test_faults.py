@@ -49,7 +49,8 @@ def supervise(p: Pipeline) -> int:
     return 0
 
 
-@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+@pytest.mark.parametrize("delivery", ["at-least-once", pytest.param("exactly-once", marks=pytest.mark.xfail(
+    strict=True, reason="needs 'outbox relay --delivery exactly-once' from the exactly-once branch (not merged yet)"))])
 def test_relay_sigkill_at_random_moments(pipeline: Callable[..., Pipeline], delivery: str) -> None:
     p = pipeline(*(EXACTLY_ONCE if delivery == "exactly-once" else ()))
     p.start_relay()
