@@ -2,7 +2,6 @@
 break, the wait for the pipeline to settle, the check and a line in the fault table."""
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
