@@ -11,7 +11,6 @@ connection; it reconnects and goes on.
 """
 from __future__ import annotations
 
-import logging
 import random
 import threading
 import time
@@ -24,7 +23,6 @@ import psycopg
 from outbox.demo import NAMES, SKUS
 from tests.faults.checker import XID_MASK, WriterRecord
 
-log = logging.getLogger(__name__)
 
 SIZES = (1, 1, 1, 2, 3, 5, 8, 13, 21, 34, 50)  # captured rows per transaction, mostly small
 
