@@ -11,6 +11,7 @@ import psycopg
 
 from outbox import contract
 from outbox.demo import POS_CAPTURES
+from outbox.errors import SandboxError
 from outbox.sandbox import Sandbox
 from tests.faults import report
 from tests.faults.checker import CheckResult, WriterRecord, check, topics_of
@@ -106,7 +107,11 @@ def restart(sandbox: Sandbox, server: str, down_for: float) -> float:
     else:
         sandbox.stop_postgres()
     time.sleep(down_for)
-    sandbox.up()  # starts only what is not running
+    try:
+        sandbox.up()  # starts only what is not running
+    except SandboxError:  # seen once: Kafka's controller listener could not bind yet ("Unable to start acceptor")
+        time.sleep(5)
+        sandbox.up()
     return time.monotonic()
 
 
