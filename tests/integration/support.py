@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from outbox.demo import POS_CAPTURES, POS_SCHEMA
+from outbox.demo import POS_CAPTURES, POS_SCHEMA, readstore_checksum, source_checksum
 
 OUTBOX = [sys.executable, "-m", "outbox.cli"]
 
@@ -42,8 +43,6 @@ class OutboxProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "OutboxProcess":
-        import os
-
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(OUTBOX + self.args, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, **self.env} if self.env else None)
@@ -85,9 +84,10 @@ class OutboxProcess:
 class RelayProcess(OutboxProcess):
     """``outbox relay`` as a real process."""
 
-    def __init__(self, dsn: str, source_id: str, prefix: str, bootstrap: str, *extra: str) -> None:
+    def __init__(self, dsn: str, source_id: str, prefix: str, bootstrap: str, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         super().__init__("relay", "--dsn", dsn, "--source-id", source_id, "--kafka-bootstrap", bootstrap,
-                         "--topic-prefix", prefix, *extra, name="relay")
+                         "--topic-prefix", prefix, *extra, name="relay", env=env)
         self.dsn = dsn
 
     def start(self, wait: bool = True) -> "RelayProcess":
@@ -107,6 +107,40 @@ class RelayProcess(OutboxProcess):
                     return
                 time.sleep(0.05)
         raise AssertionError(f"relay not streaming after {timeout}s: {self.output()}")
+
+
+class ConsumerProcess(OutboxProcess):
+    """``outbox consume readstore`` as a real process."""
+
+    def __init__(self, dsn: str, prefix: str, bootstrap: str, group: str, env: dict[str, str] | None = None) -> None:
+        super().__init__("consume", "readstore", "--dsn", dsn, "--kafka-bootstrap", bootstrap, "--topic-prefix", prefix,
+                         "--group", group, name="readstore", env=env)
+        self.dsn = dsn
+
+    def start(self, wait: bool = False) -> "ConsumerProcess":
+        super().start()
+        return self
+
+
+def wait_converged(readstore: str, stores: dict[str, str], procs: list[OutboxProcess], timeout: float = 120) -> dict[str, Any]:
+    expected = {}
+    for source, dsn in stores.items():
+        with psycopg.connect(dsn) as conn:
+            expected[source] = source_checksum(conn)
+    deadline = time.time() + timeout
+    actual: dict[str, Any] = {}
+    with psycopg.connect(readstore, autocommit=True) as conn:
+        while time.time() < deadline:
+            for p in procs:
+                assert p.proc is not None and p.proc.poll() is None, f"{p.args[0]} exited: {p.output()}"
+            try:
+                actual = {s: readstore_checksum(conn, s) for s in stores}
+            except psycopg.errors.UndefinedTable:
+                actual = {}
+            if actual == expected:
+                return actual
+            time.sleep(0.3)
+    raise AssertionError(f"read store did not converge: expected {expected}, got {actual}")
 
 
 def kcat_read(bootstrap: str, topic: str) -> list[dict[str, Any]]:
