@@ -10,16 +10,16 @@ from ``stored_offsets`` and the loop seeks there on every assignment: the sink i
 When ``apply`` raises an error whose ``retriable`` attribute is true, the loop rewinds the
 batch's partitions, waits (exponential backoff up to 30 s) and fetches the batch again; polling
 goes on meanwhile, so the consumer keeps its place in the group. Other errors end the loop.
-<<<<<<< HEAD
 Records a sink cannot apply for good are parked in ``<topic>.dlq`` by the sink itself, through
 ``batch.dead_letters`` (consumers/dlq.py), before it commits.
-=======
+
+Sinks whose writes are slow remote calls (the CRM's HTTP API) use :func:`run_pipelined` instead:
+the sink takes records as they are fetched and works on them beside the loop (see :class:`PipelinedSink`).
 
 Fault injection, for the fault suite only (tests/faults, docs/faults.md): with the environment
 variable ``OUTBOX_FAULT_KILL_AFTER_SINK_COMMIT=N`` the process SIGKILLs itself right after the
 Nth batch the sink has applied (committed), before the Kafka offset commit: the narrowest window
 of a consumer crash. Unset (always, in production) it costs one comparison per batch.
->>>>>>> main
 """
 from __future__ import annotations
 
@@ -196,27 +196,8 @@ async def run_consumer(
     **consumer_options: Any,
 ) -> None:
     """Feed ``sink`` from the topics matching ``pattern`` until ``stop`` is set."""
-<<<<<<< HEAD
-    consumer = await _start_consumer(kafka, group, client_id, batch_size, consumer_options)
-=======
     kill_after = fault_kill_after(os.environ)
-    consumer = AIOKafkaConsumer(
-        **kafka.client_kwargs(),
-        group_id=group,
-        client_id=client_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        metadata_max_age_ms=METADATA_MAX_AGE_MS,
-        max_poll_records=batch_size,
-        **consumer_options,
-    )
-    try:
-        await consumer.start()
-    except KafkaError as exc:
-        await consumer.stop()
-        raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
->>>>>>> main
+    consumer = await _start_consumer(kafka, group, client_id, batch_size, consumer_options)
     busy = asyncio.Lock()
     applied_batches = 0
     progress = progress or Progress(group)
@@ -280,7 +261,6 @@ async def run_consumer(
         await consumer.stop()
 
 
-<<<<<<< HEAD
 async def _start_consumer(kafka: KafkaSettings, group: str, client_id: str, batch_size: int,
                           options: Mapping[str, Any]) -> AIOKafkaConsumer:
     consumer = AIOKafkaConsumer(
@@ -390,7 +370,8 @@ async def run_pipelined(
         finally:
             await dead_letters.close()
             await consumer.stop()
-=======
+
+
 def fault_kill_after(environ: Mapping[str, str]) -> int | None:
     """The batch count after which to SIGKILL (fault injection), or None when unset."""
     value = environ.get(FAULT_KILL_AFTER_SINK_COMMIT, "").strip()
@@ -404,7 +385,6 @@ def fault_kill_after(environ: Mapping[str, str]) -> int | None:
         raise ConfigError(f"{FAULT_KILL_AFTER_SINK_COMMIT}={value!r} is not a positive number of batches: unset it "
                           "(it is a fault-injection hook for tests)")
     return count
->>>>>>> main
 
 
 def _count_applied(stats: metrics.ConsumerMetrics, batches: Mapping[TopicPartition, Sequence[Any]],
