@@ -6,7 +6,8 @@ real process with its own database) and a fresh ledger database, then ``run_crm`
 (batches of 50, 4 calls in flight, no client-side rate limit: --rate 10000) is timed until its
 ledger's offsets cover all N events. At 30% failures the CRM answers 15% of calls 500 (half of
 them after committing the write) and 15% 429 with Retry-After: 1 (seconds or HTTP-date); the sink
-holds all calls for that second, as a CRM asks. Figures: events/s from the sink's start (group
+holds all calls for that second, as a CRM asks; a third set of runs has the same failures with
+Retry-After: 0, to show what the retries cost without those waits. Figures: events/s from the sink's start (group
 join included), the share of calls that failed and were retried, and a check that the CRM holds
 exactly N records, each written once.
 """
@@ -26,10 +27,14 @@ from bench.common import OUTBOX, Result, Scratch, bootstrap, create_topics, figu
 from bench.consumer import produce
 
 NAME = "crm"
-FAULTS = {
-    "0%": {},
-    "30%": {"error_rate": 0.15, "rate_limit_rate": 0.15, "retry_after": 1, "retry_after_form": "mixed",
-            "after_write_share": 0.5},
+FAULTS_30 = {"error_rate": 0.15, "rate_limit_rate": 0.15, "retry_after": 1, "retry_after_form": "mixed",
+             "after_write_share": 0.5}
+# label -> (key in the saved figures, faults)
+FAULTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "0%": ("0", {}),
+    "30%": ("30", FAULTS_30),
+    # the same failures with Retry-After: 0: what the retries themselves cost, without the waits the CRM asks for
+    "30% (Retry-After 0)": ("30_ra0", {**FAULTS_30, "retry_after": 0}),
 }
 
 
@@ -77,9 +82,9 @@ async def _one_run(scratch: Scratch, prefix: str, n: int, label: str, i: int) ->
     from outbox.config import CrmSinkSettings, KafkaSettings
 
     url, crm_db = await asyncio.to_thread(_start_crm, scratch, i)
-    await asyncio.to_thread(_set_faults, url, FAULTS[label])
+    await asyncio.to_thread(_set_faults, url, FAULTS[label][1])
     ledger = scratch.database("bench_crm_ledger")
-    group = f"{prefix}-{label.rstrip('%')}-{i}"
+    group = f"{prefix}-{FAULTS[label][0]}-{i}"
     settings = CrmSinkSettings(crm_url=url, dsn=f"dbname={ledger}", kafka=KafkaSettings(bootstrap=bootstrap()),
                                topic_prefix=prefix, group=group, rate=10000, batch_size=50, concurrency=4,
                                retry_base=0.05, retry_max=2, max_attempts=50)
@@ -119,7 +124,7 @@ async def run(quick: bool, events: int | None = None, runs: int | None = None) -
     n = events or (2000 if quick else 20_000)
     runs = runs or (1 if quick else 3)
     result = Result(NAME, quick, params={"events": n, "runs": runs, "partitions": 3, "batch_size": 50, "concurrency": 4,
-                                          "rate": "unlimited (10000/s)", "faults_30": FAULTS["30%"]})
+                                          "rate": "unlimited (10000/s)", "faults_30": FAULTS_30})
     with Scratch() as scratch:
         prefix = scratch.topic_prefix("bench-crm")
         await create_topics([f"{prefix}.order"])
@@ -134,7 +139,7 @@ async def run(quick: bool, events: int | None = None, runs: int | None = None) -
     print(f"crm: CRM sink applying {n} pre-produced events to the reference CRM, median of {runs} run(s)")
     for label in FAULTS:
         mine = [r for r in result.runs if r["failures"] == label]
-        key = label.rstrip("%")
+        key = FAULTS[label][0]
         result.figures[f"events_per_s_{key}"] = median([r["events_per_s"] for r in mine])
         result.figures[f"retried_share_{key}"] = median([r["retried_share"] for r in mine])
         figure(NAME, f"CRM sink at {label} failures", result.figures[f"events_per_s_{key}"], "events/s",
