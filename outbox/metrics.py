@@ -87,6 +87,16 @@ RELAY_REPLICATION_CONNECTED = Gauge("outbox_relay_replication_connected",
 RELAY_KAFKA_CONNECTED = Gauge("outbox_relay_kafka_connected",
                               "1 when the relay's producer reached a Kafka broker at the last check (every 10 s).",
                               ["source_id"])
+RELAY_KAFKA_TRANSACTIONS = Counter("outbox_relay_kafka_transactions_total",
+                                   "Kafka transactions of an exactly-once relay, by outcome (committed, aborted).",
+                                   ["source_id", "outcome"])
+RELAY_KAFKA_COMMIT = Histogram("outbox_relay_kafka_commit_seconds",
+                               "Time an exactly-once relay waits for one Kafka transaction to commit (reading stops "
+                               "meanwhile).", ["source_id"], buckets=APPLY_BUCKETS)
+RELAY_SKIPPED = Counter("outbox_relay_transactions_skipped_total",
+                        "Source transactions an exactly-once relay did not publish again because its offsets topic "
+                        "says a committed Kafka transaction already holds them (replayed by the slot after a restart).",
+                        ["source_id"])
 
 # --------------------------------------------------------------------------- consumers
 CONSUMER_INFO = Gauge("outbox_consumer_info", "Always 1; the labels describe the consumer.",
@@ -135,6 +145,10 @@ class RelayMetrics:
         self.kafka_connected = RELAY_KAFKA_CONNECTED.labels(source_id)
         self.slot_poll_time = RELAY_SLOT_POLL_TIME.labels(source_id)
         self.heartbeat_age = RELAY_HEARTBEAT_AGE.labels(source_id)
+        self.kafka_committed = RELAY_KAFKA_TRANSACTIONS.labels(source_id, "committed")
+        self.kafka_aborted = RELAY_KAFKA_TRANSACTIONS.labels(source_id, "aborted")
+        self.kafka_commit = RELAY_KAFKA_COMMIT.labels(source_id)
+        self.skipped = RELAY_SKIPPED.labels(source_id)
         self._published: dict[str, Counter] = {}
 
     def started(self, slot: str, database: str) -> None:

@@ -30,6 +30,23 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
               help="Seconds between heartbeat rows written into outbox.events (0: none). A heartbeat goes "
                    "through the WAL like an event, is never published, proves the path end to end "
                    "(metric outbox_relay_heartbeat_age_seconds) and lets an idle database's slot advance.")
+@click.option("--delivery", type=click.Choice(["at-least-once", "exactly-once"]), default="at-least-once",
+              show_default=True,
+              help="at-least-once: idempotent producer, acks=all, a crash may publish events again. exactly-once: "
+                   "Kafka transactions that also record the source position in --offsets-topic; read_committed "
+                   "consumers see each event once across crashes (docs/delivery.md).")
+@click.option("--transactional-id", default=None, metavar="ID",
+              help="exactly-once: the producer's transactional.id; a newer relay with the same id fences this one "
+                   "[default: outbox-relay.<source id>].")
+@click.option("--offsets-topic", default=contract.DEFAULT_OFFSETS_TOPIC, show_default=True, metavar="TOPIC",
+              help="exactly-once: compacted topic holding each source's published position, keyed by source id "
+                   "(created if missing; keep it outside consumers' topic patterns).")
+@click.option("--transaction-interval", default=0.1, show_default=True, type=float, metavar="SECONDS",
+              help="exactly-once: commit the open Kafka transaction this often (at a source transaction boundary). "
+                   "Longer: more throughput, more latency.")
+@click.option("--transaction-max-events", default=10_000, show_default=True, type=int, metavar="N",
+              help="exactly-once: commit the open Kafka transaction once it holds this many events (whole source "
+                   "transactions only, so one large source transaction may exceed it).")
 @metrics_options
 def relay(**params: Any) -> None:
     """Stream the outbox of one store database to Kafka.
@@ -38,6 +55,10 @@ def relay(**params: Any) -> None:
     replication protocol) and publishes every event to Kafka (acks=all, idempotent producer).
     An LSN is confirmed to PostgreSQL only after Kafka acknowledged every event up to it, so a
     relay killed at any moment resumes from its slot without losing anything.
+
+    With --delivery exactly-once the events go out in Kafka transactions that also record the
+    source position in a compacted offsets topic; the LSN is confirmed after the Kafka commit,
+    and a restarted relay skips what the offsets topic says is already published.
 
     SIGTERM or Ctrl-C: stop reading, wait for in-flight events, confirm them, exit 0.
     """

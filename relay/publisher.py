@@ -30,6 +30,11 @@ POLL_SECONDS = 0.05  # the delivery thread's longest wait; reports are served as
 class DeliveryFailed(Exception):
     """Kafka did not take an event (after librdkafka's own retries)."""
 
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(error.str())
+        self.fatal = error.fatal()  # a transactional producer fenced by a newer instance, say
+        self.fenced = is_fenced(error)
+
 
 class RecordRefused(OutboxError):
     """The producer refused a record outright (too large, unknown topic name, ...)."""
@@ -39,8 +44,9 @@ class Publisher:
     """Sends records and reports each acknowledgement (or failure) through a callback on the loop."""
 
     def __init__(self, kafka: KafkaSettings, *, linger_ms: int = 5, queue_messages: int = 100_000,
-                 queue_kbytes: int = 32 * 1024) -> None:
+                 queue_kbytes: int = 32 * 1024, extra: dict[str, Any] | None = None) -> None:
         self._kafka = kafka
+        self._extra = extra or {}  # more librdkafka settings (a transactional.id, say)
         self._linger_ms = linger_ms
         self._queue_messages = queue_messages
         self._queue_kbytes = queue_kbytes  # bounds the relay's memory: a full queue is back-pressure
@@ -62,12 +68,13 @@ class Publisher:
             "queue.buffering.max.messages": self._queue_messages,
             "queue.buffering.max.kbytes": self._queue_kbytes,
             "logger": librdkafka_log,
+            **self._extra,
         }
         producer = Producer(config)
         try:
             await asyncio.to_thread(producer.list_topics, timeout=10)
         except KafkaException as exc:
-            raise KafkaUnavailable(f"cannot reach Kafka at {self._kafka.bootstrap}: {_reason(exc)} "
+            raise KafkaUnavailable(f"cannot reach Kafka at {self._kafka.bootstrap}: {kafka_reason(exc)} "
                                    "(check --kafka-bootstrap and that the broker runs)") from None
         self._producer = producer
         self._polling.set()
@@ -96,8 +103,7 @@ class Publisher:
             except BufferError:  # queue full: let deliveries drain it
                 await asyncio.sleep(0.005)
             except KafkaException as exc:
-                raise RecordRefused(f"Kafka producer refused a record for {record.topic} "
-                                    f"({len(record.value)} bytes): {_reason(exc)}") from None
+                raise self._refused(record, exc) from None
 
     async def flush(self, timeout: float) -> bool:
         """Wait for everything queued to be acknowledged; False when ``timeout`` ran out first."""
@@ -115,6 +121,10 @@ class Publisher:
             self._poller = None
         self._producer = None  # librdkafka closes when the object goes; nothing unsent is confirmed
 
+    def _refused(self, record: Record, exc: KafkaException) -> OutboxError:
+        return RecordRefused(f"Kafka producer refused a record for {record.topic} "
+                             f"({len(record.value)} bytes): {kafka_reason(exc)}")
+
     # ------------------------------------------------------------------ delivery reports
     def _serve_reports(self) -> None:
         producer = self._producer
@@ -124,7 +134,7 @@ class Publisher:
 
     def _delivered(self, on_done: AckCallback, err: KafkaError | None, _msg: Any) -> None:
         """In librdkafka's calling thread: queue the report, wake the loop once per batch."""
-        self._reports.append((on_done, None if err is None else DeliveryFailed(err.str())))
+        self._reports.append((on_done, None if err is None else DeliveryFailed(err)))
         if not self._dispatch_pending and self._loop is not None:
             self._dispatch_pending = True
             self._loop.call_soon_threadsafe(self._dispatch)
@@ -138,6 +148,11 @@ class Publisher:
             on_done(error)
 
 
-def _reason(exc: KafkaException) -> str:
+def is_fenced(error: KafkaError) -> bool:
+    """A newer producer with the same transactional.id took over."""
+    return error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
+
+
+def kafka_reason(exc: KafkaException) -> str:
     err = exc.args[0] if exc.args else None
     return err.str() if isinstance(err, KafkaError) else str(exc)

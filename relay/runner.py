@@ -25,6 +25,7 @@ from relay.events import outbox_row
 from relay.positions import PositionTracker, Txn
 from relay.publisher import Publisher
 from relay.replication import ReplicationStream, SlotMonitor, preflight, purge_events
+from relay.transactional import ExactlyOnce, RestartFromCommitted, exactly_once
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ PURGE_EVERY = 60.0  # seconds between purges of old rows from outbox.events
 PROGRESS_EVERY = 30.0  # seconds between progress log lines
 MONITOR_EVERY = 10.0  # seconds between samples of pg_replication_slots and checks of Kafka
 KAFKA_PROBE_TIMEOUT = 5.0
+EOS_RESTARTS = 5  # exactly-once: aborted Kafka transactions in a row (no commit between) before giving up
 
 
 class PublishFailed(OutboxError):
@@ -55,7 +57,6 @@ class Relay:
         self._relations: dict[int, pgoutput.Relation] = {}
         self._txn: Txn | None = None
         self._txn_context: contract.TxnContext | None = None  # built at the transaction's first event
-        self._publisher = Publisher(settings.kafka)
         self._stream: ReplicationStream | None = None
         self._progress = asyncio.Event()  # set whenever an acknowledgement frees room
         self._error: BaseException | None = None
@@ -64,6 +65,10 @@ class Relay:
         self._last_progress = (time.monotonic(), 0)
         # metrics: bound once; counters are added per read loop, not per event
         self.metrics = metrics.RelayMetrics(settings.source_id)
+        # exactly-once: Kafka transactions with the source position (relay/transactional.py)
+        self._eos: ExactlyOnce | None = exactly_once(settings, self.metrics) if settings.exactly_once else None
+        self._publisher: Publisher = self._eos.publisher if self._eos else Publisher(settings.kafka)
+        self._skipping = False  # exactly-once: the current source transaction is already in Kafka
         self._acked: defaultdict[str, int] = defaultdict(int)  # events acknowledged per topic, not yet counted
         self._caught_up_to = 0  # commit time (µs since 2000) up to which everything is acknowledged, as far as known
         self._server_wal_end = 0  # pg_current_wal_lsn() at the last slot sample
@@ -81,7 +86,10 @@ class Relay:
         slot = await asyncio.to_thread(preflight, s.dsn, s.slot)
         self.tracker.confirmed = self.tracker.received = slot.confirmed_flush
         self.metrics.started(slot.name, slot.database)
-        await self._publisher.start()
+        if self._eos is not None:
+            await self._eos_start()
+        else:
+            await self._publisher.start()
         self.metrics.kafka_connected.set(1)
         try:
             self._stream = ReplicationStream(s.dsn, slot.name)
@@ -94,7 +102,7 @@ class Relay:
             halt = asyncio.Event()
             monitor = asyncio.create_task(self._monitor_periodically(halt, slot.name))
             try:
-                await self._loop(stop)
+                await (self._eos_loop(stop, slot.name) if self._eos else self._loop(stop))
                 await self._drain()
             finally:
                 if purger is not None:
@@ -118,6 +126,8 @@ class Relay:
         try:
             while not stop.is_set():
                 self._raise_if_failed()
+                if self._eos is not None and self._txn is None and self._eos.due():
+                    await self._eos_commit()
                 if self.tracker.in_flight >= self.settings.max_in_flight:
                     # back-pressure: stop reading the WAL until Kafka catches up
                     self._progress.clear()
@@ -125,7 +135,7 @@ class Relay:
                                        timeout=self.settings.status_interval, return_when=asyncio.FIRST_COMPLETED)
                     self._status()
                     continue
-                messages = await self._stream.read(timeout=min(self.settings.status_interval, 1.0))
+                messages = await self._stream.read(timeout=self._read_timeout())
                 if messages:
                     before = self.stats.events
                     for message in messages:
@@ -151,13 +161,18 @@ class Relay:
                 self._caught_up_to = max(self._caught_up_to, decoded.commit_time)
             self._txn = self.tracker.begin(decoded.xid, decoded.final_lsn, decoded.commit_time)
             self._txn_context = None
+            self._skipping = self._eos is not None and self._eos.begin(self._txn)
         elif isinstance(decoded, pgoutput.Commit):
             txn = self._txn
             assert txn is not None, "Commit without Begin"
             self.tracker.commit(txn, decoded.end_lsn)
             self.stats.transactions += 1
             self._txn = None
-            if not txn.pending and not txn.failed:  # acknowledged before its Commit arrived (or no events)
+            if self._eos is not None:
+                self._eos.source_committed(txn, self._skipping)
+                if self._eos.due():
+                    await self._eos_commit()
+            elif not txn.pending and not txn.failed:  # acknowledged before its Commit arrived (or no events)
                 self._txn_acked(txn)
         elif isinstance(decoded, pgoutput.Relation):
             self._relations[decoded.relation_id] = decoded
@@ -166,6 +181,8 @@ class Relay:
     async def _publish(self, insert: pgoutput.Insert) -> None:
         txn = self._txn
         assert txn is not None, "Insert outside a transaction"
+        if self._skipping:  # exactly-once: a committed Kafka transaction already holds it
+            return
         relation = self._relations[insert.relation_id]
         row = outbox_row(pgoutput.relation_row(relation, insert.new))
         if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
@@ -193,7 +210,9 @@ class Relay:
         else:
             self.tracker.failed(txn)
             self.metrics.publish_errors.inc()
-            if self._error is None:
+            if self._error is None and self._eos is not None:
+                self._error = self._eos.failure(exc)
+            elif self._error is None:
                 self._error = PublishFailed(f"Kafka refused event {event_id} of transaction {txn.xid}: {exc!r}")
         self._progress.set()
 
@@ -315,12 +334,81 @@ class Relay:
 
     async def _drain(self) -> None:
         """On stop: wait (bounded) for in-flight events, confirm what was acknowledged."""
-        if not await self._publisher.flush(DRAIN_TIMEOUT):
+        if self._eos is not None:
+            await self._eos_drain()
+        elif not await self._publisher.flush(DRAIN_TIMEOUT):
             log.warning("stopping with %d events unacknowledged after %.0f s; they will be sent again on restart",
                         self.tracker.in_flight, DRAIN_TIMEOUT)
         await asyncio.sleep(0)  # let the acknowledgement callbacks run
         self._status(force=True)
         self._raise_if_failed()
+
+
+    # ------------------------------------------------------------------ exactly-once (relay/transactional.py)
+    async def _eos_start(self) -> None:
+        """Fence older relays, read the committed position, confirm it (the slot may be behind it)."""
+        assert self._eos is not None
+        position = await self._eos.start()
+        self._eos.reset(self.tracker)
+        if position is not None and position.end_lsn > self.tracker.confirmed:
+            self.tracker.confirmed = self.tracker.received = position.end_lsn
+
+    async def _eos_loop(self, stop: asyncio.Event, slot: str) -> None:
+        """The read loop; an aborted Kafka transaction restarts the stream from the slot (bounded)."""
+        restarts = 0
+        while True:
+            assert self._eos is not None
+            committed = self._eos.commits
+            try:
+                return await self._loop(stop)
+            except RestartFromCommitted as exc:
+                restarts = 1 if self._eos.commits > committed else restarts + 1
+                if restarts > EOS_RESTARTS:
+                    raise PublishFailed(f"exactly-once: {exc}; {EOS_RESTARTS} restarts in a row failed") from None
+                log.warning("exactly-once: %s; Kafka transaction aborted, starting again from %s", exc,
+                            self._eos.position or "the slot")
+                await self._eos_restart(slot, backoff=min(10.0, 0.5 * 2 ** (restarts - 1)))
+
+    async def _eos_restart(self, slot: str, backoff: float) -> None:
+        assert self._eos is not None and self._stream is not None
+        await self._eos.abort()
+        await self._publisher.flush(DRAIN_TIMEOUT)  # reports of the aborted records reach the old tracker
+        self._stream.close()
+        self._error = None
+        self.tracker = PositionTracker(confirmed=self.tracker.confirmed, received=self.tracker.confirmed)
+        self._eos.reset(self.tracker)
+        self._relations.clear()
+        self._txn = self._txn_context = None
+        self._skipping = False
+        await asyncio.sleep(backoff)
+        deadline = time.monotonic() + 30.0
+        while True:  # the server may need a moment to release the slot from the closed connection
+            self._stream = ReplicationStream(self.settings.dsn, slot)
+            try:
+                return await self._stream.start()
+            except OutboxError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def _eos_commit(self) -> None:
+        assert self._eos is not None
+        for txn in await self._eos.commit():
+            self._txn_acked(txn)
+        self._status()
+
+    def _read_timeout(self) -> float:
+        timeout = min(self.settings.status_interval, 1.0)
+        left = self._eos.time_left() if self._eos is not None else None
+        return timeout if left is None else min(timeout, left)
+
+    async def _eos_drain(self) -> None:
+        """On stop: commit what holds only whole source transactions, abort a partial one."""
+        assert self._eos is not None
+        if self._txn is None and self._eos.due(force=True):
+            await self._eos_commit()
+        else:
+            await self._eos.abort()
 
 
 async def run_relay(settings: RelaySettings, stop: asyncio.Event | None = None) -> RelayStats:

@@ -81,10 +81,10 @@ class RelayProcess:
         self.log.unlink(missing_ok=True)
 
 
-def kcat_read(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+def kcat_read(bootstrap: str, topic: str, isolation: str = "read_committed") -> list[dict[str, Any]]:
     """Every record of a topic, read with kcat (an independent client), headers as a dict."""
     proc = subprocess.run(
-        ["kcat", "-b", bootstrap, "-C", "-t", topic, "-J", "-e", "-q", "-o", "beginning", "-X", "isolation.level=read_committed"],
+        ["kcat", "-b", bootstrap, "-C", "-t", topic, "-J", "-e", "-q", "-o", "beginning", "-X", f"isolation.level={isolation}"],
         capture_output=True, text=True, timeout=60,
     )
     if proc.returncode != 0:

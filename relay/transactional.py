@@ -1,0 +1,257 @@
+"""Exactly-once delivery: whole source transactions in Kafka transactions, with the source position.
+
+The relay produces its events inside a Kafka transaction (librdkafka transactional producer)
+and, before committing it, one record in the offsets topic (:mod:`relay.offsets`) naming the last
+source transaction it holds. A ``read_committed`` consumer sees the events and the position
+together or not at all. Only then is the slot confirmed; a relay restarted after a crash skips
+the source transactions the slot replays but the offsets topic already holds.
+
+Rules kept here:
+
+* a Kafka transaction holds whole source transactions only: it is committed at a source
+  transaction's boundary, every ``interval`` seconds or ``max_events`` events, whichever first;
+* a source transaction stays unconfirmed (held in the :class:`PositionTracker`) until the Kafka
+  transaction holding it committed; one with nothing to publish (heartbeats) is released at its
+  commit, in order behind the others;
+* a fatal producer error (fenced by a newer relay with the same ``transactional.id``) stops the
+  relay with one line; an abortable one aborts the Kafka transaction and the relay starts again
+  from what is committed (:class:`RestartFromCommitted`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+
+from outbox.config import KafkaSettings, RelaySettings
+from outbox.contract import Record
+from outbox.errors import KafkaUnavailable, OutboxError
+from outbox.metrics import RelayMetrics
+from relay.offsets import OffsetsTopic, SourcePosition, encode_position
+from relay.positions import PositionTracker, Txn
+from relay.publisher import DeliveryFailed, Publisher, is_fenced, kafka_reason, librdkafka_log
+
+log = logging.getLogger(__name__)
+
+TRANSACTION_TIMEOUT_MS = 120_000  # the broker aborts a transaction left open this long (a dead relay's)
+INIT_TIMEOUT = 60.0
+COMMIT_TIMEOUT = 60.0
+COMMIT_RETRIES = 5
+
+
+def default_transactional_id(source_id: str) -> str:
+    return f"outbox-relay.{source_id}"
+
+
+class Fenced(OutboxError):
+    """A newer producer with the same transactional.id took over: this relay must stop."""
+
+
+class RestartFromCommitted(Exception):
+    """The Kafka transaction was aborted: start again from the last committed source position."""
+
+
+class _FencedLogFilter(logging.Filter):
+    """librdkafka logs the fencing as FATAL; the relay says it once, in its own words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "fenced" not in record.getMessage()
+
+
+class TransactionalPublisher(Publisher):
+    """The relay's producer with a ``transactional.id``: every send lands in the open Kafka transaction."""
+
+    def __init__(self, kafka: KafkaSettings, transactional_id: str, **kwargs: Any) -> None:
+        super().__init__(kafka, extra={"transactional.id": transactional_id,
+                                       "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}, **kwargs)
+        self.transactional_id = transactional_id
+        self.in_transaction = False
+        self.sent_in_transaction = 0
+
+    async def start(self) -> None:
+        librdkafka_log.addFilter(_FencedLogFilter())
+        await super().start()
+        assert self._producer is not None
+        try:  # fences any older producer with this id and aborts the transaction it left open
+            await asyncio.to_thread(self._producer.init_transactions, INIT_TIMEOUT)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"cannot initialise Kafka transactions for transactional id {self.transactional_id}: "
+                                   f"{kafka_reason(exc)} (the relay's user needs WRITE and DESCRIBE on the "
+                                   "TransactionalId; the broker needs transaction.state.log.* settings it can meet)") from None
+
+    async def send(self, record: Record, on_done: Any) -> None:
+        if not self.in_transaction:
+            self._call(self._producer.begin_transaction)  # type: ignore[union-attr]
+            self.in_transaction = True
+        self.sent_in_transaction += 1
+        await super().send(record, on_done)
+
+    async def commit(self, key: bytes, value: bytes, offsets_topic: str) -> None:
+        """Add the position record and commit; retriable errors are retried, the rest raise."""
+        producer = self._producer
+        assert producer is not None and self.in_transaction
+        try:
+            producer.produce(offsets_topic, value, key)
+        except KafkaException as exc:
+            raise self._classify(exc.args[0], "write the source position") from None
+        for attempt in range(COMMIT_RETRIES):
+            try:
+                await asyncio.to_thread(producer.commit_transaction, COMMIT_TIMEOUT)
+                break
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.retriable() and not err.txn_requires_abort() and attempt + 1 < COMMIT_RETRIES:
+                    log.warning("Kafka transaction commit failed, retrying: %s", err.str())
+                    continue
+                raise self._classify(err, "commit the Kafka transaction") from None
+        self.in_transaction = False
+        self.sent_in_transaction = 0
+
+    async def abort(self) -> None:
+        """Abort the open Kafka transaction (its records stay invisible to read_committed consumers)."""
+        producer = self._producer
+        if producer is None or not self.in_transaction:
+            return
+        try:
+            await asyncio.to_thread(producer.abort_transaction, COMMIT_TIMEOUT)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal():
+                raise self._classify(err, "abort the Kafka transaction") from None
+            raise KafkaUnavailable(f"cannot abort the Kafka transaction: {err.str()}") from None
+        finally:
+            self.in_transaction = False
+            self.sent_in_transaction = 0
+
+    def _call(self, method: Any) -> None:
+        try:
+            method()
+        except KafkaException as exc:
+            raise self._classify(exc.args[0], "begin a Kafka transaction") from None
+
+    def _classify(self, err: KafkaError, doing: str) -> Exception:
+        if err.fatal():
+            return fenced_or_fatal(self.transactional_id, is_fenced(err), err.str())
+        return RestartFromCommitted(f"could not {doing}: {err.str()}")
+
+    def _refused(self, record: Record, exc: KafkaException) -> OutboxError:
+        err = exc.args[0] if exc.args else None
+        if isinstance(err, KafkaError) and err.fatal():
+            return fenced_or_fatal(self.transactional_id, is_fenced(err), err.str())
+        return super()._refused(record, exc)
+
+
+def fenced_or_fatal(transactional_id: str, fenced: bool, reason: str) -> OutboxError:
+    if fenced:
+        return Fenced(f"fenced: another relay started with transactional id {transactional_id}; this one stops "
+                      "without confirming anything more (run one relay per source id; give each its own "
+                      "--transactional-id)")
+    return OutboxError(f"Kafka producer failed fatally (transactional id {transactional_id}): {reason}")
+
+
+def exactly_once(settings: RelaySettings, metrics: RelayMetrics) -> "ExactlyOnce":
+    return ExactlyOnce(settings.kafka, source_id=settings.source_id,
+                       transactional_id=settings.transactional_id or default_transactional_id(settings.source_id),
+                       offsets_topic=settings.offsets_topic, interval=settings.transaction_interval,
+                       max_events=settings.transaction_max_events, metrics=metrics)
+
+
+class ExactlyOnce:
+    """Groups source transactions into Kafka transactions and keeps the offsets topic in step."""
+
+    def __init__(self, kafka: KafkaSettings, *, source_id: str, transactional_id: str, offsets_topic: str,
+                 interval: float, max_events: int, metrics: RelayMetrics) -> None:
+        self.publisher = TransactionalPublisher(kafka, transactional_id)
+        self.offsets = OffsetsTopic(kafka, offsets_topic)
+        self.source_id = source_id
+        self.interval = interval
+        self.max_events = max_events
+        self.metrics = metrics
+        self.position: SourcePosition | None = None  # the newest committed one
+        self.commits = 0
+        self._skipped = 0  # source transactions skipped since the last one published
+        self.tracker = PositionTracker()
+        self._members: list[Txn] = []  # complete source transactions in the open Kafka transaction
+        self._opened = 0.0  # monotonic time the open Kafka transaction got its first complete source transaction
+
+    async def start(self) -> SourcePosition | None:
+        """Initialise transactions (fencing older relays), then read this source's committed position."""
+        await self.publisher.start()
+        await asyncio.to_thread(self.offsets.ensure)
+        self.position = await asyncio.to_thread(self.offsets.read, self.source_id)
+        if self.position is None:
+            log.info("exactly-once: no position for %s in %s: publishing everything the slot sends",
+                     self.source_id, self.offsets.topic)
+        else:
+            log.info("exactly-once: %s already published up to %s (from %s); earlier transactions are skipped",
+                     self.source_id, self.position, self.offsets.topic)
+        return self.position
+
+    def reset(self, tracker: PositionTracker) -> None:
+        """After a restart of the stream: nothing of the aborted Kafka transaction counts."""
+        self.tracker = tracker
+        self._members = []
+
+    def begin(self, txn: Txn) -> bool:
+        """A source transaction starts; True when Kafka already holds it (skip its events)."""
+        self.tracker.hold(txn)
+        return self.position is not None and self.position.covers(txn.commit_lsn)
+
+    def source_committed(self, txn: Txn, skipped: bool) -> None:
+        if skipped:
+            self.metrics.skipped.inc()
+            self._skipped += 1
+        elif self._skipped:
+            log.info("exactly-once: skipped %d source transactions the slot sent again (already in Kafka)", self._skipped)
+            self._skipped = 0
+        if skipped or not txn.events:  # nothing of it is in the open Kafka transaction
+            self.tracker.release(txn)
+            return
+        if not self._members:
+            self._opened = time.monotonic()
+        self._members.append(txn)
+
+    def due(self, force: bool = False) -> bool:
+        """Whether the open Kafka transaction should commit now (call only between source transactions)."""
+        if not self._members:
+            return False
+        return (force or self.publisher.sent_in_transaction >= self.max_events
+                or time.monotonic() - self._opened >= self.interval)
+
+    def time_left(self) -> float | None:
+        """Seconds until the open Kafka transaction is due; None when it holds no complete source transaction."""
+        if not self._members:
+            return None
+        return max(0.0, self.interval - (time.monotonic() - self._opened))
+
+    async def commit(self) -> list[Txn]:
+        """Commit the open Kafka transaction with its position; returns the source transactions now confirmable."""
+        members, last = self._members, self._members[-1]
+        position = SourcePosition(commit_lsn=last.commit_lsn, end_lsn=last.end_lsn or last.commit_lsn, xid=last.xid)
+        key, value = encode_position(self.source_id, position)
+        started = time.monotonic()
+        await self.publisher.commit(key, value, self.offsets.topic)
+        self.metrics.kafka_commit.observe(time.monotonic() - started)
+        self.metrics.kafka_committed.inc()
+        self.commits += 1
+        self.position = position
+        self._members = []
+        for txn in members:
+            self.tracker.release(txn)
+        return members
+
+    async def abort(self) -> None:
+        had = self.publisher.in_transaction
+        await self.publisher.abort()
+        if had:
+            self.metrics.kafka_aborted.inc()
+        self._members = []
+
+    def failure(self, exc: Exception) -> Exception:
+        """What a failed delivery report means here: fencing stops the relay, anything else restarts it."""
+        if isinstance(exc, DeliveryFailed) and exc.fatal:
+            return fenced_or_fatal(self.publisher.transactional_id, exc.fenced, str(exc))
+        return RestartFromCommitted(f"Kafka refused an event: {exc}")
