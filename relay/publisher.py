@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from functools import partial
 from typing import Any, Callable
@@ -56,6 +57,7 @@ class Publisher:
         self._dispatch_pending = False
         self._polling = threading.Event()
         self._poller: threading.Thread | None = None
+        self.fatal_error: KafkaError | None = None  # set by the delivery thread when librdkafka raises one
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -130,7 +132,11 @@ class Publisher:
         producer = self._producer
         assert producer is not None
         while self._polling.is_set():
-            producer.poll(POLL_SECONDS)
+            try:
+                producer.poll(POLL_SECONDS)
+            except KafkaException as exc:  # a fatal error (fenced): the next produce or commit fails and says why
+                self.fatal_error = exc.args[0] if exc.args else None
+                time.sleep(POLL_SECONDS)
 
     def _delivered(self, on_done: AckCallback, err: KafkaError | None, _msg: Any) -> None:
         """In librdkafka's calling thread: queue the report, wake the loop once per batch."""

@@ -362,6 +362,7 @@ class Relay:
             try:
                 return await self._loop(stop)
             except RestartFromCommitted as exc:
+                await self._eos.abort()  # raises, in one line, when the cause was fatal (fenced)
                 restarts = 1 if self._eos.commits > committed else restarts + 1
                 if restarts > EOS_RESTARTS:
                     raise PublishFailed(f"exactly-once: {exc}; {EOS_RESTARTS} restarts in a row failed") from None
@@ -371,7 +372,6 @@ class Relay:
 
     async def _eos_restart(self, slot: str, backoff: float) -> None:
         assert self._eos is not None and self._stream is not None
-        await self._eos.abort()
         await self._publisher.flush(DRAIN_TIMEOUT)  # reports of the aborted records reach the old tracker
         self._stream.close()
         self._error = None

@@ -133,14 +133,18 @@ class TransactionalPublisher(Publisher):
             raise self._classify(exc.args[0], "begin a Kafka transaction") from None
 
     def _classify(self, err: KafkaError, doing: str) -> Exception:
-        if err.fatal():
+        if err.code() == KafkaError._FATAL and self.fatal_error is not None:  # "Local: Fatal error": the cause
+            err = self.fatal_error
+        if err.fatal() or err.code() == KafkaError._FATAL:
             return fenced_or_fatal(self.transactional_id, is_fenced(err), err.str())
         return RestartFromCommitted(f"could not {doing}: {err.str()}")
 
     def _refused(self, record: Record, exc: KafkaException) -> OutboxError:
         err = exc.args[0] if exc.args else None
-        if isinstance(err, KafkaError) and err.fatal():
-            return fenced_or_fatal(self.transactional_id, is_fenced(err), err.str())
+        if isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL):
+            fatal = self._classify(err, "produce")
+            assert isinstance(fatal, OutboxError)
+            return fatal
         return super()._refused(record, exc)
 
 
@@ -252,6 +256,9 @@ class ExactlyOnce:
 
     def failure(self, exc: Exception) -> Exception:
         """What a failed delivery report means here: fencing stops the relay, anything else restarts it."""
+        fatal = self.publisher.fatal_error  # then the report says only "purged"
+        if fatal is not None:
+            return fenced_or_fatal(self.publisher.transactional_id, is_fenced(fatal), fatal.str())
         if isinstance(exc, DeliveryFailed) and exc.fatal:
             return fenced_or_fatal(self.publisher.transactional_id, exc.fenced, str(exc))
         return RestartFromCommitted(f"Kafka refused an event: {exc}")

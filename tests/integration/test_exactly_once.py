@@ -119,7 +119,10 @@ def test_sigkills_mid_workload_leave_every_event_exactly_once(store: str, topic_
     raw = read_all(kafka_bootstrap, topic_prefix, "read_uncommitted")
     assert len(raw) >= len(records)
     assert relay.terminate() == 0, relay.output()
-    assert "Traceback" not in relay.output()
+    log = relay.log.read_text()
+    assert "Traceback" not in log
+    # some kill fell between a Kafka commit and the confirm to PostgreSQL: the restart skipped it
+    assert "source transactions the slot sent again" in log, log[-3000:]
 
 
 def test_an_aborted_kafka_transaction_stays_invisible_and_is_published_again_once(
@@ -189,7 +192,7 @@ def test_a_second_relay_with_the_same_transactional_id_fences_the_first(
     out = first.output()
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "fenced" in errors[0] and f"shared-{topic_prefix}" in errors[0], out
-    assert "Traceback" not in out
+    assert "Traceback" not in out and "WARNING" not in out, out
     names = [r["payload"] for r in kcat_read(kafka_bootstrap, f"{topic_prefix}.customer")]
     assert not any("from the zombie" in n for n in names)
     assert second.proc is not None and second.proc.poll() is None  # the newer one carries on
