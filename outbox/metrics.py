@@ -87,9 +87,12 @@ RELAY_REPLICATION_CONNECTED = Gauge("outbox_relay_replication_connected",
 RELAY_KAFKA_CONNECTED = Gauge("outbox_relay_kafka_connected",
                               "1 when the relay's producer reached a Kafka broker at the last check (every 10 s).",
                               ["source_id"])
-RELAY_KAFKA_TRANSACTIONS = Counter("outbox_relay_kafka_transactions_total",
-                                   "Kafka transactions of an exactly-once relay, by outcome (committed, aborted).",
-                                   ["source_id", "outcome"])
+RELAY_KAFKA_COMMITTED = Counter("outbox_relay_kafka_transactions_committed_total",
+                                "Kafka transactions an exactly-once relay committed (events and source position).",
+                                ["source_id"])
+RELAY_KAFKA_ABORTED = Counter("outbox_relay_kafka_transactions_aborted_total",
+                              "Kafka transactions an exactly-once relay aborted (then it starts again from the last "
+                              "committed position).", ["source_id"])
 RELAY_KAFKA_COMMIT = Histogram("outbox_relay_kafka_commit_seconds",
                                "Time an exactly-once relay waits for one Kafka transaction to commit (reading stops "
                                "meanwhile).", ["source_id"], buckets=APPLY_BUCKETS)
@@ -145,8 +148,8 @@ class RelayMetrics:
         self.kafka_connected = RELAY_KAFKA_CONNECTED.labels(source_id)
         self.slot_poll_time = RELAY_SLOT_POLL_TIME.labels(source_id)
         self.heartbeat_age = RELAY_HEARTBEAT_AGE.labels(source_id)
-        self.kafka_committed = RELAY_KAFKA_TRANSACTIONS.labels(source_id, "committed")
-        self.kafka_aborted = RELAY_KAFKA_TRANSACTIONS.labels(source_id, "aborted")
+        self.kafka_committed = RELAY_KAFKA_COMMITTED.labels(source_id)
+        self.kafka_aborted = RELAY_KAFKA_ABORTED.labels(source_id)
         self.kafka_commit = RELAY_KAFKA_COMMIT.labels(source_id)
         self.skipped = RELAY_SKIPPED.labels(source_id)
         self._published: dict[str, Counter] = {}
