@@ -38,6 +38,10 @@ FIGURES = [
     rf"^consumer\s+read-store apply \(from start, group join incl\.\)\s+{NUMBER} events/s",
     rf"^memory\s+relay RSS idle\s+{NUMBER} MB",
     rf"^memory\s+relay RSS peak under load\s+{NUMBER} MB",
+    *[rf"^delivery\s+{mode} relay backlog throughput\s+{NUMBER} events/s" for mode in ("ALO", "EOS")],
+    rf"^delivery\s+EOS / ALO throughput\s+{NUMBER} x",
+    *[rf"^delivery\s+1k/s {mode} commit→{hop} {q}\s+{NUMBER} ms"
+      for mode in ("ALO", "EOS") for hop in ("consumer", "read store") for q in ("p50", "p99")],
 ]
 
 
