@@ -51,7 +51,7 @@ async def _bench_topics(bootstrap: str) -> list[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        return [t for t in await admin.list_topics() if t.startswith("bench-")]
+        return [t for t in await admin.list_topics() if t.startswith(("bench-", "__bench-"))]
     finally:
         await admin.close()
 
@@ -64,7 +64,7 @@ def test_quick_suite_prints_every_figure_and_cleans_up(servers: dict[str, str], 
     missing = [p for p in FIGURES if not re.search(p, proc.stdout, re.MULTILINE)]
     assert not missing, f"figure lines missing: {missing}\n{proc.stdout}"
     saved = sorted(p.name.split("-")[0] for p in tmp_path.glob("*-quick.json"))
-    assert saved == ["consumer", "latency", "memory", "overhead", "relay"]
+    assert saved == ["consumer", "delivery", "latency", "memory", "overhead", "relay"]
 
     with admin_conn() as conn:
         left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_%'").fetchall()
