@@ -126,7 +126,8 @@ class OffsetsTopic:
                                  "cleanup.policy=compact) or choose another --offsets-topic")
 
     def read(self, source_id: str, timeout: float = READ_TIMEOUT) -> SourcePosition | None:
-        """The newest committed position of ``source_id``; None when it never committed one.
+        """The newest committed position of ``source_id``; None when it never committed one (or was reset
+        by a tombstone, a record with its key and no value).
 
         Reads every partition from the beginning to the high watermark seen at the start, as a
         ``read_committed`` consumer: records of aborted transactions are never seen. A transaction
@@ -180,7 +181,10 @@ class OffsetsTopic:
                 if err is not None and err.code() != KafkaError._PARTITION_EOF:
                     raise KafkaException(err)
                 if err is None and msg.key() == key:
-                    found.append(self._decode(msg))
+                    if msg.value() is None:  # a tombstone: an operator reset this source's position
+                        found.clear()
+                    else:
+                        found.append(self._decode(msg))
             done = [p for p in ends if _position(consumer, self.topic, p) >= ends[p]]
             for p in done:
                 del ends[p]
