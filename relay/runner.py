@@ -126,8 +126,8 @@ class Relay:
         try:
             while not stop.is_set():
                 self._raise_if_failed()
-                if self._eos is not None and self._txn is None and self._eos.due():
-                    await self._eos_commit()
+                if self._eos is not None:
+                    self._eos_progress()
                 if self.tracker.in_flight >= self.settings.max_in_flight:
                     # back-pressure: stop reading the WAL until Kafka catches up
                     self._progress.clear()
@@ -171,7 +171,7 @@ class Relay:
             if self._eos is not None:
                 self._eos.source_committed(txn, self._skipping)
                 if self._eos.due():
-                    await self._eos_commit()
+                    self._eos.start_commit()
             elif not txn.pending and not txn.failed:  # acknowledged before its Commit arrived (or no events)
                 self._txn_acked(txn)
         elif isinstance(decoded, pgoutput.Relation):
@@ -391,11 +391,13 @@ class Relay:
                     raise
                 await asyncio.sleep(0.5)
 
-    async def _eos_commit(self) -> None:
+    def _eos_progress(self) -> None:
+        """Count what a finished Kafka commit confirmed; start the next commit when one is due."""
         assert self._eos is not None
-        for txn in await self._eos.commit():
+        for txn in self._eos.finished():
             self._txn_acked(txn)
-        self._status()
+        if self._txn is None and self._eos.due():  # only whole source transactions go into a Kafka transaction
+            self._eos.start_commit()
 
     def _read_timeout(self) -> float:
         timeout = min(self.settings.status_interval, 1.0)
@@ -405,8 +407,12 @@ class Relay:
     async def _eos_drain(self) -> None:
         """On stop: commit what holds only whole source transactions, abort a partial one."""
         assert self._eos is not None
+        for txn in await self._eos.settle():
+            self._txn_acked(txn)
         if self._txn is None and self._eos.due(force=True):
-            await self._eos_commit()
+            self._eos.start_commit()
+            for txn in await self._eos.settle():
+                self._txn_acked(txn)
         else:
             await self._eos.abort()
 

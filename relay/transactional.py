@@ -20,8 +20,10 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -32,7 +34,7 @@ from outbox.errors import KafkaUnavailable, OutboxError
 from outbox.metrics import RelayMetrics
 from relay.offsets import OffsetsTopic, SourcePosition, encode_position
 from relay.positions import PositionTracker, Txn
-from relay.publisher import DeliveryFailed, Publisher, is_fenced, kafka_reason, librdkafka_log
+from relay.publisher import AckCallback, DeliveryFailed, Publisher, is_fenced, kafka_reason, librdkafka_log
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ TRANSACTION_TIMEOUT_MS = 120_000  # the broker aborts a transaction left open th
 INIT_TIMEOUT = 60.0
 COMMIT_TIMEOUT = 60.0
 COMMIT_RETRIES = 5
+COMMIT_POLL = 0.005  # seconds between looks at a running commit while the WAL is quiet
 
 
 def default_transactional_id(source_id: str) -> str:
@@ -69,7 +72,11 @@ class TransactionalPublisher(Publisher):
                                        "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}, **kwargs)
         self.transactional_id = transactional_id
         self.in_transaction = False
-        self.sent_in_transaction = 0
+        self.sent_in_transaction = 0  # events for the open (or, while one commits, the next) Kafka transaction
+        # While a commit runs the producer may not produce: records sent meanwhile wait here, in order,
+        # for the next transaction, so reading and decoding the WAL go on during the commit.
+        self._held: deque[tuple[Record, AckCallback]] = deque()
+        self._holding = False
 
     async def start(self) -> None:
         librdkafka_log.addFilter(_FencedLogFilter())
@@ -82,21 +89,40 @@ class TransactionalPublisher(Publisher):
                                    f"{kafka_reason(exc)} (the relay's user needs WRITE and DESCRIBE on the "
                                    "TransactionalId; the broker needs transaction.state.log.* settings it can meet)") from None
 
-    async def send(self, record: Record, on_done: Any) -> None:
+    async def send(self, record: Record, on_done: AckCallback) -> None:
+        self.sent_in_transaction += 1
+        if self._holding:
+            self._held.append((record, on_done))
+            return
+        await self._produce(record, on_done)
+
+    async def _produce(self, record: Record, on_done: AckCallback) -> None:
         if not self.in_transaction:
             self._call(self._producer.begin_transaction)  # type: ignore[union-attr]
             self.in_transaction = True
-        self.sent_in_transaction += 1
         await super().send(record, on_done)
 
     async def commit(self, key: bytes, value: bytes, offsets_topic: str) -> None:
-        """Add the position record and commit; retriable errors are retried, the rest raise."""
+        """Add the position record and commit; retriable errors are retried, the rest raise.
+
+        What is sent meanwhile goes into the next transaction, produced in order once this one committed.
+        """
         producer = self._producer
-        assert producer is not None and self.in_transaction
+        assert producer is not None and self.in_transaction and not self._holding
         try:
             producer.produce(offsets_topic, value, key)
         except KafkaException as exc:
             raise self._classify(exc.args[0], "write the source position") from None
+        self._holding = True
+        self.sent_in_transaction = 0
+        await self._commit(producer)
+        self.in_transaction = False
+        while self._held:  # anything sent while these are produced queues behind them
+            record, on_done = self._held.popleft()
+            await self._produce(record, on_done)
+        self._holding = False
+
+    async def _commit(self, producer: Any) -> None:
         for attempt in range(COMMIT_RETRIES):
             try:
                 await asyncio.to_thread(producer.commit_transaction, COMMIT_TIMEOUT)
@@ -107,13 +133,14 @@ class TransactionalPublisher(Publisher):
                     log.warning("Kafka transaction commit failed, retrying: %s", err.str())
                     continue
                 raise self._classify(err, "commit the Kafka transaction") from None
-        self.in_transaction = False
-        self.sent_in_transaction = 0
 
     async def abort(self) -> None:
         """Abort the open Kafka transaction (its records stay invisible to read_committed consumers)."""
+        self._held.clear()  # never produced: nothing to take back
+        self._holding = False
         producer = self._producer
         if producer is None or not self.in_transaction:
+            self.sent_in_transaction = 0
             return
         try:
             await asyncio.to_thread(producer.abort_transaction, COMMIT_TIMEOUT)
@@ -179,6 +206,7 @@ class ExactlyOnce:
         self._skipped = 0  # source transactions skipped since the last one published
         self.tracker = PositionTracker()
         self._members: list[Txn] = []  # complete source transactions in the open Kafka transaction
+        self._commit: asyncio.Task[list[Txn]] | None = None  # the Kafka transaction being committed
         self._opened = 0.0  # monotonic time the open Kafka transaction got its first complete source transaction
 
     async def start(self) -> SourcePosition | None:
@@ -218,22 +246,48 @@ class ExactlyOnce:
             self._opened = time.monotonic()
         self._members.append(txn)
 
+    @property
+    def committing(self) -> bool:
+        return self._commit is not None
+
     def due(self, force: bool = False) -> bool:
         """Whether the open Kafka transaction should commit now (call only between source transactions)."""
-        if not self._members:
+        if not self._members or self._commit is not None:
             return False
         return (force or self.publisher.sent_in_transaction >= self.max_events
                 or time.monotonic() - self._opened >= self.interval)
 
     def time_left(self) -> float | None:
-        """Seconds until the open Kafka transaction is due; None when it holds no complete source transaction."""
+        """Seconds until the open Kafka transaction is due (or, while one commits, until it is worth looking
+        again); None when it holds no complete source transaction."""
+        if self._commit is not None:
+            return COMMIT_POLL
         if not self._members:
             return None
         return max(0.0, self.interval - (time.monotonic() - self._opened))
 
-    async def commit(self) -> list[Txn]:
-        """Commit the open Kafka transaction with its position; returns the source transactions now confirmable."""
-        members, last = self._members, self._members[-1]
+    def start_commit(self) -> None:
+        """Commit the open Kafka transaction in the background; :meth:`finished` says when it is done."""
+        members, self._members = self._members, []
+        self._commit = asyncio.create_task(self._commit_members(members))
+
+    def finished(self) -> list[Txn]:
+        """The source transactions of a Kafka transaction committed since the last call (now confirmed);
+        raises what the commit raised."""
+        task = self._commit
+        if task is None or not task.done():
+            return []
+        self._commit = None
+        return task.result()
+
+    async def settle(self) -> list[Txn]:
+        """Wait for a running commit to end; then as :meth:`finished`."""
+        if self._commit is not None:
+            await asyncio.wait([self._commit])
+        return self.finished()
+
+    async def _commit_members(self, members: list[Txn]) -> list[Txn]:
+        last = members[-1]
         position = SourcePosition(commit_lsn=last.commit_lsn, end_lsn=last.end_lsn or last.commit_lsn, xid=last.xid)
         key, value = encode_position(self.source_id, position)
         started = time.monotonic()
@@ -242,12 +296,14 @@ class ExactlyOnce:
         self.metrics.kafka_committed.inc()
         self.commits += 1
         self.position = position
-        self._members = []
         for txn in members:
             self.tracker.release(txn)
         return members
 
     async def abort(self) -> None:
+        """Abort the open Kafka transaction, after a running commit ended (raises if that one was fenced)."""
+        with contextlib.suppress(RestartFromCommitted):
+            await self.settle()
         had = self.publisher.in_transaction
         await self.publisher.abort()
         if had:

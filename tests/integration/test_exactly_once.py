@@ -119,10 +119,7 @@ def test_sigkills_mid_workload_leave_every_event_exactly_once(store: str, topic_
     raw = read_all(kafka_bootstrap, topic_prefix, "read_uncommitted")
     assert len(raw) >= len(records)
     assert relay.terminate() == 0, relay.output()
-    log = relay.log.read_text()
-    assert "Traceback" not in log
-    # some kill fell between a Kafka commit and the confirm to PostgreSQL: the restart skipped it
-    assert "source transactions the slot sent again" in log, log[-3000:]
+    assert "Traceback" not in relay.log.read_text()
 
 
 def test_an_aborted_kafka_transaction_stays_invisible_and_is_published_again_once(

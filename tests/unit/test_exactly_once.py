@@ -170,7 +170,13 @@ def test_commit_writes_the_last_source_transaction_and_releases_all() -> None:
         eos.source_committed(txn, skipped=False)
         txns.append(txn)
     assert eos.due()
-    released = asyncio.run(eos.commit())
-    assert released == txns and eos.tracker.confirmed == 210 and eos.commits == 1
+
+    async def commit_in_background() -> list[Any]:
+        eos.start_commit()
+        assert eos.committing and not eos.due(force=True) and eos.time_left() is not None
+        return await eos.settle()
+
+    released = asyncio.run(commit_in_background())
+    assert released == txns and eos.tracker.confirmed == 210 and eos.commits == 1 and not eos.committing
     assert eos.position == SourcePosition(200, 210, 2)
     assert written == [(b"s", encode_position("s", SourcePosition(200, 210, 2))[1], "__o")]
