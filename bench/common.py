@@ -306,9 +306,10 @@ def write_events(dbname: str, sizes: Sequence[int], synchronous_commit: bool = F
         if not synchronous_commit:
             conn.execute("SET synchronous_commit = off")
         started = time.perf_counter()
-        with conn.pipeline():
+        with conn.pipeline() as pipeline:
             for k in sizes:
                 conn.execute(INSERT_EVENTS_SQL, (k,), prepare=True)
+                pipeline.sync()  # ends the implicit transaction: without it the whole pipeline is one
         return time.perf_counter() - started
 
 

@@ -102,19 +102,25 @@ class TransactionalPublisher(Publisher):
             self.in_transaction = True
         await super().send(record, on_done)
 
-    async def commit(self, key: bytes, value: bytes, offsets_topic: str) -> None:
-        """Add the position record and commit; retriable errors are retried, the rest raise.
+    def end_transaction(self, key: bytes, value: bytes, offsets_topic: str) -> None:
+        """Add the position record: nothing sent from now on goes into this transaction; then :meth:`commit`.
 
-        What is sent meanwhile goes into the next transaction, produced in order once this one committed.
+        Synchronous on purpose: a record sent before the commit task runs must wait too.
         """
         producer = self._producer
-        assert producer is not None and self.in_transaction and not self._holding
+        assert producer is not None and self.in_transaction and not self._holding, "end_transaction out of turn"
         try:
             producer.produce(offsets_topic, value, key)
         except KafkaException as exc:
             raise self._classify(exc.args[0], "write the source position") from None
         self._holding = True
         self.sent_in_transaction = 0
+
+    async def commit(self) -> None:
+        """Commit the ended transaction; retriable errors are retried, the rest raise. What was sent
+        meanwhile is then produced, in order, into the next transaction."""
+        producer = self._producer
+        assert producer is not None and self._holding, "commit without end_transaction"
         await self._commit(producer)
         self.in_transaction = False
         while self._held:  # anything sent while these are produced queues behind them
@@ -269,7 +275,10 @@ class ExactlyOnce:
     def start_commit(self) -> None:
         """Commit the open Kafka transaction in the background; :meth:`finished` says when it is done."""
         members, self._members = self._members, []
-        self._commit = asyncio.create_task(self._commit_members(members))
+        last = members[-1]
+        position = SourcePosition(commit_lsn=last.commit_lsn, end_lsn=last.end_lsn or last.commit_lsn, xid=last.xid)
+        self.publisher.end_transaction(*encode_position(self.source_id, position), self.offsets.topic)
+        self._commit = asyncio.create_task(self._commit_members(members, position))
 
     def finished(self) -> list[Txn]:
         """The source transactions of a Kafka transaction committed since the last call (now confirmed);
@@ -286,12 +295,9 @@ class ExactlyOnce:
             await asyncio.wait([self._commit])
         return self.finished()
 
-    async def _commit_members(self, members: list[Txn]) -> list[Txn]:
-        last = members[-1]
-        position = SourcePosition(commit_lsn=last.commit_lsn, end_lsn=last.end_lsn or last.commit_lsn, xid=last.xid)
-        key, value = encode_position(self.source_id, position)
+    async def _commit_members(self, members: list[Txn], position: SourcePosition) -> list[Txn]:
         started = time.monotonic()
-        await self.publisher.commit(key, value, self.offsets.topic)
+        await self.publisher.commit()
         self.metrics.kafka_commit.observe(time.monotonic() - started)
         self.metrics.kafka_committed.inc()
         self.commits += 1

@@ -5,6 +5,7 @@ Every check reads Kafka with kcat, an independent client, as a ``read_committed`
 """
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import threading
@@ -15,12 +16,17 @@ from typing import Any, Callable
 
 import psycopg
 import pytest
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from consumers.kafka import topic_pattern
 from outbox import contract
+from outbox.config import KafkaSettings
 from outbox.demo import run_workload
+from relay.offsets import OffsetsCorrupt, OffsetsTopic, SourcePosition, encode_position
 from tests.integration.support import RelayProcess, install_pos, kcat_read, wait_for_records
+from tests.integration.test_readstore import entities, ev, group, readstore_db, run_until  # noqa: F401 (fixtures)
+from tests.integration.test_readstore import settings as rs_settings
 
 pytestmark = pytest.mark.integration
 
@@ -214,3 +220,57 @@ def test_the_offsets_topic_is_compacted_and_outside_consumer_patterns(store: str
     for prefix in (topic_prefix, contract.DEFAULT_TOPIC_PREFIX, ""):
         assert not re.match(topic_pattern(prefix), contract.DEFAULT_OFFSETS_TOPIC)
         assert not re.match(topic_pattern(prefix), topic)
+
+
+def test_offsets_topic_reads_the_newest_position_and_a_tombstone_resets_it(topic_prefix: str,
+                                                                           kafka_bootstrap: str) -> None:
+    kafka = KafkaSettings(bootstrap=kafka_bootstrap)
+    offsets = OffsetsTopic(kafka, f"__{topic_prefix}_offsets")
+    offsets.ensure()
+    offsets.ensure()  # exists now: checked, not created again
+    assert offsets.read("s") is None
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+
+    def put(source: str, position: SourcePosition | None) -> None:
+        key, value = encode_position(source, position) if position else (source.encode(), None)
+        producer.produce(offsets.topic, value, key)
+        assert producer.flush(30) == 0
+
+    put("s", SourcePosition(0x100, 0x110, 1))
+    put("other", SourcePosition(0x900, 0x910, 9))
+    put("s", SourcePosition(0x200, 0x210, 2))
+    assert offsets.read("s") == SourcePosition(0x200, 0x210, 2)
+    put("s", None)  # tombstone: an operator resets the source (its LSNs start again lower)
+    assert offsets.read("s") is None
+    put("s", SourcePosition(0x50, 0x60, 3))
+    assert offsets.read("s") == SourcePosition(0x50, 0x60, 3)
+    assert offsets.read("other") == SourcePosition(0x900, 0x910, 9)
+
+    # an existing topic that would expire positions is refused, with the fix
+    plain = f"__{topic_prefix}_plain"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(plain, num_partitions=1, replication_factor=1)])[plain].result(30)
+    with pytest.raises(OffsetsCorrupt, match="cleanup.policy=delete.*compact"):
+        OffsetsTopic(kafka, plain).ensure()
+
+
+def test_the_read_store_never_applies_an_aborted_kafka_transaction(readstore_db: str, kafka_bootstrap: str,
+                                                                   topic_prefix: str, group: Any) -> None:
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"test-{topic_prefix}-rs"})
+    producer.init_transactions(30)
+
+    def send(record: contract.Record) -> None:
+        producer.produce(record.topic, record.value, record.key, headers=record.headers)
+
+    producer.begin_transaction()
+    send(ev(topic_prefix, "customer", "aborted", "created", 0x100))
+    assert producer.flush(30) == 0  # in the log, never committed
+    producer.abort_transaction(30)
+    producer.begin_transaction()
+    send(ev(topic_prefix, "customer", "kept", "created", 0x200))
+    producer.commit_transaction(30)
+    assert len(kcat_read(kafka_bootstrap, f"{topic_prefix}.customer", "read_uncommitted")) == 2
+
+    s = rs_settings(readstore_db, kafka_bootstrap, topic_prefix, group())
+    asyncio.run(run_until(s, lambda: ("customer", "kept") in entities(readstore_db)))
+    assert set(entities(readstore_db)) == {("customer", "kept")}

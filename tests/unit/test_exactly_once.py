@@ -16,7 +16,7 @@ from outbox.config import KafkaSettings, RelaySettings, build
 from outbox.errors import ConfigError
 from relay.offsets import SourcePosition, decode_position, encode_position, newest
 from relay.positions import PositionTracker
-from relay.transactional import ExactlyOnce, default_transactional_id, exactly_once
+from relay.transactional import ExactlyOnce, TransactionalPublisher, default_transactional_id, exactly_once
 
 
 @pytest.fixture
@@ -156,9 +156,13 @@ def test_commit_writes_the_last_source_transaction_and_releases_all() -> None:
     eos = _eos(interval=0.0)
     written: list[tuple[bytes, bytes, str]] = []
 
-    async def commit(key: bytes, value: bytes, topic: str) -> None:
+    def end_transaction(key: bytes, value: bytes, topic: str) -> None:
         written.append((key, value, topic))
 
+    async def commit() -> None:
+        pass
+
+    eos.publisher.end_transaction = end_transaction  # type: ignore[method-assign]
     eos.publisher.commit = commit  # type: ignore[method-assign]
     txns = []
     for n in (1, 2):
@@ -180,3 +184,42 @@ def test_commit_writes_the_last_source_transaction_and_releases_all() -> None:
     assert released == txns and eos.tracker.confirmed == 210 and eos.commits == 1 and not eos.committing
     assert eos.position == SourcePosition(200, 210, 2)
     assert written == [(b"s", encode_position("s", SourcePosition(200, 210, 2))[1], "__o")]
+
+
+class FakeProducer:
+    """Records the calls a transactional publisher makes (librdkafka itself is tested on the real broker)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def produce(self, topic: str, value: bytes, key: bytes, **_: Any) -> None:
+        self.calls.append(f"{topic}:{value.decode()}")
+
+    def commit_transaction(self, _timeout: float) -> None:
+        self.calls.append("commit")
+
+
+def test_records_sent_while_a_commit_runs_go_in_order_into_the_next_transaction() -> None:
+    publisher = TransactionalPublisher(KafkaSettings(bootstrap="k:1"), "tx")
+    fake = FakeProducer()
+    publisher._producer = fake  # type: ignore[assignment]
+
+    def record(n: int) -> contract.Record:
+        return contract.Record(topic="t", key=b"k", value=str(n).encode(), headers=[])
+
+    async def scenario() -> None:
+        await publisher.send(record(1), lambda _: None)
+        publisher.end_transaction(b"s", b"pos", "__o")
+        await publisher.send(record(2), lambda _: None)  # before the commit even started: held
+        commit = asyncio.create_task(publisher.commit())
+        await asyncio.sleep(0)
+        await publisher.send(record(3), lambda _: None)  # while it runs: held behind 2
+        await commit
+        await publisher.send(record(4), lambda _: None)  # after: straight into the new transaction
+
+    asyncio.run(scenario())
+    assert fake.calls == ["begin", "t:1", "__o:pos", "commit", "begin", "t:2", "t:3", "t:4"]
+    assert publisher.sent_in_transaction == 3 and publisher.in_transaction
