@@ -94,8 +94,8 @@ RELAY_KAFKA_ABORTED = Counter("outbox_relay_kafka_transactions_aborted_total",
                               "Kafka transactions an exactly-once relay aborted (then it starts again from the last "
                               "committed position).", ["source_id"])
 RELAY_KAFKA_COMMIT = Histogram("outbox_relay_kafka_commit_seconds",
-                               "Time an exactly-once relay waits for one Kafka transaction to commit (reading stops "
-                               "meanwhile).", ["source_id"], buckets=APPLY_BUCKETS)
+                               "Time one Kafka transaction of an exactly-once relay took to commit (the relay reads on "
+                               "meanwhile; what it sends waits for the next transaction).", ["source_id"], buckets=APPLY_BUCKETS)
 RELAY_SKIPPED = Counter("outbox_relay_transactions_skipped_total",
                         "Source transactions an exactly-once relay did not publish again because its offsets topic "
                         "says a committed Kafka transaction already holds them (replayed by the slot after a restart).",
