@@ -237,6 +237,8 @@ class RelaySettings(_Settings):
     status_interval: float = Field(default=10.0, gt=0)
     retention: float = Field(default=3600.0, ge=0)
     heartbeat_interval: float = Field(default=10.0, ge=0)  # 0: no heartbeat
+    drain_timeout: float = Field(default=30.0, ge=0)  # SIGTERM: seconds to wait for in-flight events
+    kafka_message_timeout: float = Field(default=300.0, gt=0)  # librdkafka message.timeout.ms, in seconds
     delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
     transactional_id: str | None = None  # exactly-once; None: outbox-relay.<source_id>
     offsets_topic: str = contract.DEFAULT_OFFSETS_TOPIC  # exactly-once

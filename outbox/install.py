@@ -31,7 +31,8 @@ from outbox import contract
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
-HEAD = "0001"  # the newest revision in migrations/store/versions
+REVISIONS = ("0001", "0002")  # migrations/store/versions, oldest first; install upgrades older ones
+HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"  # in schema outbox
 CAPTURE_FUNCTION = f"{contract.SCHEMA}.capture_change"
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -148,6 +149,7 @@ def relay_role_sql(role: str, database: str) -> list[str]:
         f"GRANT CONNECT ON DATABASE {quote_ident(database)} TO {r}",
         f"GRANT USAGE ON SCHEMA {contract.SCHEMA} TO {r}",
         f"GRANT SELECT, INSERT, DELETE ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",  # INSERT: heartbeats
+        f"GRANT INSERT ON {contract.SCHEMA}.{contract.PARKED_TABLE} TO {r}",  # events too large for Kafka
     ]
 
 
@@ -266,7 +268,7 @@ def install_problems(facts: Facts, slot: str) -> list[str]:
     if facts.schema_exists and facts.revision is None and not facts.schema_empty:
         problems.append(f"schema {contract.SCHEMA} already exists on {where} but was not installed by outbox "
                         f"(no {contract.SCHEMA}.{VERSION_TABLE}): rename or drop it, then install again")
-    if facts.revision is not None and facts.revision != HEAD:
+    if facts.revision is not None and facts.revision not in REVISIONS:
         problems.append(f"the outbox on {where} is at revision {facts.revision}, which this outbox-relay does not "
                         f"know (newest: {HEAD}): use the outbox-relay version that installed it or a newer one")
     needs_create = not facts.schema_exists or not facts.publication_exists or facts.revision is None
@@ -564,7 +566,8 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
             config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after,
                                     connection=sa_conn)
             command.upgrade(config, "head")
-            echo(f"outbox schema at revision {HEAD}" + (" (created)" if facts.revision is None else " (up to date)"))
+            echo(f"outbox schema at revision {HEAD}" + (" (created)" if facts.revision is None else " (up to date)"
+                                                        if facts.revision == HEAD else f" (upgraded from {facts.revision})"))
             for p in plans:
                 echo(p.describe())
             for role in facts.roles.values():

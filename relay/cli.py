@@ -30,6 +30,13 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
               help="Seconds between heartbeat rows written into outbox.events (0: none). A heartbeat goes "
                    "through the WAL like an event, is never published, proves the path end to end "
                    "(metric outbox_relay_heartbeat_age_seconds) and lets an idle database's slot advance.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM, seconds to wait for Kafka to acknowledge in-flight events before exiting anyway "
+                   "(unacknowledged events are not confirmed: a restarted relay sends them again).")
+@click.option("--kafka-message-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0.001),
+              help="Seconds the producer keeps retrying an event while Kafka is unreachable (librdkafka "
+                   "message.timeout.ms). Past it the relay drops its producer and replays from its slot's "
+                   "confirmed position once Kafka is back: nothing is lost or skipped, some events repeat.")
 @click.option("--delivery", type=click.Choice(["at-least-once", "exactly-once"]), default="at-least-once",
               show_default=True,
               help="at-least-once: idempotent producer, acks=all, a crash may publish events again. exactly-once: "
@@ -56,11 +63,17 @@ def relay(**params: Any) -> None:
     An LSN is confirmed to PostgreSQL only after Kafka acknowledged every event up to it, so a
     relay killed at any moment resumes from its slot without losing anything.
 
+    When Kafka is unreachable it stops reading once --max-in-flight events wait, keeps the
+    replication connection alive and confirms nothing unacknowledged; when PostgreSQL restarts it
+    reconnects with capped, jittered backoff; both resume from the slot by themselves.
+
     With --delivery exactly-once the events go out in Kafka transactions that also record the
     source position in a compacted offsets topic; the LSN is confirmed after the Kafka commit,
     and a restarted relay skips what the offsets topic says is already published.
 
-    SIGTERM or Ctrl-C: stop reading, wait for in-flight events, confirm them, exit 0.
+    SIGTERM or Ctrl-C: stop reading, wait up to --drain-timeout for in-flight events, confirm
+    what Kafka acknowledged (exactly-once: commit the open Kafka transaction if it holds only
+    whole source transactions, else abort it), exit 0.
     """
     from outbox import metrics
     from relay.runner import run_relay
@@ -69,4 +82,5 @@ def relay(**params: Any) -> None:
     settings = build(RelaySettings, kafka=kafka, **params)
     with metrics.serve(settings.metrics_host, settings.metrics_port):
         stats = asyncio.run(run_relay(settings))
-    click.echo(f"relay stopped: {stats.events} events in {stats.transactions} transactions published", err=True)
+    parked = f", {stats.parked} parked in outbox.parked" if stats.parked else ""
+    click.echo(f"relay stopped: {stats.events} events in {stats.transactions} transactions published{parked}", err=True)

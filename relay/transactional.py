@@ -53,8 +53,11 @@ class Fenced(OutboxError):
     """A newer producer with the same transactional.id took over: this relay must stop."""
 
 
-class RestartFromCommitted(Exception):
-    """The Kafka transaction was aborted: start again from the last committed source position."""
+class RestartFromCommitted(OutboxError):
+    """The Kafka transaction must be aborted: the relay starts a new session (a new producer aborts
+    it, the offsets topic is read again, the slot replays from its confirmed position)."""
+
+    retriable = True
 
 
 class _FencedLogFilter(logging.Filter):
@@ -64,12 +67,17 @@ class _FencedLogFilter(logging.Filter):
         return "fenced" not in record.getMessage()
 
 
+_FENCED_LOG_FILTER = _FencedLogFilter()
+
+
 class TransactionalPublisher(Publisher):
     """The relay's producer with a ``transactional.id``: every send lands in the open Kafka transaction."""
 
     def __init__(self, kafka: KafkaSettings, transactional_id: str, **kwargs: Any) -> None:
-        super().__init__(kafka, extra={"transactional.id": transactional_id,
-                                       "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}, **kwargs)
+        # librdkafka wants message.timeout.ms <= transaction.timeout.ms
+        timeout_ms = max(TRANSACTION_TIMEOUT_MS, kwargs.get("message_timeout_ms", 0))
+        super().__init__(kafka, extra={"transactional.id": transactional_id, "transaction.timeout.ms": timeout_ms},
+                         **kwargs)
         self.transactional_id = transactional_id
         self.in_transaction = False
         self.sent_in_transaction = 0  # events for the open (or, while one commits, the next) Kafka transaction
@@ -79,7 +87,7 @@ class TransactionalPublisher(Publisher):
         self._holding = False
 
     async def start(self) -> None:
-        librdkafka_log.addFilter(_FencedLogFilter())
+        librdkafka_log.addFilter(_FENCED_LOG_FILTER)  # once: the same filter is not added twice
         await super().start()
         assert self._producer is not None
         try:  # fences any older producer with this id and aborts the transaction it left open
@@ -201,7 +209,9 @@ class ExactlyOnce:
 
     def __init__(self, kafka: KafkaSettings, *, source_id: str, transactional_id: str, offsets_topic: str,
                  interval: float, max_events: int, metrics: RelayMetrics) -> None:
-        self.publisher = TransactionalPublisher(kafka, transactional_id)
+        self.kafka = kafka
+        self.transactional_id = transactional_id
+        self.publisher = TransactionalPublisher(kafka, transactional_id)  # one per session: new_publisher()
         self.offsets = OffsetsTopic(kafka, offsets_topic)
         self.source_id = source_id
         self.interval = interval
@@ -215,9 +225,14 @@ class ExactlyOnce:
         self._commit: asyncio.Task[list[Txn]] | None = None  # the Kafka transaction being committed
         self._opened = 0.0  # monotonic time the open Kafka transaction got its first complete source transaction
 
-    async def start(self) -> SourcePosition | None:
-        """Initialise transactions (fencing older relays), then read this source's committed position."""
-        await self.publisher.start()
+    def new_publisher(self, **options: Any) -> TransactionalPublisher:
+        """The producer of a new session; its start() fences older ones and aborts what they left open."""
+        self.publisher = TransactionalPublisher(self.kafka, self.transactional_id, **options)
+        return self.publisher
+
+    async def load(self, tracker: PositionTracker) -> SourcePosition | None:
+        """Once the session's producer started: read this source's committed position."""
+        self.reset(tracker)
         await asyncio.to_thread(self.offsets.ensure)
         self.position = await asyncio.to_thread(self.offsets.read, self.source_id)
         if self.position is None:
@@ -229,9 +244,11 @@ class ExactlyOnce:
         return self.position
 
     def reset(self, tracker: PositionTracker) -> None:
-        """After a restart of the stream: nothing of the aborted Kafka transaction counts."""
+        """A new session: nothing of an earlier, unfinished Kafka transaction counts."""
         self.tracker = tracker
         self._members = []
+        self._commit = None
+        self._skipped = 0
 
     def begin(self, txn: Txn) -> bool:
         """A source transaction starts; True when Kafka already holds it (skip its events)."""
@@ -316,11 +333,23 @@ class ExactlyOnce:
             self.metrics.kafka_aborted.inc()
         self._members = []
 
-    def failure(self, exc: Exception) -> Exception:
-        """What a failed delivery report means here: fencing stops the relay, anything else restarts it."""
+    def fatal(self, exc: Exception) -> OutboxError | None:
+        """A failed delivery that must stop the relay (fenced); None for the others, which end the
+        session like in at-least-once mode (the next one aborts the Kafka transaction)."""
         fatal = self.publisher.fatal_error  # then the report says only "purged"
         if fatal is not None:
-            return fenced_or_fatal(self.publisher.transactional_id, is_fenced(fatal), fatal.str())
+            return fenced_or_fatal(self.transactional_id, is_fenced(fatal), fatal.str())
         if isinstance(exc, DeliveryFailed) and exc.fatal:
-            return fenced_or_fatal(self.publisher.transactional_id, exc.fenced, str(exc))
-        return RestartFromCommitted(f"Kafka refused an event: {exc}")
+            return fenced_or_fatal(self.transactional_id, exc.fenced, str(exc))
+        return None
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """End of a session: let a running commit finish (briefly); its outcome no longer matters here,
+        the next session reads the offsets topic again."""
+        if self._commit is not None:
+            await asyncio.wait([self._commit], timeout=timeout)
+            if self._commit.done() and not self._commit.cancelled():
+                self._commit.exception()  # retrieved: it ended the session or is moot
+        self._commit = None
+        if self.publisher.in_transaction:  # left open: the next session's producer aborts it
+            self.metrics.kafka_aborted.inc()

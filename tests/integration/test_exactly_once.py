@@ -1,7 +1,8 @@
 """Exactly-once delivery (``outbox relay --delivery exactly-once``) on the real servers.
 
-Every check reads Kafka with kcat, an independent client, as a ``read_committed`` consumer
-(the read store's isolation level), and compares with what the store database committed.
+Every check reads Kafka with kcat, an independent client, as a ``read_committed`` consumer (the
+read store's isolation level), and compares with what the store database committed. Fixtures
+``store`` and ``relays``: tests/integration/conftest.py.
 """
 from __future__ import annotations
 
@@ -31,27 +32,6 @@ from tests.integration.test_readstore import settings as rs_settings
 pytestmark = pytest.mark.integration
 
 AGGREGATES = ("customer", "order", "order_line")
-
-
-@pytest.fixture
-def store(new_database: Callable[..., str]) -> str:
-    dsn = new_database("store")
-    install_pos(dsn)
-    return dsn
-
-
-@pytest.fixture
-def relays() -> Any:
-    started: list[RelayProcess] = []
-
-    def make(*args: Any, **kw: Any) -> RelayProcess:
-        r = RelayProcess(*args, **kw)
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        r.close()
 
 
 @pytest.fixture
