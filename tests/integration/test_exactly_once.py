@@ -254,3 +254,27 @@ def test_the_read_store_never_applies_an_aborted_kafka_transaction(readstore_db:
     s = rs_settings(readstore_db, kafka_bootstrap, topic_prefix, group())
     asyncio.run(run_until(s, lambda: ("customer", "kept") in entities(readstore_db)))
     assert set(entities(readstore_db)) == {("customer", "kept")}
+
+
+def test_kafka_down_past_the_message_timeout_ends_the_session_and_nothing_repeats(
+        store: str, topic_prefix: str, kafka_bootstrap: str, eo: Any, sandbox: Any) -> None:
+    relay = eo(store, "--kafka-message-timeout", "2", "--status-interval", "1").start()
+    with psycopg.connect(store, autocommit=True) as conn:
+        conn.execute("INSERT INTO pos.customers (name) SELECT 'before' || g FROM generate_series(1, 3) g")
+    wait_for_ids(kafka_bootstrap, topic_prefix, committed_ids(store))
+    sandbox.stop_kafka()
+    try:
+        with psycopg.connect(store) as conn:
+            for t in range(20):
+                conn.execute("INSERT INTO pos.customers (name) SELECT 'during' || g FROM generate_series(1, 10) g")
+                conn.commit()
+        time.sleep(8)  # deliveries time out: the session ends, the relay waits for Kafka
+        assert relay.proc is not None and relay.proc.poll() is None, relay.output()
+    finally:
+        sandbox.up()
+    ids = committed_ids(store)
+    records = wait_for_ids(kafka_bootstrap, topic_prefix, ids, timeout=120)
+    assert_exactly_once(records, ids)
+    assert "reconnecting" in relay.output()
+    assert relay.terminate() == 0, relay.output()
+    assert "Traceback" not in relay.log.read_text()
