@@ -14,8 +14,11 @@ Rules kept here:
   transaction holding it committed; one with nothing to publish (heartbeats) is released at its
   commit, in order behind the others;
 * a fatal producer error (fenced by a newer relay with the same ``transactional.id``) stops the
-  relay with one line; an abortable one aborts the Kafka transaction and the relay starts again
-  from what is committed (:class:`RestartFromCommitted`).
+  relay with one line; an abortable one ends the relay's session (:class:`RestartFromCommitted`
+  is retriable, like an outage): the next session's producer aborts the Kafka transaction, the
+  offsets topic is read again and the slot replays from its confirmed position;
+* the commit runs in the background: the relay reads on, and what it sends meanwhile waits, in
+  order, for the next Kafka transaction (:class:`TransactionalPublisher`).
 """
 from __future__ import annotations
 
