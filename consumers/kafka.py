@@ -9,12 +9,18 @@ from ``stored_offsets`` and the loop seeks there on every assignment: the sink i
 When ``apply`` raises an error whose ``retriable`` attribute is true, the loop rewinds the
 batch's partitions, waits (exponential backoff up to 30 s) and fetches the batch again; polling
 goes on meanwhile, so the consumer keeps its place in the group. Other errors end the loop.
+
+Fault injection, for the fault suite only (tests/faults, docs/faults.md): with the environment
+variable ``OUTBOX_FAULT_KILL_AFTER_SINK_COMMIT=N`` the process SIGKILLs itself right after the
+Nth batch the sink has applied (committed), before the Kafka offset commit: the narrowest window
+of a consumer crash. Unset (always, in production) it costs one comparison per batch.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import time
@@ -28,7 +34,7 @@ from aiokafka.errors import KafkaError
 from outbox import metrics
 from outbox.config import KafkaSettings
 from outbox.contract import DLQ_SUFFIX, H_TIME
-from outbox.errors import KafkaUnavailable, OutboxError
+from outbox.errors import ConfigError, KafkaUnavailable, OutboxError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 LAG_EVERY = 1.0  # seconds between updates of the lag gauges (positions and high watermarks)
 POSITION_TIMEOUT = 0.2
+FAULT_KILL_AFTER_SINK_COMMIT = "OUTBOX_FAULT_KILL_AFTER_SINK_COMMIT"  # see the module docstring
 
 
 class SinkUnavailable(OutboxError):
@@ -178,6 +185,7 @@ async def run_consumer(
     **consumer_options: Any,
 ) -> None:
     """Feed ``sink`` from the topics matching ``pattern`` until ``stop`` is set."""
+    kill_after = fault_kill_after(os.environ)
     consumer = AIOKafkaConsumer(
         **kafka.client_kwargs(),
         group_id=group,
@@ -195,6 +203,7 @@ async def run_consumer(
         await consumer.stop()
         raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
     busy = asyncio.Lock()
+    applied_batches = 0
     progress = progress or Progress(group)
     stats = metrics.ConsumerMetrics(group, sink_name or getattr(sink, "name", type(sink).__name__.lower()))
     lag_updated = 0.0
@@ -232,6 +241,11 @@ async def run_consumer(
                 lag_updated = await _update_lag(consumer, stats, lag_updated)  # lag grows while the sink is down
                 continue
             backoff = BACKOFF_FIRST
+            applied_batches += 1
+            if applied_batches == kill_after:  # fault injection: crash between the sink's commit and Kafka's
+                log.warning("%s=%d: killing myself after the sink's commit, before the offset commit",
+                            FAULT_KILL_AFTER_SINK_COMMIT, kill_after)
+                os.kill(os.getpid(), signal.SIGKILL)
             await _commit(consumer, {tp: part[-1].offset + 1 for tp, part in batches.items()})
             _count_applied(stats, batches, counters)
             progress.add({"records": len(records), **counters})
@@ -240,6 +254,21 @@ async def run_consumer(
     finally:
         stats.close()
         await consumer.stop()
+
+
+def fault_kill_after(environ: Mapping[str, str]) -> int | None:
+    """The batch count after which to SIGKILL (fault injection), or None when unset."""
+    value = environ.get(FAULT_KILL_AFTER_SINK_COMMIT, "").strip()
+    if not value:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"{FAULT_KILL_AFTER_SINK_COMMIT}={value!r} is not a positive number of batches: unset it "
+                          "(it is a fault-injection hook for tests)")
+    return count
 
 
 def _count_applied(stats: metrics.ConsumerMetrics, batches: Mapping[TopicPartition, Sequence[Any]],
