@@ -52,8 +52,9 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
               help="exactly-once: commit the open Kafka transaction this often (at a source transaction boundary). "
                    "Longer: more throughput, more latency.")
 @click.option("--transaction-max-events", default=10_000, show_default=True, type=int, metavar="N",
-              help="exactly-once: commit the open Kafka transaction once it holds this many events (whole source "
-                   "transactions only, so one large source transaction may exceed it).")
+              help="exactly-once: start committing the open Kafka transaction once it holds this many events. "
+                   "A trigger, not a cap: whole source transactions only, and what is read while a commit runs "
+                   "goes into the next transaction.")
 @metrics_options
 def relay(**params: Any) -> None:
     """Stream the outbox of one store database to Kafka.
