@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
-from bench.common import ensure_servers, quiet_logs
+from bench.common import DELIVERIES, ensure_servers, quiet_logs
 
-BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory", "crm")
+BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory", "delivery", "crm")
 
 
 def _runner(name: str) -> Callable[[bool], Any]:
@@ -31,18 +31,20 @@ def _runner(name: str) -> Callable[[bool], Any]:
         from bench import memory as mod  # type: ignore[no-redef]
     elif name == "crm":
         from bench import crm as mod  # type: ignore[no-redef]
+    elif name == "delivery":
+        from bench import delivery as mod  # type: ignore[no-redef]
     else:
         raise click.UsageError(f"unknown benchmark {name}")
-    return lambda quick: asyncio.run(mod.run(quick))
+    return lambda quick, **kw: asyncio.run(mod.run(quick, **kw))
 
 
-def _run(names: tuple[str, ...], quick: bool) -> None:
+def _run(names: tuple[str, ...], quick: bool, **kw: Any) -> None:
     ensure_servers()
     with quiet_logs():
         for name in names:
             started = time.monotonic()
             print(f"== {name}{' (quick)' if quick else ''}", flush=True)
-            _runner(name)(quick)
+            _runner(name)(quick, **kw)
             print(f"== {name} took {time.monotonic() - started:.1f} s", flush=True)
 
 
@@ -51,19 +53,24 @@ def main() -> None:
     """Benchmarks of the outbox relay against the physical limits of the machine."""
 
 
-def _command(name: str, doc: str) -> None:
-    @main.command(name, help=doc)
+def _command(name: str, doc: str, delivery: bool = False) -> None:
     @click.option("--quick", is_flag=True, help="A short run printing the same figures (CI smoke test).")
-    def command(quick: bool) -> None:
-        _run((name,) if name != "all" else BENCHMARKS, quick)
+    def command(quick: bool, **kw: Any) -> None:
+        _run((name,) if name != "all" else BENCHMARKS, quick, **kw)
+
+    if delivery:
+        command = click.option("--delivery", type=click.Choice(DELIVERIES), default=DELIVERIES[0], show_default=True,
+                               help="The relay's --delivery mode ('python -m bench delivery' compares both).")(command)
+    main.command(name, help=doc)(command)
 
 
-_command("relay", "Backlog throughput of outbox relay vs pg_recvlogical and kcat.")
-_command("latency", "Commit-to-Kafka and commit-to-read-store latency at fixed rates.")
+_command("relay", "Backlog throughput of outbox relay vs pg_recvlogical and kcat.", delivery=True)
+_command("latency", "Commit-to-Kafka and commit-to-read-store latency at fixed rates.", delivery=True)
 _command("overhead", "pgbench TPS of a POS workload with and without capture triggers.")
 _command("consumer", "Read-store apply rate.")
 _command("memory", "Relay RSS idle and under load.")
 _command("crm", "CRM sink throughput against the reference CRM at 0% and 30% failures.")
+_command("delivery", "At-least-once vs exactly-once: throughput and latency, interleaved A/B runs.")
 _command("all", "Every benchmark, one after the other.")
 
 
