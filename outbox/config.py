@@ -81,6 +81,12 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_table(value: str) -> str:
+    if not _QUALIFIED.match(value):
+        raise ValueError("must be SCHEMA.TABLE (unquoted identifiers)")
+    return value
+
+
 def _check_dsn(value: str) -> str:
     parse_dsn(value)
     return value
@@ -196,12 +202,7 @@ class Capture(_Settings):
     table: str  # schema.table
     aggregate: str
 
-    @field_validator("table")
-    @classmethod
-    def _table(cls, v: str) -> str:
-        if not _QUALIFIED.match(v):
-            raise ValueError("must be SCHEMA.TABLE (unquoted identifiers)")
-        return v
+    _table = field_validator("table")(_check_table)
 
     @field_validator("aggregate")
     @classmethod
@@ -260,6 +261,23 @@ class ReadStoreSettings(_Settings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
 
     _dsn = field_validator("dsn")(_check_dsn)
+
+
+class BackfillSettings(_Settings):
+    """``outbox backfill`` (outbox/backfill.py)."""
+
+    dsn: str
+    source_id: str
+    table: str
+    where: str | None = None
+    chunk_size: int = Field(default=2000, ge=1, le=1_000_000)
+    rate: int | None = Field(default=None, ge=1)  # rows per second; None: as fast as it goes
+    dry_run: bool = False
+    resume: bool = False
+
+    _dsn = field_validator("dsn")(_check_dsn)
+
+    _table = field_validator("table")(_check_table)
 
 
 def slot_name_for(dbname: str) -> str:

@@ -31,7 +31,8 @@ from outbox import contract
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
-HEAD = "0001"  # the newest revision in migrations/store/versions
+REVISIONS = ("0001", "0003")  # migrations/store/versions, oldest first; an older one is upgraded
+HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"  # in schema outbox
 CAPTURE_FUNCTION = f"{contract.SCHEMA}.capture_change"
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -266,7 +267,7 @@ def install_problems(facts: Facts, slot: str) -> list[str]:
     if facts.schema_exists and facts.revision is None and not facts.schema_empty:
         problems.append(f"schema {contract.SCHEMA} already exists on {where} but was not installed by outbox "
                         f"(no {contract.SCHEMA}.{VERSION_TABLE}): rename or drop it, then install again")
-    if facts.revision is not None and facts.revision != HEAD:
+    if facts.revision is not None and facts.revision not in REVISIONS:
         problems.append(f"the outbox on {where} is at revision {facts.revision}, which this outbox-relay does not "
                         f"know (newest: {HEAD}): use the outbox-relay version that installed it or a newer one")
     needs_create = not facts.schema_exists or not facts.publication_exists or facts.revision is None
