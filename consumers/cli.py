@@ -7,7 +7,9 @@ from typing import Any
 import click
 
 from outbox import contract
-from outbox.config import KafkaSettings, ReadStoreSettings, build, kafka_from_params, kafka_options, metrics_options
+from outbox.errors import ConfigError
+from outbox.config import (KafkaSettings, ReadStoreSettings, build, kafka_from_params, kafka_options, metrics_options,
+                           redrive_options)
 
 
 def _print_sql(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -38,6 +40,7 @@ def consume() -> None:
               help="Bring the readstore schema up to date before consuming.")
 @click.option("--sql", is_flag=True, is_eager=True, expose_value=False, callback=_print_sql,
               help="Print the schema migration SQL for review and exit (needs no server, touches nothing).")
+@redrive_options
 @metrics_options
 def readstore(**params: Any) -> None:
     """Keep a central PostgreSQL read store current: one row per aggregate, in source order.
@@ -58,3 +61,75 @@ def readstore(**params: Any) -> None:
     with metrics.serve(settings.metrics_host, settings.metrics_port):
         totals = asyncio.run(rs.run_readstore(settings))
     click.echo(f"stopped: {totals.get('records', 0)} records applied, {totals.get('rejected', 0)} rejected", err=True)
+
+
+@click.command()
+@click.option("--group", metavar="G", help="The consumer group to rewind (with --dlq: only its dead letters).")
+@click.option("--topic", "topics", metavar="T", multiple=True, help="A topic to rewind (repeat for several).")
+@click.option("--from", "from_", metavar="WHEN",
+              help="earliest, an offset (every partition), or a time (2026-01-31T12:00:00Z; the first record at or "
+                   "after it). With --dlq: earliest re-scans the whole dead-letter topic.")
+@click.option("--dlq", "dlq_topics", metavar="TOPIC", multiple=True,
+              help="Re-drive the records parked in this dead-letter topic (<topic>.dlq) back to the group that "
+                   "parked them, with their original ids (repeat for several).")
+@click.option("--filter", "filters", metavar="NAME=VALUE", multiple=True,
+              help="With --dlq, only matching records: group=G, error=TEXT (in dlq_error), type=PATTERN (ce_type, "
+                   "e.g. 'customer.*'), key=PATTERN, id=CE_ID (repeatable), attempts-below=N.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed without a terminal).")
+@click.option("--force", is_flag=True,
+              help="Rewind even though the group lists active members: wait (up to 90 s) for them to leave, as a "
+                   "killed consumer does when its session times out.")
+@click.option("--dry-run", is_flag=True, help="Show what would be rewound or re-driven; change nothing.")
+@kafka_options
+def replay(**params: Any) -> None:
+    """Re-deliver events to a consumer group, or re-drive its dead letters.
+
+    \b
+    outbox replay --group G --topic T --from earliest|TIMESTAMP|OFFSET [--yes] [--force]
+    outbox replay --dlq T.dlq [--filter type='customer.*'] [--yes]
+
+    A rewind shows, per partition, how many records will be re-delivered and asks before it
+    changes anything; it refuses while the group has active members (stop its consumers first).
+    Sinks that keep their own offsets (the read store) follow the rewind too. Replayed and
+    re-driven events keep their ce_id. See docs/backfill.md.
+    """
+    from consumers import replay as rp
+
+    kafka = build(KafkaSettings, **kafka_from_params(params))
+    if params["dlq_topics"]:
+        _redrive(kafka, params)
+        return
+    if not params["group"] or not params["topics"] or not params["from_"]:
+        raise ConfigError("outbox replay needs --group, --topic and --from (or --dlq TOPIC to re-drive dead letters)")
+    if params["filters"]:
+        raise ConfigError("--filter goes with --dlq")
+    wanted = rp.parse_from(params["from_"])
+    if params["dry_run"]:
+        _, plans = asyncio.run(rp.plan(kafka, params["group"], params["topics"], wanted))
+        click.echo(rp.format_plan(params["group"], wanted, plans))
+        return
+    rp.run_rewind(kafka, params["group"], params["topics"], wanted, yes=params["yes"], force=params["force"],
+                  echo=lambda text: click.echo(text, err=True))
+
+
+def _redrive(kafka: KafkaSettings, params: dict[str, Any]) -> None:
+    from consumers import dlq
+    from consumers.replay import confirm
+
+    topics = params["dlq_topics"]
+    bad = [t for t in topics if not t.endswith(contract.DLQ_SUFFIX)]
+    if bad:
+        raise ConfigError(f"--dlq {bad[0]}: not a dead-letter topic (its name ends with {contract.DLQ_SUFFIX})")
+    if params["from_"] not in (None, "earliest") or params["topics"]:
+        raise ConfigError("with --dlq, --from can only be earliest and --topic is not used")
+    flt = dlq.Filter.parse(params["filters"], params["group"])
+    scan = asyncio.run(dlq.redrive(kafka, topics, flt, cursor_group="outbox-redrive",
+                                   from_beginning=params["from_"] == "earliest", dry_run=True))
+    click.echo(f"{scan.redriven} of {scan.scanned} parked records in {', '.join(topics)} match; "
+               f"{scan.exhausted} are past the attempt limit and stay parked", err=True)
+    if params["dry_run"] or not scan.redriven:
+        return
+    confirm(f"re-drive {scan.redriven} records?", params["yes"])
+    done = asyncio.run(dlq.redrive(kafka, topics, flt, cursor_group="outbox-redrive",
+                                   from_beginning=params["from_"] == "earliest"))
+    click.echo(f"re-drove {done.redriven} records to their topics, for the groups that parked them", err=True)

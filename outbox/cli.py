@@ -41,7 +41,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 
 
 def _register() -> None:
-    from consumers.cli import consume
+    from consumers.cli import consume, replay
     from outbox.backfill import backfill
     from outbox.demo import demo
     from outbox.doctor import doctor
@@ -50,7 +50,7 @@ def _register() -> None:
     from outbox.status import status
     from relay.cli import relay
 
-    for command in (dev, install, uninstall, grant, doctor, status, relay, consume, backfill, demo):
+    for command in (dev, install, uninstall, grant, doctor, status, relay, consume, backfill, replay, demo):
         cli.add_command(command)
 
 

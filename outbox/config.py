@@ -189,6 +189,21 @@ def metrics_options(func: F) -> F:
     return func
 
 
+def redrive_options(func: F) -> F:
+    """A consumer's periodic re-drive of its own dead letters (consumers/dlq.py)."""
+    options = [
+        click.option("--redrive-every", type=float, default=None, metavar="MINUTES",
+                     help="Every MINUTES, send the records this group parked in <topic>.dlq back to their topic "
+                          "[default: never; outbox replay --dlq does it by hand]."),
+        click.option("--redrive-max-attempts", type=int, default=5, show_default=True, metavar="N",
+                     help="A dead letter tried N times stays parked (counted in "
+                          "outbox_consumer_dead_letters_exhausted_total)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def dsn_option(func: F) -> F:
     return click.option(
         "--dsn", required=True, metavar="DSN",
@@ -257,6 +272,8 @@ class ReadStoreSettings(_Settings):
     topic_prefix: str = contract.DEFAULT_TOPIC_PREFIX
     group: str = "outbox-readstore"
     batch_size: int = Field(default=2000, ge=1)
+    redrive_every: float | None = Field(default=None, gt=0)  # minutes; None: no periodic re-drive
+    redrive_max_attempts: int = Field(default=5, ge=1)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
 
