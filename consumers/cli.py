@@ -124,7 +124,7 @@ def _redrive(kafka: KafkaSettings, params: dict[str, Any]) -> None:
         raise ConfigError("with --dlq, --from can only be earliest and --topic is not used")
     flt = dlq.Filter.parse(params["filters"], params["group"])
     scan = asyncio.run(dlq.redrive(kafka, topics, flt, cursor_group="outbox-redrive",
-                                   from_beginning=params["from_"] == "earliest", dry_run=True))
+                                   from_beginning=params["from_"] == "earliest", dry_run=True, strict=True))
     click.echo(f"{scan.redriven} of {scan.scanned} parked records in {', '.join(topics)} match; "
                f"{scan.exhausted} are past the attempt limit and stay parked", err=True)
     if params["dry_run"] or not scan.redriven:

@@ -52,6 +52,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from outbox import contract
@@ -78,6 +79,10 @@ class DeadLetterUnavailable(OutboxError):
     """Kafka did not acknowledge a dead letter: the batch is retried, nothing is lost."""
 
     retriable = True
+
+
+class TopicMissing(OutboxError):
+    """A topic named on the command line does not exist."""
 
 
 class RecordLike(Protocol):
@@ -329,8 +334,27 @@ class Redriven:
     topics: tuple[str, ...] = ()
 
 
+async def topic_partitions(kafka: KafkaSettings, topics: Sequence[str], *, strict: bool = False) -> list[TopicPartition]:
+    """Every partition of the topics that exist (``strict``: a missing topic is an error)."""
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs())
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing and strict:
+            raise TopicMissing(f"topic {missing[0]} does not exist on Kafka at {kafka.bootstrap}")
+        present = [t for t in topics if t in existing]
+        described = await admin.describe_topics(present) if present else []
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
+    finally:
+        await admin.close()
+    return sorted((TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]),
+                  key=lambda tp: (tp.topic, tp.partition))
+
+
 async def redrive(kafka: KafkaSettings, topics: Sequence[str], flt: Filter, *, cursor_group: str,
-                  from_beginning: bool = False, dry_run: bool = False) -> Redriven:
+                  from_beginning: bool = False, dry_run: bool = False, strict: bool = False) -> Redriven:
     """Send the parked records of ``topics`` (``*.dlq``) that match ``flt`` back to their topic.
 
     Reads each partition from the cursor group's committed offset (or the beginning) up to the end
@@ -347,8 +371,7 @@ async def redrive(kafka: KafkaSettings, topics: Sequence[str], flt: Filter, *, c
         raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
     producer = None
     try:
-        await consumer.topics()  # loads the metadata partitions_for_topic reads
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        tps = await topic_partitions(kafka, topics, strict=strict)
         if not tps:
             return result
         consumer.assign(tps)

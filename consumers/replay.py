@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from consumers.dlq import topic_partitions
 from consumers.kafka import REPLAY_MARK
 from outbox.config import KafkaSettings
 from outbox.errors import ConfigError, KafkaUnavailable, OutboxError, PreconditionFailed
@@ -136,15 +137,6 @@ async def describe_group(admin: AIOKafkaAdminClient, group: str) -> Group:
     return Group(info["state"], members, committed)
 
 
-async def _partitions(admin: AIOKafkaAdminClient, topics: Sequence[str], bootstrap: str) -> list[TopicPartition]:
-    existing = set(await admin.list_topics())
-    missing = [t for t in topics if t not in existing]
-    if missing:
-        raise ReplayError(f"topic {missing[0]} does not exist on Kafka at {bootstrap}")
-    described = await admin.describe_topics(list(topics))
-    return [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
-
-
 async def _clients(kafka: KafkaSettings, group: str | None) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
     admin = AIOKafkaAdminClient(**kafka.client_kwargs())
     consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=group, enable_auto_commit=False,
@@ -166,7 +158,7 @@ async def plan(kafka: KafkaSettings, group: str, topics: Sequence[str], wanted: 
         if state.state == "Dead" and not state.committed:
             raise ReplayError(f"consumer group {group} does not exist on Kafka at {kafka.bootstrap} "
                               "(check --group; kafka-consumer-groups.sh --list shows them)")
-        tps = await _partitions(admin, topics, kafka.bootstrap)
+        tps = await topic_partitions(kafka, topics, strict=True)
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
         at_time = None
