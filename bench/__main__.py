@@ -15,7 +15,7 @@ import click
 
 from bench.common import ensure_servers, quiet_logs
 
-BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory")
+BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory", "backfill", "replay")
 
 
 def _runner(name: str) -> Callable[[bool], Any]:
@@ -29,6 +29,10 @@ def _runner(name: str) -> Callable[[bool], Any]:
         from bench import consumer as mod  # type: ignore[no-redef]
     elif name == "memory":
         from bench import memory as mod  # type: ignore[no-redef]
+    elif name == "backfill":
+        from bench import backfill as mod  # type: ignore[no-redef]
+    elif name == "replay":
+        from bench import replay as mod  # type: ignore[no-redef]
     else:
         raise click.UsageError(f"unknown benchmark {name}")
     return lambda quick: asyncio.run(mod.run(quick))
@@ -61,6 +65,8 @@ _command("latency", "Commit-to-Kafka and commit-to-read-store latency at fixed r
 _command("overhead", "pgbench TPS of a POS workload with and without capture triggers.")
 _command("consumer", "Read-store apply rate.")
 _command("memory", "Relay RSS idle and under load.")
+_command("backfill", "outbox backfill rows/s, alone and with a concurrent writer.")
+_command("replay", "Time of a full replay of demo-like topics into the read store.")
 _command("all", "Every benchmark, one after the other.")
 
 

@@ -38,6 +38,11 @@ FIGURES = [
     rf"^consumer\s+read-store apply \(from start, group join incl\.\)\s+{NUMBER} events/s",
     rf"^memory\s+relay RSS idle\s+{NUMBER} MB",
     rf"^memory\s+relay RSS peak under load\s+{NUMBER} MB",
+    rf"^backfill\s+backfill alone\s+{NUMBER} rows/s",
+    rf"^backfill\s+backfill with a concurrent writer\s+{NUMBER} rows/s",
+    rf"^backfill\s+writer during the backfill\s+{NUMBER} tx/s",
+    rf"^replay\s+full replay into the read store\s+{NUMBER} s",
+    rf"^replay\s+full replay rate\s+{NUMBER} events/s",
 ]
 
 
@@ -60,7 +65,7 @@ def test_quick_suite_prints_every_figure_and_cleans_up(servers: dict[str, str], 
     missing = [p for p in FIGURES if not re.search(p, proc.stdout, re.MULTILINE)]
     assert not missing, f"figure lines missing: {missing}\n{proc.stdout}"
     saved = sorted(p.name.split("-")[0] for p in tmp_path.glob("*-quick.json"))
-    assert saved == ["consumer", "latency", "memory", "overhead", "relay"]
+    assert saved == ["backfill", "consumer", "latency", "memory", "overhead", "relay", "replay"]
 
     with admin_conn() as conn:
         left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_%'").fetchall()
