@@ -8,7 +8,9 @@ import click
 
 from outbox import contract
 from outbox.errors import ConfigError
-from outbox.config import (KafkaSettings, ReadStoreSettings, build, kafka_from_params, kafka_options, metrics_options,
+
+REDRIVE_GROUP = "outbox-redrive"  # the consumer group that remembers how far replay --dlq read each topic
+from outbox.config import (KafkaSettings, ReadStoreSettings, ReplaySettings, build, kafka_from_params, kafka_options, metrics_options,
                            redrive_options)
 
 
@@ -96,40 +98,39 @@ def replay(**params: Any) -> None:
     from consumers import replay as rp
 
     kafka = build(KafkaSettings, **kafka_from_params(params))
-    if params["dlq_topics"]:
-        _redrive(kafka, params)
+    s = build(ReplaySettings, kafka=kafka, **params)
+    if s.dlq_topics:
+        _redrive(s)
         return
-    if not params["group"] or not params["topics"] or not params["from_"]:
+    if not s.group or not s.topics or not s.from_:
         raise ConfigError("outbox replay needs --group, --topic and --from (or --dlq TOPIC to re-drive dead letters)")
-    if params["filters"]:
+    if s.filters:
         raise ConfigError("--filter goes with --dlq")
-    wanted = rp.parse_from(params["from_"])
-    if params["dry_run"]:
-        _, plans = asyncio.run(rp.plan(kafka, params["group"], params["topics"], wanted))
-        click.echo(rp.format_plan(params["group"], wanted, plans))
+    wanted = rp.parse_from(s.from_)
+    if s.dry_run:
+        _, plans = asyncio.run(rp.plan(kafka, s.group, s.topics, wanted))
+        click.echo(rp.format_plan(s.group, wanted, plans))
         return
-    rp.run_rewind(kafka, params["group"], params["topics"], wanted, yes=params["yes"], force=params["force"],
-                  echo=lambda text: click.echo(text, err=True))
+    rp.run_rewind(kafka, s.group, s.topics, wanted, yes=s.yes, force=s.force, echo=lambda text: click.echo(text, err=True))
 
 
-def _redrive(kafka: KafkaSettings, params: dict[str, Any]) -> None:
+def _redrive(s: ReplaySettings) -> None:
     from consumers import dlq
     from consumers.replay import confirm
 
-    topics = params["dlq_topics"]
-    bad = [t for t in topics if not t.endswith(contract.DLQ_SUFFIX)]
+    bad = [t for t in s.dlq_topics if not t.endswith(contract.DLQ_SUFFIX)]
     if bad:
         raise ConfigError(f"--dlq {bad[0]}: not a dead-letter topic (its name ends with {contract.DLQ_SUFFIX})")
-    if params["from_"] not in (None, "earliest") or params["topics"]:
+    if s.from_ not in (None, "earliest") or s.topics:
         raise ConfigError("with --dlq, --from can only be earliest and --topic is not used")
-    flt = dlq.Filter.parse(params["filters"], params["group"])
-    scan = asyncio.run(dlq.redrive(kafka, topics, flt, cursor_group="outbox-redrive",
-                                   from_beginning=params["from_"] == "earliest", dry_run=True, strict=True))
-    click.echo(f"{scan.redriven} of {scan.scanned} parked records in {', '.join(topics)} match; "
+    flt = dlq.Filter.parse(s.filters, s.group)
+    rescan = s.from_ == "earliest"
+    scan = asyncio.run(dlq.redrive(s.kafka, s.dlq_topics, flt, cursor_group=REDRIVE_GROUP, from_beginning=rescan,
+                                   dry_run=True, strict=True))
+    click.echo(f"{scan.redriven} of {scan.scanned} parked records in {', '.join(s.dlq_topics)} match; "
                f"{scan.exhausted} are past the attempt limit and stay parked", err=True)
-    if params["dry_run"] or not scan.redriven:
+    if s.dry_run or not scan.redriven:
         return
-    confirm(f"re-drive {scan.redriven} records?", params["yes"])
-    done = asyncio.run(dlq.redrive(kafka, topics, flt, cursor_group="outbox-redrive",
-                                   from_beginning=params["from_"] == "earliest"))
+    confirm(f"re-drive {scan.redriven} records?", s.yes)
+    done = asyncio.run(dlq.redrive(s.kafka, s.dlq_topics, flt, cursor_group=REDRIVE_GROUP, from_beginning=rescan))
     click.echo(f"re-drove {done.redriven} records to their topics, for the groups that parked them", err=True)

@@ -39,8 +39,12 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_SUFFIX = ".snapshot"
 AUDIT_TABLE = f"{contract.SCHEMA}.backfills"
-LOCK_TIMEOUT = "5s"  # a chunk waits at most this long for a writer's row lock, then is retried
-CHUNK_RETRIES = 20
+# A chunk waits at most this long for a row a writer holds, then gives way and is retried. Shorter
+# than PostgreSQL's deadlock_timeout (1 s by default) minus a chunk's duration: in a lock cycle
+# with a writer (a transaction updating several rows out of key order) the chunk always times out
+# before the writer's deadlock check runs, so writers never get a deadlock error from a backfill.
+LOCK_TIMEOUT = "200ms"
+CHUNK_RETRIES = 50
 PLAIN_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 BAR_EVERY = 0.2
 _LOCK_NAMESPACE = 0x6F62  # advisory lock (namespace, table oid): one backfill per table at a time

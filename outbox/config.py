@@ -297,6 +297,20 @@ class BackfillSettings(_Settings):
     _table = field_validator("table")(_check_table)
 
 
+class ReplaySettings(_Settings):
+    """``outbox replay`` (consumers/replay.py, consumers/dlq.py)."""
+
+    kafka: KafkaSettings
+    group: str | None = None
+    topics: tuple[str, ...] = ()
+    from_: str | None = None
+    dlq_topics: tuple[str, ...] = ()
+    filters: tuple[str, ...] = ()
+    yes: bool = False
+    force: bool = False
+    dry_run: bool = False
+
+
 def slot_name_for(dbname: str) -> str:
     """Default replication slot name for a store database (slot names are cluster-wide)."""
     cleaned = re.sub(r"[^a-z0-9_]", "_", dbname.lower())
