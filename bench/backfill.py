@@ -5,7 +5,8 @@ A store database with the POS schema and the outbox gets N customers (200,000; 2
 backfills all of them (chunks of 2000, no --rate) into outbox.events: once with nothing else
 running, once while a writer updates random customers (5 rows per transaction, as fast as it
 goes, plus a delete now and then) in one connection. The writer's own rate during the backfill is
-reported too: chunks lock their rows FOR SHARE, so writers touching them wait for a chunk.
+reported too, and its rate with no backfill (3 s): chunks lock their rows FOR SHARE, so writers
+touching them wait for a chunk.
 No relay runs: this is the store side's cost; the relay then publishes the events like any
 others (``python -m bench relay``). outbox.events is emptied between runs.
 
@@ -63,6 +64,18 @@ def seed(dsn: str, rows: int) -> None:
         conn.execute("ANALYZE pos.customers")
 
 
+def writer_alone(dsn: str, rows: int, seconds: float, seed: int) -> float:
+    """The writer's rate with no backfill running: the baseline for its rate during one."""
+    writer = Writer(dsn, rows, seed)
+    writer.start()
+    time.sleep(seconds)
+    writer.halt.set()
+    writer.join(30)
+    if writer.error:
+        raise writer.error
+    return writer.transactions / seconds
+
+
 def backfill_once(dsn: str, writer: Writer | None) -> dict[str, Any]:
     from outbox.backfill import run_backfill
     from outbox.config import BackfillSettings
@@ -101,18 +114,22 @@ async def run(quick: bool) -> Result:
         for i in range(runs):
             alone = backfill_once(dsn, None)
             busy = backfill_once(dsn, Writer(dsn, rows, seed=i))
-            result.runs.append({"run": i + 1, "alone": alone, "with_writer": busy})
+            baseline = writer_alone(dsn, rows, 1.0 if quick else 3.0, seed=100 + i)
+            result.runs.append({"run": i + 1, "alone": alone, "with_writer": busy, "writer_alone_tx_per_s": baseline})
             say(f"run {i + 1}/{runs}: {alone['rows_per_s']:,.0f} rows/s alone, {busy['rows_per_s']:,.0f} rows/s with "
-                f"a writer ({busy['writer_tx_per_s']:,.0f} writer tx/s meanwhile)")
+                f"a writer ({busy['writer_tx_per_s']:,.0f} writer tx/s meanwhile, {baseline:,.0f} without backfill)")
     f = result.figures
     f["rows_per_s"] = median([r["alone"]["rows_per_s"] for r in result.runs])
     f["rows_per_s_with_writer"] = median([r["with_writer"]["rows_per_s"] for r in result.runs])
     f["writer_tx_per_s"] = median([r["with_writer"]["writer_tx_per_s"] for r in result.runs])
+    f["writer_alone_tx_per_s"] = median([r["writer_alone_tx_per_s"] for r in result.runs])
     print(f"backfill: {rows} rows of pos.customers, chunks of 2000, median of {runs} run(s)")
     figure(NAME, "backfill alone", f["rows_per_s"], "rows/s", spread([r["alone"]["rows_per_s"] for r in result.runs]))
     figure(NAME, "backfill with a concurrent writer", f["rows_per_s_with_writer"], "rows/s",
            spread([r["with_writer"]["rows_per_s"] for r in result.runs]))
     figure(NAME, "writer during the backfill", f["writer_tx_per_s"], "tx/s",
            spread([r["with_writer"]["writer_tx_per_s"] for r in result.runs]))
+    figure(NAME, "writer without a backfill", f["writer_alone_tx_per_s"], "tx/s",
+           spread([r["writer_alone_tx_per_s"] for r in result.runs]))
     result.save()
     return result

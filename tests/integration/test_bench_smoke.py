@@ -41,6 +41,7 @@ FIGURES = [
     rf"^backfill\s+backfill alone\s+{NUMBER} rows/s",
     rf"^backfill\s+backfill with a concurrent writer\s+{NUMBER} rows/s",
     rf"^backfill\s+writer during the backfill\s+{NUMBER} tx/s",
+    rf"^backfill\s+writer without a backfill\s+{NUMBER} tx/s",
     rf"^replay\s+full replay into the read store\s+{NUMBER} s",
     rf"^replay\s+full replay rate\s+{NUMBER} events/s",
 ]
