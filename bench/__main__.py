@@ -70,6 +70,22 @@ _command("replay", "Time of a full replay of demo-like topics into the read stor
 _command("all", "Every benchmark, one after the other.")
 
 
+@main.command("bigtxn")
+@click.option("--rows", type=click.IntRange(min=1), default=None,
+              help="Rows in the one transaction [default: 1,000,000; 50,000 with --quick].")
+@click.option("--quick", is_flag=True, help="A short run printing the same figures (CI smoke test).")
+def bigtxn(rows: int | None, quick: bool) -> None:
+    """One transaction of N outbox rows: nothing in Kafka before its commit, peak relay RSS and time."""
+    from bench import bigtxn as mod
+
+    ensure_servers()
+    with quiet_logs():
+        started = time.monotonic()
+        print(f"== bigtxn{' (quick)' if quick else ''}", flush=True)
+        asyncio.run(mod.run(quick, rows))
+        print(f"== bigtxn took {time.monotonic() - started:.1f} s", flush=True)
+
+
 @main.command("plot")
 @click.option("--out", "out_dir", default=None, help="Directory for the PNG files [default: docs/].")
 def plot(out_dir: str | None) -> None:

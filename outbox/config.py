@@ -253,6 +253,8 @@ class RelaySettings(_Settings):
     status_interval: float = Field(default=10.0, gt=0)
     retention: float = Field(default=3600.0, ge=0)
     heartbeat_interval: float = Field(default=10.0, ge=0)  # 0: no heartbeat
+    drain_timeout: float = Field(default=30.0, ge=0)  # SIGTERM: seconds to wait for in-flight events
+    kafka_message_timeout: float = Field(default=300.0, gt=0)  # librdkafka message.timeout.ms, in seconds
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
 

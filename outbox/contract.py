@@ -18,6 +18,7 @@ DLQ_SUFFIX = ".dlq"
 # The store-side objects every part agrees on.
 SCHEMA = "outbox"
 EVENTS_TABLE = "events"
+PARKED_TABLE = "parked"  # events too large for Kafka: the whole row, the reason, the position
 PUBLICATION = "outbox_events"
 CAPTURE_TRIGGER = "outbox_capture"
 ORIGIN_SETTING = "outbox.origin"  # transaction-local: SET LOCAL outbox.origin = 'crm'
@@ -159,6 +160,29 @@ class TxnContext:
             value=row.payload.encode(),
             headers=headers,
         )
+
+
+def record_size(record: Record) -> int:
+    """Bytes the record takes in a Kafka batch, near enough to compare with max.message.bytes."""
+    return len(record.key) + len(record.value) + sum(len(k) + len(v) + 4 for k, v in record.headers) + RECORD_OVERHEAD
+
+
+# A v2 record batch header (61 bytes) and one record's varints, rounded up.
+RECORD_OVERHEAD = 128
+H_DLQ_ERROR = "dlq_error"
+H_DLQ_SIZE = "dlq_size"
+H_DLQ_LSN = "dlq_lsn"
+
+
+def parked_marker(record: Record, error: str, commit_lsn: int) -> Record:
+    """The small record that says an event was parked: same key and ce_* headers, no payload.
+
+    It goes to ``<topic>.dlq``; the full event stays in the store's ``outbox.parked``.
+    """
+    headers = [(k, v) for k, v in record.headers if k != H_CONTENT_TYPE]
+    headers += [(H_DLQ_ERROR, error.encode()), (H_DLQ_SIZE, str(record_size(record)).encode()),
+                (H_DLQ_LSN, format_lsn(commit_lsn).encode())]
+    return Record(topic=record.topic + DLQ_SUFFIX, key=record.key, value=b"", headers=headers)
 
 
 def build_record(row: OutboxRow, *, source_id: str, prefix: str, position: Position, commit_time: datetime, xid: int) -> Record:

@@ -94,8 +94,8 @@ def diagnose(f: DoctorFacts) -> list[Check]:
                                 "outbox install --dsn ... --capture SCHEMA.TABLE=AGGREGATE (review first with --sql)"))
         return checks
     if b.revision in inst.REVISIONS and b.revision != inst.HEAD:
-        checks.append(Check("outbox installed", "fail", f"revision {b.revision}, older than {inst.HEAD}",
-                            "outbox install --dsn ... upgrades it (review first with --sql)"))
+        checks.append(Check("outbox installed", "fail", f"revision {b.revision}, older than this outbox-relay's "
+                            f"{inst.HEAD}", "outbox install --dsn ... upgrades it (review first with --sql)"))
     elif b.revision != inst.HEAD:
         checks.append(Check("outbox installed", "fail", f"revision {b.revision}, unknown to this outbox-relay "
                             f"(newest {inst.HEAD})", "use the outbox-relay version that installed it or a newer one"))

@@ -13,10 +13,19 @@ from typing import Any
 import psycopg
 from psycopg import conninfo
 
-from outbox.errors import ConfigError, DatabaseUnavailable
+from outbox.errors import ConfigError, DatabaseRefused, DatabaseUnavailable
 
 _URL_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@")
 _KW_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# What a server says when retrying cannot help: libpq carries no SQLSTATE for a failed login,
+# so the server's words decide (28000, 28P01, 3D000, 42501 and pg_hba.conf rejections).
+_PERMANENT = re.compile(
+    r"password authentication failed|authentication failed for user|no pg_hba\.conf entry|"
+    r"(role|database) \"[^\"]*\" does not exist|is not permitted to log in|permission denied|"
+    r"must be superuser or replication role|must have replication|not allowed|password is required|"
+    r"server does not support SSL|invalid (connection option|dsn|integer value)",
+    re.IGNORECASE,
+)
 
 
 def redact(text: str) -> str:
@@ -48,7 +57,13 @@ def connect(dsn: str, *, autocommit: bool = False, application_name: str = "outb
     try:
         return psycopg.connect(dsn, autocommit=autocommit, application_name=application_name, **kwargs)
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to {describe(dsn)}: {first_line(exc)} (check --dsn and the PG* environment variables)") from None
+        error = DatabaseRefused if is_permanent(str(exc)) else DatabaseUnavailable
+        raise error(f"cannot connect to {describe(dsn)}: {first_line(exc)} (check --dsn and the PG* environment variables)") from None
+
+
+def is_permanent(message: str) -> bool:
+    """Whether a connection failure will fail again the same way (auth, missing role or database)."""
+    return _PERMANENT.search(message) is not None
 
 
 def first_line(exc: BaseException) -> str:

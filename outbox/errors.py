@@ -29,6 +29,16 @@ class DatabaseUnavailable(OutboxError):
     retriable = True
 
 
+class DatabaseRefused(DatabaseUnavailable):
+    """PostgreSQL answered and said no for good: bad password, unknown role or database, no access.
+
+    Retrying cannot help (the operator changes the DSN, the role or pg_hba.conf), so it is not
+    retriable, unlike the connection refused or the shutting-down server of its parent class.
+    """
+
+    retriable = False
+
+
 class NotInstalled(OutboxError):
     """The outbox schema (or a part of it) is missing from a database."""
 

@@ -31,7 +31,7 @@ from outbox import contract
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
-REVISIONS = ("0001", "0003")  # migrations/store/versions, oldest first; an older one is upgraded
+REVISIONS = ("0001", "0002", "0003")  # migrations/store/versions, oldest first; install upgrades older ones
 HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"  # in schema outbox
 CAPTURE_FUNCTION = f"{contract.SCHEMA}.capture_change"
@@ -149,6 +149,7 @@ def relay_role_sql(role: str, database: str) -> list[str]:
         f"GRANT CONNECT ON DATABASE {quote_ident(database)} TO {r}",
         f"GRANT USAGE ON SCHEMA {contract.SCHEMA} TO {r}",
         f"GRANT SELECT, INSERT, DELETE ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",  # INSERT: heartbeats
+        f"GRANT INSERT ON {contract.SCHEMA}.{contract.PARKED_TABLE} TO {r}",  # events too large for Kafka
     ]
 
 
@@ -565,7 +566,8 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
             config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after,
                                     connection=sa_conn)
             command.upgrade(config, "head")
-            echo(f"outbox schema at revision {HEAD}" + (" (created)" if facts.revision is None else " (up to date)"))
+            echo(f"outbox schema at revision {HEAD}" + (" (created)" if facts.revision is None else " (up to date)"
+                                                        if facts.revision == HEAD else f" (upgraded from {facts.revision})"))
             for p in plans:
                 echo(p.describe())
             for role in facts.roles.values():

@@ -53,8 +53,13 @@ RELAY_UP = Gauge("outbox_relay_up", "1 while the relay streams its slot to Kafka
 RELAY_EVENTS_PUBLISHED = Counter("outbox_relay_events_published_total",
                                  "Events Kafka acknowledged (acks=all).", ["source_id", "topic"])
 RELAY_PUBLISH_ERRORS = Counter("outbox_relay_publish_errors_total",
-                               "Events Kafka refused after the producer's own retries (the relay then stops).",
+                               "Events Kafka did not take after the producer's own retries (timed out while Kafka was "
+                               "away: the relay replays from its slot; refused: it stops).",
                                ["source_id"])
+RELAY_EVENTS_PARKED = Counter("outbox_relay_events_parked_total",
+                              "Events larger than Kafka takes (producer message.max.bytes or the topic's "
+                              "max.message.bytes): written to the store's outbox.parked, a marker sent to <topic>.dlq.",
+                              ["source_id", "topic"])
 RELAY_READ_BATCH = Histogram("outbox_relay_read_batch_events",
                              "Events decoded per read of the replication stream (reads that returned messages).",
                              ["source_id"], buckets=BATCH_BUCKETS)
@@ -153,6 +158,9 @@ class RelayMetrics:
             if child is None:
                 child = self._published[topic] = RELAY_EVENTS_PUBLISHED.labels(self.source_id, topic)
             child.inc(n)
+
+    def parked(self, topic: str) -> None:
+        RELAY_EVENTS_PARKED.labels(self.source_id, topic).inc()
 
     def slot(self, slot: str, wal_status: str | None, retained: int | None, safe_wal_size: int | None) -> None:
         RELAY_SLOT_RETAINED.labels(self.source_id, slot).set(retained if retained is not None else 0)

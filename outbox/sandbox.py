@@ -724,6 +724,24 @@ class Sandbox:
             self._stop_kafka()
             self._stop_pg()
 
+    def stop_kafka(self) -> None:
+        """Stop only Kafka (fault tests: the broker goes away); :meth:`up` starts it again."""
+        with self._locked():
+            self._stop_kafka()
+
+    def restart_pg(self) -> None:
+        """``pg_ctl restart -m fast``: every connection is cut, the data stays (fault tests)."""
+        euid = os.geteuid()
+        bindir = find_pg_bindir(self.environ, euid)
+        with self._locked():
+            self.echo("restarting PostgreSQL...")
+            cmd = [str(bindir / "pg_ctl"), "-D", str(self.layout.pg_data), "-l", str(self.layout.pg_log),
+                   "-m", "fast", "-w", "-t", str(int(READY_TIMEOUT)), "restart"]
+            done = _run_as(pg_os_user(euid), cmd, self.layout.pg, self.environ, READY_TIMEOUT + 30)
+            if done.returncode != 0:
+                why = _last_line(done.stdout + done.stderr)
+                raise SandboxError(f"PostgreSQL did not restart ({why}): read {self.layout.pg_log}")
+
     # ---------------------------------------------------------------- steps
     @contextmanager
     def _locked(self) -> Iterator[None]:

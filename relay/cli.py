@@ -30,6 +30,13 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
               help="Seconds between heartbeat rows written into outbox.events (0: none). A heartbeat goes "
                    "through the WAL like an event, is never published, proves the path end to end "
                    "(metric outbox_relay_heartbeat_age_seconds) and lets an idle database's slot advance.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM, seconds to wait for Kafka to acknowledge in-flight events before exiting anyway "
+                   "(unacknowledged events are not confirmed: a restarted relay sends them again).")
+@click.option("--kafka-message-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0.001),
+              help="Seconds the producer keeps retrying an event while Kafka is unreachable (librdkafka "
+                   "message.timeout.ms). Past it the relay drops its producer and replays from its slot's "
+                   "confirmed position once Kafka is back: nothing is lost or skipped, some events repeat.")
 @metrics_options
 def relay(**params: Any) -> None:
     """Stream the outbox of one store database to Kafka.
@@ -39,7 +46,12 @@ def relay(**params: Any) -> None:
     An LSN is confirmed to PostgreSQL only after Kafka acknowledged every event up to it, so a
     relay killed at any moment resumes from its slot without losing anything.
 
-    SIGTERM or Ctrl-C: stop reading, wait for in-flight events, confirm them, exit 0.
+    When Kafka is unreachable it stops reading once --max-in-flight events wait, keeps the
+    replication connection alive and confirms nothing unacknowledged; when PostgreSQL restarts it
+    reconnects with capped, jittered backoff; both resume from the slot by themselves.
+
+    SIGTERM or Ctrl-C: stop reading, wait up to --drain-timeout for in-flight events, confirm
+    what Kafka acknowledged, exit 0.
     """
     from outbox import metrics
     from relay.runner import run_relay
@@ -48,4 +60,5 @@ def relay(**params: Any) -> None:
     settings = build(RelaySettings, kafka=kafka, **params)
     with metrics.serve(settings.metrics_host, settings.metrics_port):
         stats = asyncio.run(run_relay(settings))
-    click.echo(f"relay stopped: {stats.events} events in {stats.transactions} transactions published", err=True)
+    parked = f", {stats.parked} parked in outbox.parked" if stats.parked else ""
+    click.echo(f"relay stopped: {stats.events} events in {stats.transactions} transactions published{parked}", err=True)

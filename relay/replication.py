@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,11 +17,23 @@ from psycopg import pq
 
 from outbox import contract
 from outbox.dsn import connect, describe, first_line
-from outbox.errors import DatabaseUnavailable, NotInstalled, PreconditionFailed
+from outbox.errors import DatabaseRefused, DatabaseUnavailable, NotInstalled, PreconditionFailed
 from outbox.config import slot_name_for
 from relay import pgoutput
 
 log = logging.getLogger(__name__)
+
+
+class SlotInUse(PreconditionFailed):
+    """Another process streams the slot: a second relay, or (just after a reconnect) our own old
+    walsender that PostgreSQL has not noticed is gone yet."""
+
+    def __init__(self, slot: str, pid: int | None, where: str) -> None:
+        super().__init__(f"slot {slot} on {where} is in use by another relay (pid {pid if pid is not None else '?'}): "
+                         "run one relay per store database; stop the other one first")
+
+
+_ACTIVE_PID = re.compile(r"is active for PID (\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +70,9 @@ def preflight(dsn: str, slot: str | None) -> SlotInfo:
         ).fetchone()
     if row is None:
         raise PreconditionFailed(
-            f"replication slot {name} does not exist on {where}: run 'outbox install --dsn ...' to create it; "
-            "if it was dropped, events since then are gone from the WAL: re-snapshot the tables with a backfill"
+            f"replication slot {name} does not exist on {where}: the relay never creates it from 'now' (events "
+            "since it was dropped are gone from the WAL): re-create it with 'outbox install --dsn ...', then "
+            "re-snapshot the tables with 'outbox backfill'"
         )
     database, plugin, slot_type, active_pid, wal_status, confirmed = row
     if slot_type != "logical" or plugin != "pgoutput" or database != dbname:
@@ -68,13 +82,12 @@ def preflight(dsn: str, slot: str | None) -> SlotInfo:
         )
     if wal_status == "lost":
         raise PreconditionFailed(
-            f"replication slot {name} on {where} was invalidated (WAL it needed was removed): drop it, "
-            "reinstall, and re-snapshot the tables with a backfill"
+            f"replication slot {name} on {where} was invalidated (wal_status lost: WAL it needed was removed, "
+            "events are missing): drop it (SELECT pg_drop_replication_slot(...)), re-create it with "
+            "'outbox install --dsn ...', then re-snapshot the tables with 'outbox backfill'"
         )
     if active_pid is not None:
-        raise PreconditionFailed(
-            f"replication slot {name} on {where} is in use by process {active_pid}: another relay already streams this database"
-        )
+        raise SlotInUse(name, active_pid, where)
     return SlotInfo(name=name, database=dbname, confirmed_flush=contract.parse_lsn(confirmed) if confirmed else 0)
 
 
@@ -165,6 +178,61 @@ class SlotMonitor:
                 pass
 
 
+PARK_INSERT = (
+    f"INSERT INTO {contract.SCHEMA}.{contract.PARKED_TABLE} (id, aggregatetype, aggregateid, type, payload, origin,"
+    " traceparent, created_at, topic, commit_lsn, xid, txseq, size_bytes, error)"
+    " VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, (SELECT created_at FROM outbox.events WHERE id = %s::uuid),"
+    " %s, %s::pg_lsn, %s, %s, %s, %s)"
+    " ON CONFLICT (id) DO NOTHING"  # replayed after a restart: parked once
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedEvent:
+    row: contract.OutboxRow  # as the WAL carried it
+    topic: str
+    commit_lsn: int
+    xid: int
+    txseq: int
+    size: int
+    error: str
+
+
+class Parker:
+    """Writes events Kafka cannot take into outbox.parked (rare: one connection, opened on first use).
+
+    Blocking: call :meth:`park` through ``asyncio.to_thread``; it returns once the row is committed.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def park(self, event: ParkedEvent) -> None:
+        r = event.row
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self._dsn, autocommit=True, application_name="outbox-relay-parker", connect_timeout=5)
+            self._conn.execute(PARK_INSERT, (
+                r.id, r.aggregatetype, r.aggregateid, r.type, r.payload, r.origin, r.traceparent, r.id, event.topic, contract.format_lsn(event.commit_lsn),
+                event.xid, event.txseq, event.size, event.error))
+        except psycopg.errors.UndefinedTable:
+            raise NotInstalled(f"{contract.SCHEMA}.{contract.PARKED_TABLE} is missing on {describe(self._dsn)}: "
+                               "upgrade the outbox with 'outbox install --dsn ...'") from None
+        except psycopg.Error as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            error = DatabaseRefused if isinstance(exc, psycopg.errors.InsufficientPrivilege) else DatabaseUnavailable
+            raise error(f"cannot park event {r.id} in {contract.SCHEMA}.{contract.PARKED_TABLE}: {first_line(exc)}"
+                        " (the relay's role needs INSERT on it: outbox install --relay-role ...)") from None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class ReplicationStream:
     """A logical replication stream of the outbox publication, read without blocking the loop."""
 
@@ -186,13 +254,21 @@ class ReplicationStream:
             f'START_REPLICATION SLOT "{self._slot}" LOGICAL 0/0 '
             f"(proto_version '1', publication_names '{self._publication}')"
         ).encode()
-        result = await asyncio.to_thread(pgconn.exec_, command)
-        if result.status != pq.ExecStatus.COPY_BOTH:
-            message = (result.error_message or b"").decode(errors="replace").strip()
+        try:
+            result = await asyncio.to_thread(pgconn.exec_, command)
+        except psycopg.OperationalError as exc:
             self.close()
-            if "is active" in message:
-                raise PreconditionFailed(f"replication slot {self._slot} is in use: another relay already streams this database")
-            raise PreconditionFailed(f"cannot start replication on slot {self._slot}: {message}")
+            raise DatabaseUnavailable(f"cannot start replication on slot {self._slot}: {first_line(exc)}") from None
+        if result.status != pq.ExecStatus.COPY_BOTH:
+            message = first_line(RuntimeError((result.error_message or b"").decode(errors="replace")))
+            self.close()
+            active = _ACTIVE_PID.search(message)
+            if active:
+                raise SlotInUse(self._slot, int(active.group(1)), describe(self._dsn))
+            if "does not exist" in message or "can no longer get changes" in message or "invalidated" in message:
+                raise PreconditionFailed(f"cannot start replication on slot {self._slot}: {message}: re-create the slot "
+                                         "with 'outbox install --dsn ...', then re-snapshot with 'outbox backfill'")
+            raise DatabaseUnavailable(f"cannot start replication on slot {self._slot}: {message}")
         self._loop.add_reader(pgconn.socket, self._readable.set)
 
     async def read(self, timeout: float) -> list[pgoutput.XLogData | pgoutput.Keepalive]:

@@ -19,16 +19,21 @@ from typing import Any
 
 from outbox import contract, metrics
 from outbox.config import RelaySettings
-from outbox.errors import OutboxError
+from outbox.dsn import describe
+from outbox.errors import KafkaUnavailable, OutboxError
 from relay import pgoutput
-from relay.events import outbox_row
+from relay.backoff import Backoff
+from relay.events import RowReader
 from relay.positions import PositionTracker, Txn
-from relay.publisher import Publisher
-from relay.replication import ReplicationStream, SlotMonitor, preflight, purge_events
+from relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, topic_max_bytes
+from relay.replication import (ParkedEvent, Parker, ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, preflight,
+                               purge_events)
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for in-flight events before giving up on them
+RECONNECT_INITIAL = 0.5  # seconds before the first reconnect attempt; doubles up to RECONNECT_CAP
+RECONNECT_CAP = 30.0
+SLOT_BUSY_GRACE = 120.0  # after a reconnect, how long "slot in use" may be our own old walsender
 STATUS_EVERY = 1.0  # seconds between status updates while the confirmed position moves
 PURGE_EVERY = 60.0  # seconds between purges of old rows from outbox.events
 PROGRESS_EVERY = 30.0  # seconds between progress log lines
@@ -40,10 +45,17 @@ class PublishFailed(OutboxError):
     """Kafka refused an event after the producer's own retries; nothing after it is confirmed."""
 
 
+class KafkaOutage(OutboxError):
+    """Events could not be delivered in time (Kafka away): restart from the slot with a new producer."""
+
+    retriable = True
+
+
 @dataclass
 class RelayStats:
     events: int = 0
     transactions: int = 0
+    parked: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -52,13 +64,18 @@ class Relay:
         self.settings = settings
         self.tracker = PositionTracker()
         self.stats = RelayStats()
-        self._relations: dict[int, pgoutput.Relation] = {}
+        self._readers: dict[int, RowReader] = {}  # relation id -> reader of its rows
         self._txn: Txn | None = None
         self._txn_context: contract.TxnContext | None = None  # built at the transaction's first event
-        self._publisher = Publisher(settings.kafka)
+        self._publisher: Publisher | None = None  # one per session
         self._stream: ReplicationStream | None = None
+        self._streamed = False  # a session reached the stream at least once
+        self._parker = Parker(settings.dsn)
+        self._size_limits: dict[str, int] = {}  # topic -> max.message.bytes, learned when the broker refused a size
+        self._oversized_topics: set[str] = set()  # refused by the broker for size: learn their limit, then replay
+        self._kafka_up: bool | None = None
         self._progress = asyncio.Event()  # set whenever an acknowledgement frees room
-        self._error: BaseException | None = None
+        self._error: OutboxError | None = None
         self._last_status = 0.0
         self._reported = -1
         self._last_progress = (time.monotonic(), 0)
@@ -78,39 +95,104 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> RelayStats:
         s = self.settings
-        slot = await asyncio.to_thread(preflight, s.dsn, s.slot)
-        self.tracker.confirmed = self.tracker.received = slot.confirmed_flush
+        slot = await asyncio.to_thread(preflight, s.dsn, s.slot)  # at start, every problem stops the relay
         self.metrics.started(slot.name, slot.database)
-        await self._publisher.start()
-        self.metrics.kafka_connected.set(1)
+        purger = asyncio.create_task(self._purge_periodically(stop)) if s.retention > 0 else None
+        halt = asyncio.Event()
+        monitor = asyncio.create_task(self._monitor_periodically(halt, slot.name))
         try:
-            self._stream = ReplicationStream(s.dsn, slot.name)
-            await self._stream.start()
+            await self._supervise(slot, stop)
+        finally:
+            if purger is not None:
+                purger.cancel()
+            halt.set()  # let the monitor finish its sample and close its connection
+            await asyncio.wait([monitor], timeout=KAFKA_PROBE_TIMEOUT + 5)
+            monitor.cancel()
+            self._count_acked()
+        return self.stats
+
+    async def _supervise(self, slot: SlotInfo, stop: asyncio.Event) -> None:
+        """Stream sessions from the slot; after a transient failure (PostgreSQL restarted, Kafka away
+        longer than --kafka-message-timeout), reconnect with backoff and resume from the slot."""
+        s = self.settings
+        retry = Backoff(RECONNECT_INITIAL, RECONNECT_CAP)
+        busy_since: float | None = None
+        while True:
+            try:
+                await self._session(slot, stop, retry)
+                return
+            except OutboxError as exc:
+                # a problem before the first stream is a setup problem: one line, exit
+                if not exc.retriable or not self._streamed:
+                    if stop.is_set() and exc.retriable:
+                        return
+                    raise
+                failure: OutboxError = exc
+                if isinstance(failure, KafkaUnavailable):
+                    self._kafka_reachable(False)
+            while True:
+                if stop.is_set():
+                    return
+                delay = retry.next()
+                log.warning("%s; reconnecting to %s and Kafka %s in %.1f s (attempt %d)", failure.message,
+                            describe(s.dsn), s.kafka.bootstrap, delay, retry.attempt)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    return
+                try:
+                    slot = await asyncio.to_thread(preflight, s.dsn, s.slot)  # slot gone or lost: exit
+                    busy_since = None
+                    break
+                except SlotInUse as exc:
+                    # our old walsender lingers until PostgreSQL sees its connection is gone
+                    busy_since = busy_since or time.monotonic()
+                    if time.monotonic() - busy_since > SLOT_BUSY_GRACE:
+                        raise
+                    failure = exc
+                except OutboxError as exc:
+                    if not exc.retriable:
+                        raise
+                    failure = exc
+                if isinstance(failure, KafkaUnavailable):
+                    self._kafka_reachable(False)
+
+    async def _session(self, slot: SlotInfo, stop: asyncio.Event, retry: Backoff) -> None:
+        """One replication stream and one producer, from the slot's confirmed position."""
+        s = self.settings
+        self.tracker = PositionTracker(confirmed=slot.confirmed_flush, received=slot.confirmed_flush)
+        self._txn = None
+        self._txn_context = None
+        self._error = None
+        self._reported = -1
+        if self._oversized_topics:
+            self._size_limits.update(await topic_max_bytes(s.kafka, sorted(self._oversized_topics)))
+            self._oversized_topics.clear()
+        # Kafka limits a whole batch to the topic's max.message.bytes: keep batches under the smallest known
+        batch_bytes = min([1_000_000, *(limit - contract.RECORD_OVERHEAD for limit in self._size_limits.values())])
+        publisher = Publisher(s.kafka, message_timeout_ms=int(s.kafka_message_timeout * 1000), batch_bytes=batch_bytes)
+        stream: ReplicationStream | None = None
+        try:
+            await publisher.start()
+            self._publisher = publisher
+            self._kafka_reachable(True)
+            stream = self._stream = ReplicationStream(s.dsn, slot.name)
+            await stream.start()
             self.metrics.replication_connected.set(1)
             self.metrics.up.set(1)
             log.info("relay %s streaming slot %s of %s from %s to Kafka %s", s.source_id, slot.name, slot.database,
-                        contract.format_lsn(slot.confirmed_flush), s.kafka.bootstrap)
-            purger = asyncio.create_task(self._purge_periodically(stop)) if s.retention > 0 else None
-            halt = asyncio.Event()
-            monitor = asyncio.create_task(self._monitor_periodically(halt, slot.name))
-            try:
-                await self._loop(stop)
-                await self._drain()
-            finally:
-                if purger is not None:
-                    purger.cancel()
-                halt.set()  # let the monitor finish its sample and close its connection
-                await asyncio.wait([monitor], timeout=KAFKA_PROBE_TIMEOUT + 5)
-                monitor.cancel()
+                     contract.format_lsn(slot.confirmed_flush), s.kafka.bootstrap)
+            self._streamed = True
+            retry.reset()
+            await self._loop(stop)
+            await self._drain()
         finally:
             self.metrics.up.set(0)
-            if self._stream is not None:
-                self._stream.close()
+            if stream is not None:
+                stream.close()
                 self.metrics.replication_connected.set(0)
-            await self._publisher.stop()
-            self.metrics.kafka_connected.set(0)
-            self._count_acked()
-        return self.stats
+            self._publisher = None
+            await publisher.stop()  # drops what is still queued: it was never confirmed
 
     async def _loop(self, stop: asyncio.Event) -> None:
         assert self._stream is not None
@@ -119,6 +201,8 @@ class Relay:
             while not stop.is_set():
                 self._raise_if_failed()
                 if self.tracker.in_flight >= self.settings.max_in_flight:
+                    # Kafka away or slow: the replication connection stays open (status updates with the
+                    # confirmed position every status_interval keep wal_sender_timeout away)
                     # back-pressure: stop reading the WAL until Kafka catches up
                     self._progress.clear()
                     await asyncio.wait([stopping, asyncio.ensure_future(self._progress.wait())],
@@ -160,14 +244,13 @@ class Relay:
             if not txn.pending and not txn.failed:  # acknowledged before its Commit arrived (or no events)
                 self._txn_acked(txn)
         elif isinstance(decoded, pgoutput.Relation):
-            self._relations[decoded.relation_id] = decoded
+            self._readers[decoded.relation_id] = RowReader(decoded)
         # Type, Origin, Update, Delete, Truncate: the publication carries inserts only.
 
     async def _publish(self, insert: pgoutput.Insert) -> None:
         txn = self._txn
         assert txn is not None, "Insert outside a transaction"
-        relation = self._relations[insert.relation_id]
-        row = outbox_row(pgoutput.relation_row(relation, insert.new))
+        row = self._readers[insert.relation_id](insert.new)
         if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
             self._heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
             return
@@ -176,25 +259,64 @@ class Relay:
             context = self._txn_context = contract.TxnContext.of(
                 source_id=self.settings.source_id, prefix=self.settings.topic_prefix, commit_lsn=txn.commit_lsn,
                 commit_time=contract.pg_timestamp_to_datetime(txn.commit_time), xid=txn.xid)
+        seq = self.tracker.sent(txn)  # counted as sent: never confirmed if what follows fails
         try:
-            record = context.record(row, self.tracker.sent(txn))  # counted as sent: never confirmed if this fails
+            record = context.record(row, seq)
         except contract.ContractError as exc:
             raise PublishFailed(f"event {row.id} of transaction {txn.xid} cannot be published: {exc}; "
                                 "nothing after it is confirmed (fix or delete the row's cause, then restart)") from None
-        await self._publisher.send(record, partial(self._on_ack, txn, record.topic, row.id))
+        publisher = self._publisher
+        assert publisher is not None
+        on_ack = partial(self._on_ack, self.tracker, txn, record.topic, row.id)
+        limit = self._size_limits.get(record.topic)
+        if limit is not None and contract.record_size(record) > limit:
+            await self._park(row, record, txn, seq, f"larger than max.message.bytes {limit} of topic {record.topic}")
+            return
+        try:
+            await publisher.send(record, on_ack)
+        except RecordTooLarge:
+            await self._park(row, record, txn, seq,
+                             f"larger than the producer's message.max.bytes {publisher.max_message_bytes}")
+            return
         self.stats.events += 1
 
-    def _on_ack(self, txn: Txn, topic: str, event_id: str, exc: Exception | None) -> None:
+    async def _park(self, row: contract.OutboxRow, record: contract.Record, txn: Txn, seq: int, error: str) -> None:
+        """Kafka will never take this event: keep the whole row in outbox.parked (before anything past it
+        is confirmed) and send a small marker to ``<topic>.dlq`` in its place; its acknowledgement
+        stands for the event's."""
+        size = contract.record_size(record)
+        await asyncio.to_thread(self._parker.park, ParkedEvent(row, record.topic, txn.commit_lsn, txn.xid, seq,
+                                                               size, error))
+        marker = contract.parked_marker(record, error, txn.commit_lsn)
+        assert self._publisher is not None
+        await self._publisher.send(marker, partial(self._on_ack, self.tracker, txn, marker.topic, row.id))
+        self.metrics.parked(record.topic)
+        self.stats.parked += 1
+        log.warning("event %s (%d bytes) of transaction %s is %s: parked in %s.%s, a marker sent to %s",
+                    row.id, size, txn.xid, error, contract.SCHEMA, contract.PARKED_TABLE, marker.topic)
+
+    def _on_ack(self, tracker: PositionTracker, txn: Txn, topic: str, event_id: str, exc: Exception | None) -> None:
+        if tracker is not self.tracker or (isinstance(exc, DeliveryFailed) and exc.purged):
+            return  # the relay dropped it on purpose (stop, or a new session that replays it)
         if exc is None:
-            self.tracker.acked(txn)
+            tracker.acked(txn)
             self._acked[topic] += 1
             if not txn.pending and txn.end_lsn is not None and not txn.failed:
                 self._txn_acked(txn)
         else:
-            self.tracker.failed(txn)
+            tracker.failed(txn)
             self.metrics.publish_errors.inc()
             if self._error is None:
-                self._error = PublishFailed(f"Kafka refused event {event_id} of transaction {txn.xid}: {exc!r}")
+                if isinstance(exc, DeliveryFailed) and exc.too_large:  # the topic's limit is below the producer's
+                    self._oversized_topics.add(topic)
+                    self._error = KafkaOutage(f"Kafka refused event {event_id} of transaction {txn.xid} as too large "
+                                              f"for {topic}: reading its max.message.bytes, then replaying to park it")
+                elif isinstance(exc, DeliveryFailed) and exc.outage:
+                    self._kafka_reachable(False)
+                    self._error = KafkaOutage(f"Kafka did not take event {event_id} of transaction {txn.xid} in time "
+                                              f"({exc}); nothing after it was confirmed")
+                else:
+                    self._error = PublishFailed(f"Kafka refused event {event_id} of transaction {txn.xid}: {exc}")
         self._progress.set()
 
     def _txn_acked(self, txn: Txn) -> None:
@@ -274,6 +396,7 @@ class Relay:
                 await asyncio.wait_for(halt.wait(), tick)
         # Not on cancellation: a sample may still be running in its thread, and the connection with it.
         monitor.close()
+        self._parker.close()
 
     async def _send_heartbeat(self, monitor: SlotMonitor) -> None:
         self._last_heartbeat_sent = time.monotonic()
@@ -310,17 +433,33 @@ class Relay:
 
     async def _probe_kafka(self) -> None:
         """1 when the producer has (or can open) a connection to some broker."""
-        reachable = await self._publisher.reachable(KAFKA_PROBE_TIMEOUT)
+        publisher = self._publisher
+        if publisher is not None:
+            self._kafka_reachable(await publisher.reachable(KAFKA_PROBE_TIMEOUT))
+
+    def _kafka_reachable(self, reachable: bool) -> None:
+        """The gauge, and one log line when it changes."""
         self.metrics.kafka_connected.set(1 if reachable else 0)
+        if reachable == self._kafka_up:
+            return
+        if not reachable:
+            log.warning("Kafka %s is unreachable: reading from PostgreSQL pauses when %d events are in flight, "
+                        "nothing unacknowledged is confirmed", self.settings.kafka.bootstrap, self.settings.max_in_flight)
+        elif self._kafka_up is not None:
+            log.info("Kafka %s is reachable again", self.settings.kafka.bootstrap)
+        self._kafka_up = reachable
 
     async def _drain(self) -> None:
-        """On stop: wait (bounded) for in-flight events, confirm what was acknowledged."""
-        if not await self._publisher.flush(DRAIN_TIMEOUT):
+        """On stop: wait (bounded by --drain-timeout) for in-flight events, confirm what was acknowledged."""
+        assert self._publisher is not None
+        timeout = self.settings.drain_timeout
+        if not await self._publisher.flush(timeout):
             log.warning("stopping with %d events unacknowledged after %.0f s; they will be sent again on restart",
-                        self.tracker.in_flight, DRAIN_TIMEOUT)
+                        self.tracker.in_flight, timeout)
         await asyncio.sleep(0)  # let the acknowledgement callbacks run
         self._status(force=True)
-        self._raise_if_failed()
+        if self._error is not None and not self._error.retriable:
+            raise self._error
 
 
 async def run_relay(settings: RelaySettings, stop: asyncio.Event | None = None) -> RelayStats:

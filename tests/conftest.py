@@ -152,3 +152,17 @@ def group(kafka_bootstrap: str) -> Iterator[Callable[..., str]]:
 
     if made:
         asyncio.run(delete())
+
+
+@pytest.fixture
+def sandbox(servers: dict[str, str]) -> Iterator[Any]:
+    """The test sandbox itself, for tests that stop Kafka or restart PostgreSQL; both run again afterwards."""
+    if os.environ.get("OUTBOX_TEST_EXTERNAL") == "1":
+        _unavailable("this test stops and starts servers: it needs the project's test sandbox")
+    from outbox.sandbox import Sandbox
+
+    box = Sandbox(TEST_SANDBOX_DIR, pg_port=TEST_PG_PORT, kafka_port=TEST_KAFKA_PORT)
+    try:
+        yield box
+    finally:
+        box.up()  # whatever the test left stopped

@@ -410,10 +410,11 @@ def _install_at_0001(dsn: str, captures: dict[str, tuple[str, tuple[str, ...]]])
     inst.ensure_slot(dsn, f"outbox_{dbname(dsn)}")
 
 
-def test_an_outbox_at_an_older_revision_is_upgraded_by_install(legacy: str) -> None:
+def test_install_upgrades_an_outbox_at_0001_with_the_parked_and_backfills_tables(legacy: str) -> None:
     _install_at_0001(legacy, {"pos.customers": ("customer", ("id",))})
     assert query(legacy, "SELECT to_regclass('outbox.backfills')") == [(None,)]
     out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
-    assert f"outbox schema at revision {inst.HEAD} (up to date)" in out
+    assert f"outbox schema at revision {inst.HEAD} (upgraded from 0001)" in out
     assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.HEAD,)]
-    assert query(legacy, "SELECT to_regclass('outbox.backfills') IS NOT NULL") == [(True,)]
+    assert query(legacy, "SELECT to_regclass('outbox.parked') IS NOT NULL, to_regclass('outbox.backfills') IS NOT NULL"
+                 ) == [(True, True)]

@@ -15,30 +15,9 @@ import pytest
 
 import outbox
 from outbox.demo import run_workload
-from tests.integration.support import RelayProcess, install_pos, kcat_read, outbox as run_outbox, wait_for_records
+from tests.integration.support import kcat_read, outbox as run_outbox, wait_for_records
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def store(new_database: Callable[..., str]) -> str:
-    dsn = new_database("store")
-    install_pos(dsn)
-    return dsn
-
-
-@pytest.fixture
-def relays() -> Any:
-    started: list[RelayProcess] = []
-
-    def make(*args: Any, **kw: Any) -> RelayProcess:
-        r = RelayProcess(*args, **kw)
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        r.close()
 
 
 def test_every_change_type_reaches_kafka_following_the_contract(store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any) -> None:

@@ -69,3 +69,21 @@ def test_lsn_text_form() -> None:
     assert contract.format_lsn(0x16B3748) == "0/16B3748"
     assert contract.parse_lsn("1/A0") == 0x1_0000_00A0
     assert contract.pg_timestamp_to_datetime(0) == datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def test_a_parked_event_leaves_a_small_marker_with_its_headers_and_no_payload() -> None:
+    from outbox.contract import OutboxRow, TxnContext, parked_marker, record_size
+
+    context = TxnContext.of(source_id="s1", prefix="p", commit_lsn=0x16B3748,
+                            commit_time=datetime(2026, 1, 1, tzinfo=timezone.utc), xid=42)
+    row = OutboxRow(id="0b6e7f5c-0000-4000-8000-000000000001", aggregatetype="customer", aggregateid="7",
+                    type="customer.created", payload='{"blob": "' + "x" * 5_000_000 + '"}', origin=None, traceparent=None)
+    record = context.record(row, 3)
+    marker = parked_marker(record, "Broker: Message size too large", 0x16B3748)
+    assert marker.topic == "p.customer.dlq" and marker.key == record.key and marker.value == b""
+    headers = dict(marker.headers)
+    assert headers["ce_id"] == row.id.encode() and headers["ce_type"] == b"customer.created"
+    assert headers["ce_txseq"] == b"3" and headers["ce_source"] == b"/stores/s1"
+    assert headers["dlq_error"] == b"Broker: Message size too large" and headers["dlq_lsn"] == b"0/16B3748"
+    assert int(headers["dlq_size"]) == record_size(record) > 5_000_000
+    assert record_size(marker) < 2_000

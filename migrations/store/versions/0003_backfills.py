@@ -1,7 +1,7 @@
 """The backfill audit table: every ``outbox backfill`` run, who, what, when, how many rows, result.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-23
 
 ``last_key`` (the key of the last finished chunk, as a JSON array of text values) is written in
@@ -13,7 +13,7 @@ from alembic import op
 from sqlalchemy import DDL
 
 revision = "0003"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
