@@ -129,3 +129,31 @@ def test_replay_from_a_time_and_from_an_offset_count_what_they_redeliver(
     assert f"{sum(ends.values())} records re-delivered in all" in past
     one = outbox("replay", "--group", g, "--from", "1", *args).stdout
     assert f"{sum(ends.values()) - len(ends)} records re-delivered in all" in one
+
+
+def test_force_waits_for_the_members_to_leave_then_rewinds(
+        readstore_db: str, kafka_bootstrap: str, topic_prefix: str, group: Callable[..., str]) -> None:
+    dsn, g = readstore_db, group()
+    ends = asyncio.run(produce(kafka_bootstrap, history(topic_prefix)))
+    topics = sorted({tp.topic for tp in ends})
+    args = [a for t in topics for a in ("--topic", t)] + ["--from", "earliest", "--kafka-bootstrap", kafka_bootstrap]
+
+    async def scenario() -> subprocess.CompletedProcess[str]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(rs.run_readstore(settings(dsn, kafka_bootstrap, topic_prefix, g), stop))
+        try:
+            await wait_for(caught_up(dsn, g, ends), task)
+            forced = asyncio.create_task(asyncio.to_thread(outbox, "replay", "--group", g, *args, "--yes", "--force"))
+            await asyncio.sleep(4)
+            assert not forced.done()  # still waiting: the member is there
+        finally:
+            stop.set()  # the consumer leaves the group
+            await asyncio.wait_for(task, 30)
+        return await asyncio.wait_for(forced, 120)
+
+    res = asyncio.run(scenario())
+    assert res.returncode == 0, res.stderr
+    assert "--force: waiting up to 90 s for 1 member(s) to leave the group" in res.stderr
+    assert f"{sum(ends.values())} records re-delivered in all" in res.stderr
+    replayed = asyncio.run(run_until(settings(dsn, kafka_bootstrap, topic_prefix, g), rewritten(dsn, g, ends)))
+    assert replayed["records"] == sum(ends.values())
