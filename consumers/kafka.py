@@ -12,12 +12,18 @@ batch's partitions, waits (exponential backoff up to 30 s) and fetches the batch
 goes on meanwhile, so the consumer keeps its place in the group. Other errors end the loop.
 Records a sink cannot apply for good are parked in ``<topic>.dlq`` by the sink itself, through
 ``batch.dead_letters`` (consumers/dlq.py), before it commits.
+
+Fault injection, for the fault suite only (tests/faults, docs/faults.md): with the environment
+variable ``OUTBOX_FAULT_KILL_AFTER_SINK_COMMIT=N`` the process SIGKILLs itself right after the
+Nth batch the sink has applied (committed), before the Kafka offset commit: the narrowest window
+of a consumer crash. Unset (always, in production) it costs one comparison per batch.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import time
@@ -32,7 +38,7 @@ from consumers.dlq import Batch, DeadLetters, Filter, dlq_topic, for_group, redr
 from outbox import metrics
 from outbox.config import KafkaSettings
 from outbox.contract import DLQ_SUFFIX, H_TIME
-from outbox.errors import KafkaUnavailable, OutboxError
+from outbox.errors import ConfigError, KafkaUnavailable, OutboxError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,7 @@ POSITION_TIMEOUT = 0.2
 # Metadata of Kafka offsets committed by ``outbox replay``: on assignment such an offset wins over
 # the sink's own (a rewind the sink must follow); the loop's next commit clears it.
 REPLAY_MARK = "outbox-replay"
+FAULT_KILL_AFTER_SINK_COMMIT = "OUTBOX_FAULT_KILL_AFTER_SINK_COMMIT"  # see the module docstring
 
 
 class SinkUnavailable(OutboxError):
@@ -207,6 +214,7 @@ async def run_consumer(
     With ``redrive_every`` (minutes), the records this group parked are sent back to their topic
     that often, until they have ``redrive_max_attempts`` attempts (consumers/dlq.py).
     """
+    kill_after = fault_kill_after(os.environ)
     consumer = AIOKafkaConsumer(
         **kafka.client_kwargs(),
         group_id=group,
@@ -224,6 +232,7 @@ async def run_consumer(
         await consumer.stop()
         raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
     busy = asyncio.Lock()
+    applied_batches = 0
     progress = progress or Progress(group)
     stats = metrics.ConsumerMetrics(group, sink_name or getattr(sink, "name", type(sink).__name__.lower()))
     lag_updated = 0.0
@@ -270,6 +279,11 @@ async def run_consumer(
                 lag_updated = await _update_lag(consumer, stats, lag_updated)  # lag grows while the sink is down
                 continue
             backoff = BACKOFF_FIRST
+            applied_batches += 1
+            if applied_batches == kill_after:  # fault injection: crash between the sink's commit and Kafka's
+                log.warning("%s=%d: killing myself after the sink's commit, before the offset commit",
+                            FAULT_KILL_AFTER_SINK_COMMIT, kill_after)
+                os.kill(os.getpid(), signal.SIGKILL)
             await _commit(consumer, {tp: part[-1].offset + 1 for tp, part in batches.items()})
             parked = dead_letters.take_count()
             if batch.skipped:  # re-driven for another group: nothing to do here
@@ -308,6 +322,21 @@ async def _redrive_periodically(consumer: AIOKafkaConsumer, kafka: KafkaSettings
         if done.redriven or done.exhausted:
             log.info("re-drove %d dead letters of group %s; %d stay parked after %d attempts", done.redriven, group,
                      done.exhausted, max_attempts)
+
+
+def fault_kill_after(environ: Mapping[str, str]) -> int | None:
+    """The batch count after which to SIGKILL (fault injection), or None when unset."""
+    value = environ.get(FAULT_KILL_AFTER_SINK_COMMIT, "").strip()
+    if not value:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"{FAULT_KILL_AFTER_SINK_COMMIT}={value!r} is not a positive number of batches: unset it "
+                          "(it is a fault-injection hook for tests)")
+    return count
 
 
 def _count_applied(stats: metrics.ConsumerMetrics, batches: Mapping[TopicPartition, Sequence[Any]],

@@ -742,6 +742,11 @@ class Sandbox:
                 why = _last_line(done.stdout + done.stderr)
                 raise SandboxError(f"PostgreSQL did not restart ({why}): read {self.layout.pg_log}")
 
+    def stop_postgres(self) -> None:
+        """Stop PostgreSQL only (fast shutdown; fault tests keep it down a while); ``up`` starts it again."""
+        with self._locked():
+            self._stop_pg()
+
     # ---------------------------------------------------------------- steps
     @contextmanager
     def _locked(self) -> Iterator[None]:

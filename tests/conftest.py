@@ -1,6 +1,6 @@
 """Shared fixtures: real PostgreSQL and Kafka servers, throw-away databases and topics.
 
-By default the session starts the project's own test sandbox (ports 54339 and 39192, apart from
+By default the session starts the project's own test sandbox (ports 25439 and 29192, apart from
 a developer's sandbox) in ``$OUTBOX_TEST_SANDBOX_DIR``, else ``/var/lib/outbox-relay/test-sandbox``
 as root or ``.pytest-sandbox/`` otherwise, and leaves it running for the next run;
 ``make clean-sandbox`` stops it. With ``OUTBOX_TEST_EXTERNAL=1`` the tests use the servers
@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # (a clone under /root, say): the test sandbox then lives under /var/lib like the default one.
 TEST_SANDBOX_DIR = Path(os.environ.get("OUTBOX_TEST_SANDBOX_DIR")
                         or ("/var/lib/outbox-relay/test-sandbox" if os.geteuid() == 0 else ROOT / ".pytest-sandbox"))
-TEST_PG_PORT = int(os.environ.get("OUTBOX_TEST_PG_PORT", "54339"))
-TEST_KAFKA_PORT = int(os.environ.get("OUTBOX_TEST_KAFKA_PORT", "39192"))
+# Below Linux's ephemeral range (32768-60999): the fault tests stop and start the servers, and a
+# client socket that happened to take a port of that range meanwhile made the restart fail to bind.
+TEST_PG_PORT = int(os.environ.get("OUTBOX_TEST_PG_PORT", "25439"))
+TEST_KAFKA_PORT = int(os.environ.get("OUTBOX_TEST_KAFKA_PORT", "29192"))
 
 
 def _unavailable(reason: str) -> None:

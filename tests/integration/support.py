@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -35,16 +36,19 @@ def install_pos(dsn: str) -> None:
 class RelayProcess:
     """``outbox relay`` as a real process, so tests can SIGKILL and SIGTERM it."""
 
-    def __init__(self, dsn: str, source_id: str, prefix: str, bootstrap: str, *extra: str) -> None:
+    def __init__(self, dsn: str, source_id: str, prefix: str, bootstrap: str, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.args = ["relay", "--dsn", dsn, "--source-id", source_id, "--kafka-bootstrap", bootstrap,
                      "--topic-prefix", prefix, *extra]
         self.dsn = dsn
+        self.env = env  # added to the environment of every start
         self.log = Path(tempfile.mkstemp(prefix="relay-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> "RelayProcess":
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(OUTBOX + self.args, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(OUTBOX + self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env} if self.env else None)
         if wait:
             self.wait_streaming()
         return self
@@ -79,6 +83,40 @@ class RelayProcess:
             self.proc.kill()
             self.proc.wait(10)
         self.log.unlink(missing_ok=True)
+
+
+class ConsumerProcess(RelayProcess):
+    """``outbox consume readstore`` as a real process."""
+
+    def __init__(self, dsn: str, prefix: str, bootstrap: str, group: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(dsn, "-", prefix, bootstrap, env=env)
+        self.args = ["consume", "readstore", "--dsn", dsn, "--kafka-bootstrap", bootstrap, "--topic-prefix", prefix,
+                     "--group", group]
+
+    def start(self, wait: bool = False) -> "ConsumerProcess":
+        super().start(wait=False)
+        return self
+
+
+def wait_converged(readstore: str, stores: dict[str, str], procs: list[RelayProcess], timeout: float = 120) -> dict[str, Any]:
+    expected = {}
+    for source, dsn in stores.items():
+        with psycopg.connect(dsn) as conn:
+            expected[source] = source_checksum(conn)
+    deadline = time.time() + timeout
+    actual: dict[str, Any] = {}
+    with psycopg.connect(readstore, autocommit=True) as conn:
+        while time.time() < deadline:
+            for p in procs:
+                assert p.proc is not None and p.proc.poll() is None, f"{p.args[0]} exited: {p.output()}"
+            try:
+                actual = {s: readstore_checksum(conn, s) for s in stores}
+            except psycopg.errors.UndefinedTable:
+                actual = {}
+            if actual == expected:
+                return actual
+            time.sleep(0.3)
+    raise AssertionError(f"read store did not converge: expected {expected}, got {actual}")
 
 
 def kcat_read(bootstrap: str, topic: str) -> list[dict[str, Any]]:
