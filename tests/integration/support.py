@@ -147,37 +147,3 @@ def wait_for_records(bootstrap: str, topics: list[str], count: int, timeout: flo
         if total >= count or time.time() > deadline:
             return got
         time.sleep(0.5)
-
-
-class ConsumerProcess(RelayProcess):
-    """``outbox consume readstore`` as a real process."""
-
-    def __init__(self, dsn: str, prefix: str, bootstrap: str, group: str) -> None:
-        super().__init__(dsn, "-", prefix, bootstrap)
-        self.args = ["consume", "readstore", "--dsn", dsn, "--kafka-bootstrap", bootstrap, "--topic-prefix", prefix,
-                     "--group", group]
-
-    def start(self, wait: bool = False) -> "ConsumerProcess":
-        super().start(wait=False)
-        return self
-
-
-def wait_converged(readstore: str, stores: dict[str, str], procs: list[RelayProcess], timeout: float = 120) -> dict[str, Any]:
-    expected = {}
-    for source, dsn in stores.items():
-        with psycopg.connect(dsn) as conn:
-            expected[source] = source_checksum(conn)
-    deadline = time.time() + timeout
-    actual: dict[str, Any] = {}
-    with psycopg.connect(readstore, autocommit=True) as conn:
-        while time.time() < deadline:
-            for p in procs:
-                assert p.proc is not None and p.proc.poll() is None, f"{p.args[0]} exited: {p.output()}"
-            try:
-                actual = {s: readstore_checksum(conn, s) for s in stores}
-            except psycopg.errors.UndefinedTable:
-                actual = {}
-            if actual == expected:
-                return actual
-            time.sleep(0.3)
-    raise AssertionError(f"read store did not converge: expected {expected}, got {actual}")
