@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
-from bench.common import ensure_servers, quiet_logs
+from bench.common import DELIVERIES, ensure_servers, quiet_logs
 
-BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory", "backfill", "replay")
+BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory", "delivery", "backfill", "replay")
 
 
 def _runner(name: str) -> Callable[[bool], Any]:
@@ -29,22 +29,24 @@ def _runner(name: str) -> Callable[[bool], Any]:
         from bench import consumer as mod  # type: ignore[no-redef]
     elif name == "memory":
         from bench import memory as mod  # type: ignore[no-redef]
+    elif name == "delivery":
+        from bench import delivery as mod  # type: ignore[no-redef]
     elif name == "backfill":
         from bench import backfill as mod  # type: ignore[no-redef]
     elif name == "replay":
         from bench import replay as mod  # type: ignore[no-redef]
     else:
         raise click.UsageError(f"unknown benchmark {name}")
-    return lambda quick: asyncio.run(mod.run(quick))
+    return lambda quick, **kw: asyncio.run(mod.run(quick, **kw))
 
 
-def _run(names: tuple[str, ...], quick: bool) -> None:
+def _run(names: tuple[str, ...], quick: bool, **kw: Any) -> None:
     ensure_servers()
     with quiet_logs():
         for name in names:
             started = time.monotonic()
             print(f"== {name}{' (quick)' if quick else ''}", flush=True)
-            _runner(name)(quick)
+            _runner(name)(quick, **kw)
             print(f"== {name} took {time.monotonic() - started:.1f} s", flush=True)
 
 
@@ -53,18 +55,23 @@ def main() -> None:
     """Benchmarks of the outbox relay against the physical limits of the machine."""
 
 
-def _command(name: str, doc: str) -> None:
-    @main.command(name, help=doc)
+def _command(name: str, doc: str, delivery: bool = False) -> None:
     @click.option("--quick", is_flag=True, help="A short run printing the same figures (CI smoke test).")
-    def command(quick: bool) -> None:
-        _run((name,) if name != "all" else BENCHMARKS, quick)
+    def command(quick: bool, **kw: Any) -> None:
+        _run((name,) if name != "all" else BENCHMARKS, quick, **kw)
+
+    if delivery:
+        command = click.option("--delivery", type=click.Choice(DELIVERIES), default=DELIVERIES[0], show_default=True,
+                               help="The relay's --delivery mode ('python -m bench delivery' compares both).")(command)
+    main.command(name, help=doc)(command)
 
 
-_command("relay", "Backlog throughput of outbox relay vs pg_recvlogical and kcat.")
-_command("latency", "Commit-to-Kafka and commit-to-read-store latency at fixed rates.")
+_command("relay", "Backlog throughput of outbox relay vs pg_recvlogical and kcat.", delivery=True)
+_command("latency", "Commit-to-Kafka and commit-to-read-store latency at fixed rates.", delivery=True)
 _command("overhead", "pgbench TPS of a POS workload with and without capture triggers.")
 _command("consumer", "Read-store apply rate.")
 _command("memory", "Relay RSS idle and under load.")
+_command("delivery", "At-least-once vs exactly-once: throughput and latency, interleaved A/B runs.")
 _command("backfill", "outbox backfill rows/s, alone and with a concurrent writer.")
 _command("replay", "Time of a full replay of demo-like topics into the read store.")
 _command("all", "Every benchmark, one after the other.")

@@ -129,7 +129,7 @@ async def delete_topics(prefix: str) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap())
     await admin.start()
     try:
-        topics = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        topics = [t for t in await admin.list_topics() if t.startswith((prefix, "__" + prefix))]  # and offsets
         if topics:
             await admin.delete_topics(topics)
     finally:
@@ -230,6 +230,63 @@ def relay_args(dbname: str, prefix: str, *extra: str) -> list[str]:
                      "--topic-prefix", prefix, "--retention", "0", *extra]
 
 
+DELIVERIES = ("at-least-once", "exactly-once")
+
+
+def delivery_args(delivery: str, prefix: str) -> list[str]:
+    """Relay options for a delivery mode; exactly-once keeps its offsets topic with the benchmark's topics."""
+    if delivery == "at-least-once":
+        return []
+    return ["--delivery", delivery, "--offsets-topic", f"__{prefix}-offsets", "--transactional-id", f"bench-{prefix}"]
+
+
+class Sentinel:
+    """One last event written after a backlog, watched by a read_committed consumer: once it is visible,
+    every event before it is too (in exactly-once mode, where end offsets also count transaction markers)."""
+
+    AGGREGATE = "benchdone"
+
+    def __init__(self, prefix: str) -> None:
+        self.topic = f"{prefix}.{self.AGGREGATE}"
+        self._consumer: Any = None
+        self._partition: Any = None
+        self.seen = False
+
+    async def __aenter__(self) -> Sentinel:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap(), enable_auto_commit=False,
+                                          isolation_level="read_committed", fetch_max_wait_ms=10)
+        with contextlib.suppress(Exception):  # exists already: an earlier run of this benchmark made it
+            await create_topics([self.topic], partitions=1)
+        await self._consumer.start()
+        self._partition = TopicPartition(self.topic, 0)
+        self._consumer.assign([self._partition])
+        await self.arm()
+        return self
+
+    async def arm(self) -> None:
+        """Watch for the next sentinel only."""
+        await self._consumer.seek_to_end(self._partition)
+        await self._consumer.position(self._partition)
+        self.seen = False
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def poll(self) -> bool:
+        if not self.seen:
+            batches = await self._consumer.getmany(timeout_ms=10)
+            self.seen = any(batches.values())
+        return self.seen
+
+    @classmethod
+    def write(cls, dbname: str) -> None:
+        with psycopg.connect(dbname=dbname, autocommit=True) as conn:
+            conn.execute("INSERT INTO outbox.events (aggregatetype, aggregateid, type, payload)"
+                         " VALUES (%s, 'done', 'bench.done', '{}')", (cls.AGGREGATE,))
+
+
 def wait_slot_active(dbname: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     with admin_conn() as conn:
@@ -249,9 +306,10 @@ def write_events(dbname: str, sizes: Sequence[int], synchronous_commit: bool = F
         if not synchronous_commit:
             conn.execute("SET synchronous_commit = off")
         started = time.perf_counter()
-        with conn.pipeline():
+        with conn.pipeline() as pipeline:
             for k in sizes:
                 conn.execute(INSERT_EVENTS_SQL, (k,), prepare=True)
+                pipeline.sync()  # ends the implicit transaction: without it the whole pipeline is one
         return time.perf_counter() - started
 
 

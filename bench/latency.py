@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 
 from bench.common import (Result, Scratch, bootstrap, create_topics, figure, install_outbox, median, percentile,
-                          relay_args, say, spread, wait_slot_active, OUTBOX)
+                          delivery_args, relay_args, say, spread, wait_slot_active, OUTBOX)
 from outbox import contract
 
 NAME = "latency"
@@ -39,7 +39,7 @@ class Collector:
     """Reads every record of the topics from their current end: (ce_time, Kafka timestamp, received)."""
 
     def __init__(self, topic: str) -> None:
-        self.topic = topic
+        self.topic = topic  # read as the read store does (read_committed): what a consumer can see
         self.samples: list[tuple[float, float, float]] = []
         self.timestamp_types: set[int] = set()
         self._task: asyncio.Task[None] | None = None
@@ -48,7 +48,8 @@ class Collector:
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap(), enable_auto_commit=False, fetch_max_wait_ms=50)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap(), enable_auto_commit=False, fetch_max_wait_ms=50,
+                                          isolation_level="read_committed")
         await self._consumer.start()
         partitions = [TopicPartition(self.topic, p) for p in range(3)]
         self._consumer.assign(partitions)
@@ -110,13 +111,15 @@ def _stats(values: list[float]) -> dict[str, float]:
             "max": max(values) if values else float("nan"), "count": len(values)}
 
 
-async def run(quick: bool, rates: list[int] | None = None, seconds: float | None = None, runs: int | None = None) -> Result:
+async def run(quick: bool, rates: list[int] | None = None, seconds: float | None = None, runs: int | None = None,
+              delivery: str = "at-least-once", report: bool = True) -> Result:
+    """``report=False``: measure only (``bench delivery`` prints and saves the interleaved runs itself)."""
     rates = rates or ([1000, 5000] if quick else [1000, 5000, 10000])
     seconds = seconds or (3.0 if quick else 15.0)
     runs = runs or (1 if quick else 3)
     warmup = 0.5 if quick else 1.0
     result = Result(NAME, quick, params={"rates": rates, "seconds": seconds, "runs": runs, "warmup_s": warmup,
-                                          "txn_size": 20, "tick_ms": 10})
+                                          "txn_size": 20, "tick_ms": 10, "delivery": delivery})
     for i in range(runs):
         with Scratch() as scratch:
             db = scratch.database("bench_lat")
@@ -126,7 +129,7 @@ async def run(quick: bool, rates: list[int] | None = None, seconds: float | None
             topic = f"{prefix}.order"
             await create_topics([topic], configs={"message.timestamp.type": "LogAppendTime"})
             relay_log, rs_log = scratch.file(".relay.log"), scratch.file(".readstore.log")
-            relay = scratch.spawn(relay_args(db, prefix), relay_log)
+            relay = scratch.spawn(relay_args(db, prefix, *delivery_args(delivery, prefix)), relay_log)
             consumer = scratch.spawn(OUTBOX + ["consume", "readstore", "--dsn", f"dbname={rs_db}", "--kafka-bootstrap",
                                                bootstrap(), "--topic-prefix", prefix, "--group", f"{prefix}-rs"], rs_log)
             await asyncio.to_thread(wait_slot_active, db, relay, relay_log)
@@ -172,9 +175,11 @@ async def run(quick: bool, rates: list[int] | None = None, seconds: float | None
                 await collector.stop()
             result.params["kafka_timestamp_type"] = ("LogAppendTime" if collector.timestamp_types == {1} else
                                                      f"types seen {sorted(collector.timestamp_types)}")
+    if not report:
+        return result
 
     print(f"latency: pipeline at fixed rates for {seconds:.0f} s each (first {warmup:g} s left out), "
-          f"median of {runs} run(s) per figure")
+          f"{delivery}, median of {runs} run(s) per figure")
     for rate in rates:
         rows = [r for r in result.runs if r["rate"] == rate]
         fig: dict[str, Any] = {"achieved_rate": median([r["achieved_rate"] for r in rows])}

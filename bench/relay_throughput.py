@@ -26,8 +26,9 @@ from typing import Any
 
 import psycopg
 
-from bench.common import (Offsets, Result, Scratch, bootstrap, create_topics, figure, install_outbox, median,
-                          mixed_sizes, pg_binary, relay_args, rss_bytes, say, spread, stop_process, write_events)
+from bench.common import (Offsets, Result, Scratch, Sentinel, bootstrap, create_topics, delivery_args, figure,
+                          install_outbox, median, mixed_sizes, pg_binary, relay_args, rss_bytes, say, spread, stop_process,
+                          write_events)
 from outbox import contract
 
 NAME = "relay"
@@ -56,11 +57,29 @@ def kcat_headers() -> list[str]:
     return [a for name, value in record.headers for a in ("-H", f"{name}={value.decode()}")]
 
 
-async def run(quick: bool, events: int | None = None, runs: int | None = None) -> Result:
+async def _pg_recvlogical(run_: dict[str, Any], n: int, db: str, slot: str, endpos: str) -> None:
+    """PostgreSQL decoding the same backlog through an identical slot, to /dev/null."""
+    started = time.perf_counter()
+    proc = await asyncio.to_thread(subprocess.run, [
+        pg_binary("pg_recvlogical"), "-d", f"dbname={db}", "--slot", slot, "--start", "--no-loop",
+        "-o", "proto_version=1", "-o", "publication_names=outbox_events", "--endpos", endpos, "-f", "/dev/null"],
+        capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"pg_recvlogical failed: {proc.stderr.strip()}")
+    run_["pg_recvlogical_events_per_s"] = n / elapsed
+
+
+async def run(quick: bool, events: int | None = None, runs: int | None = None, delivery: str = "at-least-once",
+              baselines: bool = True) -> Result:
+    """``baselines=False``: the relay only (the interleaved A/B runs of ``bench delivery``)."""
     n = events or (10_000 if quick else 200_000)
     runs = runs or (1 if quick else 3)
     result = Result(NAME, quick, params={"events": n, "runs": runs, "payload": "~400 B jsonb order, direct inserts into outbox.events",
-                                          "transactions": "mixed sizes: 50% 1 event, 30% 2-10, 15% 11-50, 5% 51-500"})
+                                          "transactions": "mixed sizes: 50% 1 event, 30% 2-10, 15% 11-50, 5% 51-500",
+                                          "delivery": delivery,
+                                          "done_when": "end offsets grew by N and a last sentinel event is visible to "
+                                                       "a read_committed consumer"})
     with Scratch() as scratch:
         db = scratch.database("bench_relay")
         install_outbox(db)
@@ -76,31 +95,23 @@ async def run(quick: bool, events: int | None = None, runs: int | None = None) -
             run_: dict[str, Any] = {}
             sizes = mixed_sizes(n, seed=i + 1)
             seconds = await asyncio.to_thread(write_events, db, sizes)
+            await asyncio.to_thread(Sentinel.write, db)
             with psycopg.connect(dbname=db, autocommit=True) as conn:
                 endpos = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]  # type: ignore[index]
             run_["transactions"] = len(sizes)
             run_["write_events_per_s"] = n / seconds
             say(f"run {i + 1}/{runs}: committed {n} events in {len(sizes)} transactions ({n / seconds:,.0f}/s)")
-            if i == 0:
+            if i == 0 and baselines:
                 value_size = await asyncio.to_thread(kcat_input, db, kcat_file, n)
-
-            # pg_recvlogical: PostgreSQL decoding the same backlog through an identical slot
-            started = time.perf_counter()
-            proc = await asyncio.to_thread(subprocess.run, [
-                pg_binary("pg_recvlogical"), "-d", f"dbname={db}", "--slot", recv_slot, "--start", "--no-loop",
-                "-o", "proto_version=1", "-o", "publication_names=outbox_events", "--endpos", endpos, "-f", "/dev/null"],
-                capture_output=True, text=True, timeout=600)
-            elapsed = time.perf_counter() - started
-            if proc.returncode != 0:
-                raise RuntimeError(f"pg_recvlogical failed: {proc.stderr.strip()}")
-            run_["pg_recvlogical_events_per_s"] = n / elapsed
+            if baselines:
+                await _pg_recvlogical(run_, n, db, recv_slot, endpos)
 
             # outbox relay, backlog mode
-            async with Offsets([topic]) as offsets:
+            async with Offsets([topic]) as offsets, Sentinel(prefix) as sentinel:
                 base = await offsets.total()
                 log = scratch.file(".relay.log")
                 started = time.perf_counter()
-                relay = scratch.spawn(relay_args(db, prefix), log)
+                relay = scratch.spawn(relay_args(db, prefix, *delivery_args(delivery, prefix)), log)
                 peak_rss, first_at, first_count = 0, None, 0
                 while True:
                     done = await offsets.total() - base
@@ -108,7 +119,7 @@ async def run(quick: bool, events: int | None = None, runs: int | None = None) -
                     peak_rss = max(peak_rss, rss_bytes(relay.pid))
                     if done and first_at is None:
                         first_at, first_count = now, done
-                    if done >= n:
+                    if done >= n and await sentinel.poll():
                         break
                     if relay.poll() is not None:
                         raise RuntimeError(f"relay exited {relay.returncode}: {log.read_text(errors='replace')[-1500:]}")
@@ -125,7 +136,10 @@ async def run(quick: bool, events: int | None = None, runs: int | None = None) -
                                                     if first_at is not None and now > first_at else float("nan"))
             run_["relay_startup_s"] = (first_at - started) if first_at is not None else float("nan")
             run_["relay_peak_rss_mb"] = peak_rss / 2**20
-
+            if not baselines:
+                result.runs.append(run_)
+                say(f"run {i + 1}/{runs}: relay ({delivery}) {run_['relay_events_per_s']:,.0f}/s")
+                continue
             # kcat: one librdkafka producer, same messages
             async with Offsets([kcat_topic]) as offsets:
                 base = await offsets.total()
@@ -149,6 +163,10 @@ async def run(quick: bool, events: int | None = None, runs: int | None = None) -
         with psycopg.connect(dbname=db, autocommit=True) as conn:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (recv_slot,))
 
+    if not baselines:
+        for k in ("relay_events_per_s", "relay_streaming_events_per_s", "relay_startup_s", "relay_peak_rss_mb"):
+            result.figures[k] = median([r[k] for r in result.runs])
+        return result  # the caller prints and saves
     result.params["value_bytes"] = value_size
     keys = ["relay_events_per_s", "relay_streaming_events_per_s", "relay_startup_s", "pg_recvlogical_events_per_s",
             "kcat_events_per_s", "ratio_to_slower_baseline", "relay_peak_rss_mb", "write_events_per_s"]
@@ -157,7 +175,7 @@ async def run(quick: bool, events: int | None = None, runs: int | None = None) -
     f = result.figures
     f["slower_baseline"] = "pg_recvlogical" if f["pg_recvlogical_events_per_s"] < f["kcat_events_per_s"] else "kcat"
     runs_of = lambda k: spread([r[k] for r in result.runs])  # noqa: E731
-    print(f"relay: {n} events (~{value_size} B values, mixed transactions), median of {runs} run(s)")
+    print(f"relay: {n} events (~{value_size} B values, mixed transactions, {delivery}), median of {runs} run(s)")
     figure(NAME, "outbox relay (backlog, from process start)", f["relay_events_per_s"], "events/s", runs_of("relay_events_per_s"))
     figure(NAME, "outbox relay (after first event)", f["relay_streaming_events_per_s"], "events/s",
            runs_of("relay_streaming_events_per_s"))

@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import click
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -255,17 +255,33 @@ class RelaySettings(_Settings):
     heartbeat_interval: float = Field(default=10.0, ge=0)  # 0: no heartbeat
     drain_timeout: float = Field(default=30.0, ge=0)  # SIGTERM: seconds to wait for in-flight events
     kafka_message_timeout: float = Field(default=300.0, gt=0)  # librdkafka message.timeout.ms, in seconds
+    delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
+    transactional_id: str | None = None  # exactly-once; None: outbox-relay.<source_id>
+    offsets_topic: str = contract.DEFAULT_OFFSETS_TOPIC  # exactly-once
+    transaction_interval: float = Field(default=0.1, gt=0)  # exactly-once: seconds per Kafka transaction
+    transaction_max_events: int = Field(default=10_000, ge=1)  # exactly-once: events per Kafka transaction
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
 
     _dsn = field_validator("dsn")(_check_dsn)
 
-    @field_validator("source_id", "topic_prefix")
+    @field_validator("source_id", "topic_prefix", "offsets_topic")
     @classmethod
     def _ident(cls, v: str) -> str:
         if not _IDENT.match(v):
             raise ValueError("use only letters, digits, '.', '_' and '-'")
         return v
+
+    @field_validator("transactional_id")
+    @classmethod
+    def _transactional_id(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivery == "exactly-once"
 
 
 class ReadStoreSettings(_Settings):

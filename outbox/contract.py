@@ -14,6 +14,9 @@ SPECVERSION = "1.0"
 CONTENT_TYPE = "application/json"
 DEFAULT_TOPIC_PREFIX = "outbox"
 DLQ_SUFFIX = ".dlq"
+# Where an exactly-once relay keeps its source positions (compacted, keyed by source id). The
+# leading "__" keeps it out of consumers' topic patterns, like Kafka's own internal topics.
+DEFAULT_OFFSETS_TOPIC = "__outbox_relay_offsets"
 
 # The store-side objects every part agrees on.
 SCHEMA = "outbox"

@@ -92,6 +92,19 @@ RELAY_REPLICATION_CONNECTED = Gauge("outbox_relay_replication_connected",
 RELAY_KAFKA_CONNECTED = Gauge("outbox_relay_kafka_connected",
                               "1 when the relay's producer reached a Kafka broker at the last check (every 10 s).",
                               ["source_id"])
+RELAY_KAFKA_COMMITTED = Counter("outbox_relay_kafka_transactions_committed_total",
+                                "Kafka transactions an exactly-once relay committed (events and source position).",
+                                ["source_id"])
+RELAY_KAFKA_ABORTED = Counter("outbox_relay_kafka_transactions_aborted_total",
+                              "Kafka transactions an exactly-once relay aborted (then it starts again from the last "
+                              "committed position).", ["source_id"])
+RELAY_KAFKA_COMMIT = Histogram("outbox_relay_kafka_commit_seconds",
+                               "Time one Kafka transaction of an exactly-once relay took to commit (the relay reads on "
+                               "meanwhile; what it sends waits for the next transaction).", ["source_id"], buckets=APPLY_BUCKETS)
+RELAY_SKIPPED = Counter("outbox_relay_transactions_skipped_total",
+                        "Source transactions an exactly-once relay did not publish again because its offsets topic "
+                        "says a committed Kafka transaction already holds them (replayed by the slot after a restart).",
+                        ["source_id"])
 
 # --------------------------------------------------------------------------- consumers
 CONSUMER_INFO = Gauge("outbox_consumer_info", "Always 1; the labels describe the consumer.",
@@ -146,6 +159,10 @@ class RelayMetrics:
         self.kafka_connected = RELAY_KAFKA_CONNECTED.labels(source_id)
         self.slot_poll_time = RELAY_SLOT_POLL_TIME.labels(source_id)
         self.heartbeat_age = RELAY_HEARTBEAT_AGE.labels(source_id)
+        self.kafka_committed = RELAY_KAFKA_COMMITTED.labels(source_id)
+        self.kafka_aborted = RELAY_KAFKA_ABORTED.labels(source_id)
+        self.kafka_commit = RELAY_KAFKA_COMMIT.labels(source_id)
+        self.skipped = RELAY_SKIPPED.labels(source_id)
         self._published: dict[str, Counter] = {}
 
     def started(self, slot: str, database: str) -> None:

@@ -37,6 +37,24 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
               help="Seconds the producer keeps retrying an event while Kafka is unreachable (librdkafka "
                    "message.timeout.ms). Past it the relay drops its producer and replays from its slot's "
                    "confirmed position once Kafka is back: nothing is lost or skipped, some events repeat.")
+@click.option("--delivery", type=click.Choice(["at-least-once", "exactly-once"]), default="at-least-once",
+              show_default=True,
+              help="at-least-once: idempotent producer, acks=all, a crash may publish events again. exactly-once: "
+                   "Kafka transactions that also record the source position in --offsets-topic; read_committed "
+                   "consumers see each event once across crashes (docs/delivery.md).")
+@click.option("--transactional-id", default=None, metavar="ID",
+              help="exactly-once: the producer's transactional.id; a newer relay with the same id fences this one "
+                   "[default: outbox-relay.<source id>].")
+@click.option("--offsets-topic", default=contract.DEFAULT_OFFSETS_TOPIC, show_default=True, metavar="TOPIC",
+              help="exactly-once: compacted topic holding each source's published position, keyed by source id "
+                   "(created if missing; keep it outside consumers' topic patterns).")
+@click.option("--transaction-interval", default=0.1, show_default=True, type=float, metavar="SECONDS",
+              help="exactly-once: commit the open Kafka transaction this often (at a source transaction boundary). "
+                   "Longer: more throughput, more latency.")
+@click.option("--transaction-max-events", default=10_000, show_default=True, type=int, metavar="N",
+              help="exactly-once: start committing the open Kafka transaction once it holds this many events. "
+                   "A trigger, not a cap: whole source transactions only, and what is read while a commit runs "
+                   "goes into the next transaction.")
 @metrics_options
 def relay(**params: Any) -> None:
     """Stream the outbox of one store database to Kafka.
@@ -50,8 +68,13 @@ def relay(**params: Any) -> None:
     replication connection alive and confirms nothing unacknowledged; when PostgreSQL restarts it
     reconnects with capped, jittered backoff; both resume from the slot by themselves.
 
+    With --delivery exactly-once the events go out in Kafka transactions that also record the
+    source position in a compacted offsets topic; the LSN is confirmed after the Kafka commit,
+    and a restarted relay skips what the offsets topic says is already published.
+
     SIGTERM or Ctrl-C: stop reading, wait up to --drain-timeout for in-flight events, confirm
-    what Kafka acknowledged, exit 0.
+    what Kafka acknowledged (exactly-once: commit the open Kafka transaction if it holds only
+    whole source transactions, else abort it), exit 0.
     """
     from outbox import metrics
     from relay.runner import run_relay

@@ -57,6 +57,15 @@ class PositionTracker:
         txn.pending -= 1
         self.in_flight -= 1
 
+    def hold(self, txn: Txn) -> None:
+        """Keep ``txn`` unconfirmed, acknowledged or not, until :meth:`release` (exactly-once mode holds
+        each transaction until the Kafka transaction holding it commits)."""
+        txn.pending += 1
+
+    def release(self, txn: Txn) -> None:
+        txn.pending -= 1
+        self._advance()
+
     def commit(self, txn: Txn, end_lsn: int) -> None:
         txn.end_lsn = end_lsn
         self.saw(end_lsn)

@@ -43,6 +43,8 @@ class DeliveryFailed(Exception):
         self.outage = bool(error.retriable() or error.fatal() or self.code in _OUTAGE_CODES)
         self.too_large = self.code == KafkaError.MSG_SIZE_TOO_LARGE
         self.purged = self.code in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)  # by the relay itself
+        self.fatal = error.fatal()  # a transactional producer fenced by a newer instance, say
+        self.fenced = is_fenced(error)
 
 
 _OUTAGE_CODES = frozenset({KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
@@ -67,8 +69,9 @@ class Publisher:
 
     def __init__(self, kafka: KafkaSettings, *, linger_ms: int = 5, queue_messages: int = 100_000,
                  queue_kbytes: int = 32 * 1024, message_timeout_ms: int = 300_000,
-                 batch_bytes: int = 1_000_000) -> None:
+                 batch_bytes: int = 1_000_000, extra: dict[str, Any] | None = None) -> None:
         self._kafka = kafka
+        self._extra = extra or {}  # more librdkafka settings (a transactional.id, say)
         self._linger_ms = linger_ms
         self._queue_messages = queue_messages
         self._queue_kbytes = queue_kbytes  # bounds the relay's memory: a full queue is back-pressure
@@ -77,6 +80,7 @@ class Publisher:
         self._producer: Producer | None = None
         self._sends = 0
         self._poller: asyncio.Task[None] | None = None
+        self.fatal_error: KafkaError | None = None  # librdkafka raised it from poll(): the producer is done
 
     async def start(self) -> None:
         config = {
@@ -90,15 +94,16 @@ class Publisher:
             "message.timeout.ms": self._message_timeout_ms,
             "batch.size": self._batch_bytes,
             "logger": librdkafka_log,
+            **self._extra,
         }
         producer = Producer(config)
         try:
             await asyncio.to_thread(producer.list_topics, timeout=10)
         except KafkaException as exc:
-            raise KafkaUnavailable(f"cannot reach Kafka at {self._kafka.bootstrap}: {_reason(exc)} "
+            raise KafkaUnavailable(f"cannot reach Kafka at {self._kafka.bootstrap}: {kafka_reason(exc)} "
                                    "(check --kafka-bootstrap and that the broker runs)") from None
         self._producer = producer
-        self._poller = asyncio.ensure_future(self._serve_reports(producer))
+        self._poller = asyncio.ensure_future(self._serve_reports())
 
     async def reachable(self, timeout: float) -> bool:
         """Whether a broker answers a metadata request now (for the health gauge)."""
@@ -117,7 +122,7 @@ class Publisher:
         report = partial(_delivered, on_done)
         self._sends += 1
         if self._sends % POLL_EVERY_SENDS == 0:
-            producer.poll(0)
+            self._poll(producer)
         while True:
             try:
                 producer.produce(record.topic, record.value, record.key, headers=record.headers, on_delivery=report)
@@ -125,10 +130,7 @@ class Publisher:
             except BufferError:  # queue full: let deliveries drain it
                 await asyncio.sleep(0.005)
             except KafkaException as exc:
-                too_large = exc.args and isinstance(exc.args[0], KafkaError) and \
-                    exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
-                raise (RecordTooLarge if too_large else RecordRefused)(f"Kafka producer refused a record for {record.topic} "
-                                    f"({len(record.value)} bytes): {_reason(exc)}") from None
+                raise self._refused(record, exc) from None
 
     async def flush(self, timeout: float) -> bool:
         """Wait for everything queued to be acknowledged; False when ``timeout`` ran out first."""
@@ -138,7 +140,7 @@ class Publisher:
         # not producer.flush(): it would run the callbacks in whichever thread waits in it
         deadline = time.monotonic() + timeout
         while True:
-            producer.poll(0)
+            self._poll(producer)
             if not len(producer):
                 return True
             if time.monotonic() >= deadline:
@@ -154,7 +156,7 @@ class Publisher:
         """Drop whatever is still queued (its events were never confirmed) and close the producer."""
         if self._producer is not None:
             self._producer.purge(in_queue=True, in_flight=True)
-            self._producer.poll(0)  # serves the purge reports
+            self._poll(self._producer)  # serves the purge reports
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -162,12 +164,25 @@ class Publisher:
             self._poller = None
         self._producer = None  # librdkafka closes when the object goes; nothing unsent is confirmed
 
+    def _refused(self, record: Record, exc: KafkaException) -> OutboxError:
+        too_large = exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
+        return (RecordTooLarge if too_large else RecordRefused)(
+            f"Kafka producer refused a record for {record.topic} ({len(record.value)} bytes): {kafka_reason(exc)}")
+
     # ------------------------------------------------------------------ delivery reports
-    @staticmethod
-    async def _serve_reports(producer: Producer) -> None:
-        """Serve delivery reports on the loop until cancelled (``send`` serves them too while busy)."""
-        while True:
+    def _poll(self, producer: Producer) -> None:
+        """Serve delivery reports; a fatal error (fenced) is kept: the next produce or commit fails and says why."""
+        try:
             producer.poll(0)
+        except KafkaException as exc:
+            self.fatal_error = exc.args[0] if exc.args else None
+
+    async def _serve_reports(self) -> None:
+        """Serve delivery reports on the loop until cancelled (``send`` serves them too while busy)."""
+        producer = self._producer
+        assert producer is not None
+        while True:
+            self._poll(producer)
             await asyncio.sleep(POLL_BUSY if len(producer) else POLL_IDLE)
 
 
@@ -188,7 +203,7 @@ async def topic_max_bytes(kafka: KafkaSettings, topics: list[str], timeout: floa
             for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
                 out[resource.name] = int(future.result(timeout)["max.message.bytes"].value)
         except (KafkaException, TimeoutError) as exc:
-            reason = _reason(exc) if isinstance(exc, KafkaException) else "timed out"
+            reason = kafka_reason(exc) if isinstance(exc, KafkaException) else "timed out"
             raise KafkaUnavailable(f"cannot read max.message.bytes of {', '.join(topics)} from Kafka at "
                                    f"{kafka.bootstrap}: {reason}") from None
         return out
@@ -196,6 +211,11 @@ async def topic_max_bytes(kafka: KafkaSettings, topics: list[str], timeout: floa
     return await asyncio.to_thread(describe)
 
 
-def _reason(exc: KafkaException) -> str:
+def is_fenced(error: KafkaError) -> bool:
+    """A newer producer with the same transactional.id took over."""
+    return error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH)
+
+
+def kafka_reason(exc: KafkaException) -> str:
     err = exc.args[0] if exc.args else None
     return err.str() if isinstance(err, KafkaError) else str(exc)

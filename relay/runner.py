@@ -28,6 +28,7 @@ from relay.positions import PositionTracker, Txn
 from relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, topic_max_bytes
 from relay.replication import (ParkedEvent, Parker, ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, preflight,
                                purge_events)
+from relay.transactional import ExactlyOnce, exactly_once
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class Relay:
         self._last_progress = (time.monotonic(), 0)
         # metrics: bound once; counters are added per read loop, not per event
         self.metrics = metrics.RelayMetrics(settings.source_id)
+        # exactly-once: Kafka transactions with the source position (relay/transactional.py)
+        self._eos: ExactlyOnce | None = exactly_once(settings, self.metrics) if settings.exactly_once else None
+        self._skipping = False  # exactly-once: the current source transaction is already in Kafka
         self._acked: defaultdict[str, int] = defaultdict(int)  # events acknowledged per topic, not yet counted
         self._caught_up_to = 0  # commit time (µs since 2000) up to which everything is acknowledged, as far as known
         self._server_wal_end = 0  # pg_current_wal_lsn() at the last slot sample
@@ -170,11 +174,14 @@ class Relay:
             self._oversized_topics.clear()
         # Kafka limits a whole batch to the topic's max.message.bytes: keep batches under the smallest known
         batch_bytes = min([1_000_000, *(limit - contract.RECORD_OVERHEAD for limit in self._size_limits.values())])
-        publisher = Publisher(s.kafka, message_timeout_ms=int(s.kafka_message_timeout * 1000), batch_bytes=batch_bytes)
+        options = {"message_timeout_ms": int(s.kafka_message_timeout * 1000), "batch_bytes": batch_bytes}
+        publisher = self._eos.new_publisher(**options) if self._eos else Publisher(s.kafka, **options)
         stream: ReplicationStream | None = None
         try:
             await publisher.start()
             self._publisher = publisher
+            if self._eos is not None:
+                await self._eos_start()
             self._kafka_reachable(True)
             stream = self._stream = ReplicationStream(s.dsn, slot.name)
             await stream.start()
@@ -192,6 +199,8 @@ class Relay:
                 stream.close()
                 self.metrics.replication_connected.set(0)
             self._publisher = None
+            if self._eos is not None:
+                await self._eos.close()
             await publisher.stop()  # drops what is still queued: it was never confirmed
 
     async def _loop(self, stop: asyncio.Event) -> None:
@@ -200,6 +209,8 @@ class Relay:
         try:
             while not stop.is_set():
                 self._raise_if_failed()
+                if self._eos is not None:
+                    self._eos_progress()
                 if self.tracker.in_flight >= self.settings.max_in_flight:
                     # Kafka away or slow: the replication connection stays open (status updates with the
                     # confirmed position every status_interval keep wal_sender_timeout away)
@@ -209,7 +220,7 @@ class Relay:
                                        timeout=self.settings.status_interval, return_when=asyncio.FIRST_COMPLETED)
                     self._status()
                     continue
-                messages = await self._stream.read(timeout=min(self.settings.status_interval, 1.0))
+                messages = await self._stream.read(timeout=self._read_timeout())
                 if messages:
                     before = self.stats.events
                     for message in messages:
@@ -235,13 +246,18 @@ class Relay:
                 self._caught_up_to = max(self._caught_up_to, decoded.commit_time)
             self._txn = self.tracker.begin(decoded.xid, decoded.final_lsn, decoded.commit_time)
             self._txn_context = None
+            self._skipping = self._eos is not None and self._eos.begin(self._txn)
         elif isinstance(decoded, pgoutput.Commit):
             txn = self._txn
             assert txn is not None, "Commit without Begin"
             self.tracker.commit(txn, decoded.end_lsn)
             self.stats.transactions += 1
             self._txn = None
-            if not txn.pending and not txn.failed:  # acknowledged before its Commit arrived (or no events)
+            if self._eos is not None:
+                self._eos.source_committed(txn, self._skipping)
+                if self._eos.due():
+                    self._eos.start_commit()
+            elif not txn.pending and not txn.failed:  # acknowledged before its Commit arrived (or no events)
                 self._txn_acked(txn)
         elif isinstance(decoded, pgoutput.Relation):
             self._readers[decoded.relation_id] = RowReader(decoded)
@@ -250,6 +266,8 @@ class Relay:
     async def _publish(self, insert: pgoutput.Insert) -> None:
         txn = self._txn
         assert txn is not None, "Insert outside a transaction"
+        if self._skipping:  # exactly-once: a committed Kafka transaction already holds it
+            return
         row = self._readers[insert.relation_id](insert.new)
         if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
             self._heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
@@ -306,7 +324,10 @@ class Relay:
         else:
             tracker.failed(txn)
             self.metrics.publish_errors.inc()
-            if self._error is None:
+            fatal = self._eos.fatal(exc) if self._eos is not None else None
+            if self._error is None and fatal is not None:  # fenced: stop, in one line
+                self._error = fatal
+            elif self._error is None:
                 if isinstance(exc, DeliveryFailed) and exc.too_large:  # the topic's limit is below the producer's
                     self._oversized_topics.add(topic)
                     self._error = KafkaOutage(f"Kafka refused event {event_id} of transaction {txn.xid} as too large "
@@ -453,13 +474,50 @@ class Relay:
         """On stop: wait (bounded by --drain-timeout) for in-flight events, confirm what was acknowledged."""
         assert self._publisher is not None
         timeout = self.settings.drain_timeout
-        if not await self._publisher.flush(timeout):
+        if self._eos is not None:
+            await self._eos_drain()
+        elif not await self._publisher.flush(timeout):
             log.warning("stopping with %d events unacknowledged after %.0f s; they will be sent again on restart",
                         self.tracker.in_flight, timeout)
         await asyncio.sleep(0)  # let the acknowledgement callbacks run
         self._status(force=True)
         if self._error is not None and not self._error.retriable:
             raise self._error
+
+
+    # ------------------------------------------------------------------ exactly-once (relay/transactional.py)
+    async def _eos_start(self) -> None:
+        """After the producer fenced older ones: read the committed position and confirm it (the slot
+        may be behind it: a crash between a Kafka commit and the confirm)."""
+        assert self._eos is not None
+        position = await self._eos.load(self.tracker)
+        if position is not None and position.end_lsn > self.tracker.confirmed:
+            self.tracker.confirmed = self.tracker.received = position.end_lsn
+
+    def _eos_progress(self) -> None:
+        """Count what a finished Kafka commit confirmed; start the next commit when one is due."""
+        assert self._eos is not None
+        for txn in self._eos.finished():
+            self._txn_acked(txn)
+        if self._txn is None and self._eos.due():  # only whole source transactions go into a Kafka transaction
+            self._eos.start_commit()
+
+    def _read_timeout(self) -> float:
+        timeout = min(self.settings.status_interval, 1.0)
+        left = self._eos.time_left() if self._eos is not None else None
+        return timeout if left is None else min(timeout, left)
+
+    async def _eos_drain(self) -> None:
+        """On stop: commit what holds only whole source transactions, abort a partial one."""
+        assert self._eos is not None
+        for txn in await self._eos.settle():
+            self._txn_acked(txn)
+        if self._txn is None and self._eos.due(force=True):
+            self._eos.start_commit()
+            for txn in await self._eos.settle():
+                self._txn_acked(txn)
+        else:
+            await self._eos.abort()
 
 
 async def run_relay(settings: RelaySettings, stop: asyncio.Event | None = None) -> RelayStats:

@@ -93,7 +93,10 @@ def new_database(servers: dict[str, str]) -> Iterator[Callable[..., str]]:
 
 @pytest.fixture
 def topic_prefix(kafka_bootstrap: str) -> Iterator[str]:
-    """A topic prefix of this test's own; its topics are deleted afterwards."""
+    """A topic prefix of this test's own; its topics are deleted afterwards.
+
+    So are topics named ``__<prefix>...`` (a relay's offsets topic in exactly-once tests).
+    """
     prefix = f"t{uuid.uuid4().hex[:10]}"
     yield prefix
     asyncio.run(delete_topics(kafka_bootstrap, prefix))
@@ -105,7 +108,7 @@ async def delete_topics(bootstrap: str, prefix: str) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        topics = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
+        topics = [t for t in await admin.list_topics() if t.startswith((prefix + ".", "__" + prefix))]
         if topics:
             await admin.delete_topics(topics)
     finally:

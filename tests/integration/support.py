@@ -119,10 +119,10 @@ def wait_converged(readstore: str, stores: dict[str, str], procs: list[RelayProc
     raise AssertionError(f"read store did not converge: expected {expected}, got {actual}")
 
 
-def kcat_read(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+def kcat_read(bootstrap: str, topic: str, isolation: str = "read_committed") -> list[dict[str, Any]]:
     """Every record of a topic, read with kcat (an independent client), headers as a dict."""
     proc = subprocess.run(
-        ["kcat", "-b", bootstrap, "-C", "-t", topic, "-J", "-e", "-q", "-o", "beginning", "-X", "isolation.level=read_committed"],
+        ["kcat", "-b", bootstrap, "-C", "-t", topic, "-J", "-e", "-q", "-o", "beginning", "-X", f"isolation.level={isolation}"],
         capture_output=True, text=True, timeout=60,
     )
     if proc.returncode != 0:

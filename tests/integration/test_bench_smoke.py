@@ -44,6 +44,10 @@ FIGURES = [
     rf"^backfill\s+writer without a backfill\s+{NUMBER} tx/s",
     rf"^replay\s+full replay into the read store\s+{NUMBER} s",
     rf"^replay\s+full replay rate\s+{NUMBER} events/s",
+    *[rf"^delivery\s+{mode} relay backlog throughput\s+{NUMBER} events/s" for mode in ("ALO", "EOS")],
+    rf"^delivery\s+EOS / ALO throughput\s+{NUMBER} x",
+    *[rf"^delivery\s+1k/s {mode} commit→{hop} {q}\s+{NUMBER} ms"
+      for mode in ("ALO", "EOS") for hop in ("consumer", "read store") for q in ("p50", "p99")],
 ]
 
 
@@ -53,7 +57,7 @@ async def _bench_topics(bootstrap: str) -> list[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        return [t for t in await admin.list_topics() if t.startswith("bench-")]
+        return [t for t in await admin.list_topics() if t.startswith(("bench-", "__bench-"))]
     finally:
         await admin.close()
 
@@ -66,7 +70,7 @@ def test_quick_suite_prints_every_figure_and_cleans_up(servers: dict[str, str], 
     missing = [p for p in FIGURES if not re.search(p, proc.stdout, re.MULTILINE)]
     assert not missing, f"figure lines missing: {missing}\n{proc.stdout}"
     saved = sorted(p.name.split("-")[0] for p in tmp_path.glob("*-quick.json"))
-    assert saved == ["backfill", "consumer", "latency", "memory", "overhead", "relay", "replay"]
+    assert saved == ["backfill", "consumer", "delivery", "latency", "memory", "overhead", "relay", "replay"]
 
     with admin_conn() as conn:
         left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_%'").fetchall()

@@ -1,0 +1,280 @@
+"""Exactly-once delivery (``outbox relay --delivery exactly-once``) on the real servers.
+
+Every check reads Kafka with kcat, an independent client, as a ``read_committed`` consumer (the
+read store's isolation level), and compares with what the store database committed. Fixtures
+``store`` and ``relays``: tests/integration/conftest.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from typing import Any, Callable
+
+import psycopg
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from consumers.kafka import topic_pattern
+from outbox import contract
+from outbox.config import KafkaSettings
+from outbox.demo import run_workload
+from relay.offsets import OffsetsCorrupt, OffsetsTopic, SourcePosition, encode_position
+from tests.integration.support import RelayProcess, install_pos, kcat_read, wait_for_records
+from tests.integration.test_readstore import entities, ev, group, readstore_db, run_until  # noqa: F401 (fixtures)
+from tests.integration.test_readstore import settings as rs_settings
+
+pytestmark = pytest.mark.integration
+
+AGGREGATES = ("customer", "order", "order_line")
+
+
+@pytest.fixture
+def eo(topic_prefix: str, kafka_bootstrap: str, relays: Any) -> Callable[..., RelayProcess]:
+    """Factory of exactly-once relays with this test's own offsets topic and transactional id."""
+    source = f"s{uuid.uuid4().hex[:8]}"
+
+    def make(dsn: str, *extra: str, source_id: str = source, txid: str | None = None) -> RelayProcess:
+        return relays(dsn, source_id, topic_prefix, kafka_bootstrap, "--delivery", "exactly-once",
+                      "--offsets-topic", f"__{topic_prefix}_offsets",
+                      "--transactional-id", txid or f"test-{topic_prefix}-{source_id}", *extra)
+
+    make.source_id = source  # type: ignore[attr-defined]
+    return make
+
+
+def committed_ids(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        return {r[0] for r in conn.execute(
+            "SELECT id::text FROM outbox.events WHERE type <> %s", (contract.HEARTBEAT_TYPE,)).fetchall()}
+
+
+def read_all(bootstrap: str, prefix: str, isolation: str = "read_committed") -> list[dict[str, Any]]:
+    return [r for a in AGGREGATES for r in kcat_read(bootstrap, f"{prefix}.{a}", isolation)]
+
+
+def wait_for_ids(bootstrap: str, prefix: str, ids: set[str], timeout: float = 90) -> list[dict[str, Any]]:
+    deadline = time.time() + timeout
+    while True:
+        records = read_all(bootstrap, prefix)
+        if ids <= {r["headers"]["ce_id"] for r in records} or time.time() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def assert_exactly_once(records: list[dict[str, Any]], ids: set[str]) -> None:
+    counts = Counter(r["headers"]["ce_id"] for r in records)
+    duplicated = {i: n for i, n in counts.items() if n > 1}
+    assert not duplicated, f"{len(duplicated)} events seen more than once by a read_committed consumer"
+    assert not ids - set(counts), f"{len(ids - set(counts))} committed events missing"
+    assert set(counts) <= ids, "events that were never committed reached Kafka"
+    # per key, in source commit order: (commit LSN, index in the transaction) only grows
+    by_key: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: (r["topic"], r["partition"], r["offset"])):
+        h = r["headers"]
+        by_key[(r["topic"], r["key"])].append((contract.parse_lsn(h["ce_commitlsn"]), int(h["ce_txseq"])))
+    for key, positions in by_key.items():
+        assert positions == sorted(positions), f"order broken for {key}"
+
+
+def test_sigkills_mid_workload_leave_every_event_exactly_once(store: str, topic_prefix: str, kafka_bootstrap: str,
+                                                              eo: Any) -> None:
+    relay = eo(store).start()
+    done = threading.Event()
+    result: list[Any] = []
+    writer = threading.Thread(target=lambda: (result.append(run_workload(store, 800, seed=11)), done.set()))
+    writer.start()
+    kills = 0
+    rng = random.Random(5)
+    while not done.is_set() or kills < 5:
+        time.sleep(rng.uniform(0.3, 1.5))
+        relay.kill()
+        kills += 1
+        relay.start()
+    writer.join()
+    assert result and result[0].rolled_back > 0
+    ids = committed_ids(store)
+    records = wait_for_ids(kafka_bootstrap, topic_prefix, ids)
+    assert_exactly_once(records, ids)
+    # the kills left aborted or open transactions behind: a read_uncommitted reader sees more
+    raw = read_all(kafka_bootstrap, topic_prefix, "read_uncommitted")
+    assert len(raw) >= len(records)
+    assert relay.terminate() == 0, relay.output()
+    assert "Traceback" not in relay.log.read_text()
+
+
+def test_an_aborted_kafka_transaction_stays_invisible_and_is_published_again_once(
+        store: str, topic_prefix: str, kafka_bootstrap: str, eo: Any) -> None:
+    # a long transaction interval keeps the Kafka transaction open while the relay is killed
+    relay = eo(store, "--transaction-interval", "60").start()
+    with psycopg.connect(store) as conn:
+        conn.execute("INSERT INTO pos.customers (name) SELECT 'c' || g FROM generate_series(1, 50) g")
+    ids = committed_ids(store)
+    deadline = time.time() + 30
+    while len(read_all(kafka_bootstrap, topic_prefix, "read_uncommitted")) < 50:  # produced, not committed
+        assert time.time() < deadline, relay.output()
+        time.sleep(0.2)
+    assert read_all(kafka_bootstrap, topic_prefix) == []
+    relay.kill()
+    relay = eo(store).start()  # init_transactions aborts what the dead one left open
+    records = wait_for_ids(kafka_bootstrap, topic_prefix, ids)
+    assert_exactly_once(records, ids)
+    assert len(read_all(kafka_bootstrap, topic_prefix, "read_uncommitted")) == 100  # the aborted 50 stay in the log
+    assert relay.terminate() == 0
+
+
+def test_a_restart_skips_what_the_offsets_topic_says_is_published(store: str, topic_prefix: str,
+                                                                  kafka_bootstrap: str, eo: Any) -> None:
+    # A second slot created before the events still holds them all: a relay on it replays the
+    # whole history, as a relay killed before confirming to PostgreSQL would replay part of it.
+    with psycopg.connect(store, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot('eo_behind_' || current_database(), 'pgoutput')")
+        behind = conn.execute("SELECT 'eo_behind_' || current_database()").fetchone()[0]  # type: ignore[index]
+        conn.execute("INSERT INTO pos.customers (name) SELECT 'c' || g FROM generate_series(1, 30) g")
+        for g in range(10):
+            conn.execute("INSERT INTO pos.customers (name) VALUES (%s)", (f"single {g}",))
+    ids = committed_ids(store)
+    first = eo(store).start()
+    assert_exactly_once(wait_for_ids(kafka_bootstrap, topic_prefix, ids), ids)
+    assert first.terminate() == 0
+
+    replay = eo(store, "--slot", behind).start()
+    with psycopg.connect(store, autocommit=True) as conn:
+        conn.execute("INSERT INTO pos.customers (name) VALUES ('after the replay')")
+    ids = committed_ids(store)
+    records = wait_for_ids(kafka_bootstrap, topic_prefix, ids)
+    assert replay.terminate() == 0
+    assert_exactly_once(records, ids)
+    assert re.search(r"already published up to commit [0-9A-F]+/[0-9A-F]+", replay.output()), replay.output()
+    skipped = re.search(r"skipped (\d+) source transactions", replay.output())
+    assert skipped and int(skipped.group(1)) >= 11, replay.output()  # 11 with events, and heartbeats
+
+
+def test_a_second_relay_with_the_same_transactional_id_fences_the_first(
+        new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str, eo: Any) -> None:
+    first_store, second_store = new_database("store"), new_database("store")
+    install_pos(first_store)
+    install_pos(second_store)
+    first = eo(first_store, txid=f"shared-{topic_prefix}").start()
+    with psycopg.connect(first_store, autocommit=True) as conn:
+        conn.execute("INSERT INTO pos.customers (name) VALUES ('before')")
+    wait_for_records(kafka_bootstrap, [f"{topic_prefix}.customer"], 1)
+    second = eo(second_store, source_id="other", txid=f"shared-{topic_prefix}").start()
+    with psycopg.connect(second_store, autocommit=True) as conn:
+        conn.execute("INSERT INTO pos.customers (name) VALUES ('second')")
+    wait_for_records(kafka_bootstrap, [f"{topic_prefix}.customer"], 2)
+    with psycopg.connect(first_store, autocommit=True) as conn:
+        conn.execute("INSERT INTO pos.customers (name) VALUES ('from the zombie')")
+    assert first.proc is not None
+    assert first.proc.wait(60) == 1
+    out = first.output()
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "fenced" in errors[0] and f"shared-{topic_prefix}" in errors[0], out
+    assert "Traceback" not in out and "WARNING" not in out, out
+    names = [r["payload"] for r in kcat_read(kafka_bootstrap, f"{topic_prefix}.customer")]
+    assert not any("from the zombie" in n for n in names)
+    assert second.proc is not None and second.proc.poll() is None  # the newer one carries on
+    assert second.terminate() == 0
+
+
+def test_the_offsets_topic_is_compacted_and_outside_consumer_patterns(store: str, topic_prefix: str,
+                                                                      kafka_bootstrap: str, eo: Any) -> None:
+    relay = eo(store).start()
+    with psycopg.connect(store, autocommit=True) as conn:
+        conn.execute("INSERT INTO pos.customers (name) VALUES ('x')")
+    wait_for_records(kafka_bootstrap, [f"{topic_prefix}.customer"], 1)
+    assert relay.terminate() == 0
+    topic = f"__{topic_prefix}_offsets"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    config = admin.describe_configs([resource])[resource].result(30)
+    assert config["cleanup.policy"].value == "compact"
+    positions = kcat_read(kafka_bootstrap, topic)
+    assert positions and {p["key"] for p in positions} == {eo.source_id}
+    # neither the default name nor the test's name is matched by the read store's subscription
+    for prefix in (topic_prefix, contract.DEFAULT_TOPIC_PREFIX, ""):
+        assert not re.match(topic_pattern(prefix), contract.DEFAULT_OFFSETS_TOPIC)
+        assert not re.match(topic_pattern(prefix), topic)
+
+
+def test_offsets_topic_reads_the_newest_position_and_a_tombstone_resets_it(topic_prefix: str,
+                                                                           kafka_bootstrap: str) -> None:
+    kafka = KafkaSettings(bootstrap=kafka_bootstrap)
+    offsets = OffsetsTopic(kafka, f"__{topic_prefix}_offsets")
+    offsets.ensure()
+    offsets.ensure()  # exists now: checked, not created again
+    assert offsets.read("s") is None
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+
+    def put(source: str, position: SourcePosition | None) -> None:
+        key, value = encode_position(source, position) if position else (source.encode(), None)
+        producer.produce(offsets.topic, value, key)
+        assert producer.flush(30) == 0
+
+    put("s", SourcePosition(0x100, 0x110, 1))
+    put("other", SourcePosition(0x900, 0x910, 9))
+    put("s", SourcePosition(0x200, 0x210, 2))
+    assert offsets.read("s") == SourcePosition(0x200, 0x210, 2)
+    put("s", None)  # tombstone: an operator resets the source (its LSNs start again lower)
+    assert offsets.read("s") is None
+    put("s", SourcePosition(0x50, 0x60, 3))
+    assert offsets.read("s") == SourcePosition(0x50, 0x60, 3)
+    assert offsets.read("other") == SourcePosition(0x900, 0x910, 9)
+
+    # an existing topic that would expire positions is refused, with the fix
+    plain = f"__{topic_prefix}_plain"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(plain, num_partitions=1, replication_factor=1)])[plain].result(30)
+    with pytest.raises(OffsetsCorrupt, match="cleanup.policy=delete.*compact"):
+        OffsetsTopic(kafka, plain).ensure()
+
+
+def test_the_read_store_never_applies_an_aborted_kafka_transaction(readstore_db: str, kafka_bootstrap: str,
+                                                                   topic_prefix: str, group: Any) -> None:
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"test-{topic_prefix}-rs"})
+    producer.init_transactions(30)
+
+    def send(record: contract.Record) -> None:
+        producer.produce(record.topic, record.value, record.key, headers=record.headers)
+
+    producer.begin_transaction()
+    send(ev(topic_prefix, "customer", "aborted", "created", 0x100))
+    assert producer.flush(30) == 0  # in the log, never committed
+    producer.abort_transaction(30)
+    producer.begin_transaction()
+    send(ev(topic_prefix, "customer", "kept", "created", 0x200))
+    producer.commit_transaction(30)
+    assert len(kcat_read(kafka_bootstrap, f"{topic_prefix}.customer", "read_uncommitted")) == 2
+
+    s = rs_settings(readstore_db, kafka_bootstrap, topic_prefix, group())
+    asyncio.run(run_until(s, lambda: ("customer", "kept") in entities(readstore_db)))
+    assert set(entities(readstore_db)) == {("customer", "kept")}
+
+
+def test_kafka_down_past_the_message_timeout_ends_the_session_and_nothing_repeats(
+        store: str, topic_prefix: str, kafka_bootstrap: str, eo: Any, sandbox: Any) -> None:
+    relay = eo(store, "--kafka-message-timeout", "2", "--status-interval", "1").start()
+    with psycopg.connect(store, autocommit=True) as conn:
+        conn.execute("INSERT INTO pos.customers (name) SELECT 'before' || g FROM generate_series(1, 3) g")
+    wait_for_ids(kafka_bootstrap, topic_prefix, committed_ids(store))
+    sandbox.stop_kafka()
+    try:
+        with psycopg.connect(store) as conn:
+            for t in range(20):
+                conn.execute("INSERT INTO pos.customers (name) SELECT 'during' || g FROM generate_series(1, 10) g")
+                conn.commit()
+        time.sleep(8)  # deliveries time out: the session ends, the relay waits for Kafka
+        assert relay.proc is not None and relay.proc.poll() is None, relay.output()
+    finally:
+        sandbox.up()
+    ids = committed_ids(store)
+    records = wait_for_ids(kafka_bootstrap, topic_prefix, ids, timeout=120)
+    assert_exactly_once(records, ids)
+    assert "reconnecting" in relay.output()
+    assert relay.terminate() == 0, relay.output()
+    assert "Traceback" not in relay.log.read_text()
