@@ -15,7 +15,7 @@ import click
 
 from bench.common import DELIVERIES, ensure_servers, quiet_logs
 
-BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory", "delivery", "crm")
+BENCHMARKS = ("relay", "latency", "overhead", "consumer", "memory", "delivery", "backfill", "replay", "crm")
 
 
 def _runner(name: str) -> Callable[[bool], Any]:
@@ -33,6 +33,10 @@ def _runner(name: str) -> Callable[[bool], Any]:
         from bench import crm as mod  # type: ignore[no-redef]
     elif name == "delivery":
         from bench import delivery as mod  # type: ignore[no-redef]
+    elif name == "backfill":
+        from bench import backfill as mod  # type: ignore[no-redef]
+    elif name == "replay":
+        from bench import replay as mod  # type: ignore[no-redef]
     else:
         raise click.UsageError(f"unknown benchmark {name}")
     return lambda quick, **kw: asyncio.run(mod.run(quick, **kw))
@@ -71,6 +75,8 @@ _command("consumer", "Read-store apply rate.")
 _command("memory", "Relay RSS idle and under load.")
 _command("crm", "CRM sink throughput against the reference CRM at 0% and 30% failures.")
 _command("delivery", "At-least-once vs exactly-once: throughput and latency, interleaved A/B runs.")
+_command("backfill", "outbox backfill rows/s, alone and with a concurrent writer.")
+_command("replay", "Time of a full replay of demo-like topics into the read store.")
 _command("all", "Every benchmark, one after the other.")
 
 

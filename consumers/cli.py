@@ -7,7 +7,11 @@ from typing import Any
 import click
 
 from outbox import contract
-from outbox.config import KafkaSettings, ReadStoreSettings, build, kafka_from_params, kafka_options, metrics_options
+from outbox.errors import ConfigError
+
+REDRIVE_GROUP = "outbox-redrive"  # the consumer group that remembers how far replay --dlq read each topic
+from outbox.config import (KafkaSettings, ReadStoreSettings, ReplaySettings, build, kafka_from_params, kafka_options, metrics_options,
+                           redrive_options)
 
 
 def _print_sql(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -38,6 +42,7 @@ def consume() -> None:
               help="Bring the readstore schema up to date before consuming.")
 @click.option("--sql", is_flag=True, is_eager=True, expose_value=False, callback=_print_sql,
               help="Print the schema migration SQL for review and exit (needs no server, touches nothing).")
+@redrive_options
 @metrics_options
 def readstore(**params: Any) -> None:
     """Keep a central PostgreSQL read store current: one row per aggregate, in source order.
@@ -176,3 +181,74 @@ def crm_writeback(**params: Any) -> None:
     with metrics.serve(settings.metrics_host, settings.metrics_port):
         totals = asyncio.run(run_writeback(settings))
     click.echo(f"stopped: {totals.get('changed', 0)} rows changed", err=True)
+
+
+@click.command()
+@click.option("--group", metavar="G", help="The consumer group to rewind (with --dlq: only its dead letters).")
+@click.option("--topic", "topics", metavar="T", multiple=True, help="A topic to rewind (repeat for several).")
+@click.option("--from", "from_", metavar="WHEN",
+              help="earliest, an offset (every partition), or a time (2026-01-31T12:00:00Z; the first record at or "
+                   "after it). With --dlq: earliest re-scans the whole dead-letter topic.")
+@click.option("--dlq", "dlq_topics", metavar="TOPIC", multiple=True,
+              help="Re-drive the records parked in this dead-letter topic (<topic>.dlq) back to the group that "
+                   "parked them, with their original ids (repeat for several).")
+@click.option("--filter", "filters", metavar="NAME=VALUE", multiple=True,
+              help="With --dlq, only matching records: group=G, error=TEXT (in dlq_error), type=PATTERN (ce_type, "
+                   "e.g. 'customer.*'), key=PATTERN, id=CE_ID (repeatable), attempts-below=N.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed without a terminal).")
+@click.option("--force", is_flag=True,
+              help="Rewind even though the group lists active members: wait (up to 90 s) for them to leave, as a "
+                   "killed consumer does when its session times out.")
+@click.option("--dry-run", is_flag=True, help="Show what would be rewound or re-driven; change nothing.")
+@kafka_options
+def replay(**params: Any) -> None:
+    """Re-deliver events to a consumer group, or re-drive its dead letters.
+
+    \b
+    outbox replay --group G --topic T --from earliest|TIMESTAMP|OFFSET [--yes] [--force]
+    outbox replay --dlq T.dlq [--filter type='customer.*'] [--yes]
+
+    A rewind shows, per partition, how many records will be re-delivered and asks before it
+    changes anything; it refuses while the group has active members (stop its consumers first).
+    Sinks that keep their own offsets (the read store) follow the rewind too. Replayed and
+    re-driven events keep their ce_id. See docs/backfill.md.
+    """
+    from consumers import replay as rp
+
+    kafka = build(KafkaSettings, **kafka_from_params(params))
+    s = build(ReplaySettings, kafka=kafka, **params)
+    if s.dlq_topics:
+        _redrive(s)
+        return
+    if not s.group or not s.topics or not s.from_:
+        raise ConfigError("outbox replay needs --group, --topic and --from (or --dlq TOPIC to re-drive dead letters)")
+    if s.filters:
+        raise ConfigError("--filter goes with --dlq")
+    wanted = rp.parse_from(s.from_)
+    if s.dry_run:
+        _, plans = asyncio.run(rp.plan(kafka, s.group, s.topics, wanted))
+        click.echo(rp.format_plan(s.group, wanted, plans))
+        return
+    rp.run_rewind(kafka, s.group, s.topics, wanted, yes=s.yes, force=s.force, echo=lambda text: click.echo(text, err=True))
+
+
+def _redrive(s: ReplaySettings) -> None:
+    from consumers import dlq
+    from consumers.replay import confirm
+
+    bad = [t for t in s.dlq_topics if not t.endswith(contract.DLQ_SUFFIX)]
+    if bad:
+        raise ConfigError(f"--dlq {bad[0]}: not a dead-letter topic (its name ends with {contract.DLQ_SUFFIX})")
+    if s.from_ not in (None, "earliest") or s.topics:
+        raise ConfigError("with --dlq, --from can only be earliest and --topic is not used")
+    flt = dlq.Filter.parse(s.filters, s.group)
+    rescan = s.from_ == "earliest"
+    scan = asyncio.run(dlq.redrive(s.kafka, s.dlq_topics, flt, cursor_group=REDRIVE_GROUP, from_beginning=rescan,
+                                   dry_run=True, strict=True))
+    click.echo(f"{scan.redriven} of {scan.scanned} parked records in {', '.join(s.dlq_topics)} match; "
+               f"{scan.exhausted} are past the attempt limit and stay parked", err=True)
+    if s.dry_run or not scan.redriven:
+        return
+    confirm(f"re-drive {scan.redriven} records?", s.yes)
+    done = asyncio.run(dlq.redrive(s.kafka, s.dlq_topics, flt, cursor_group=REDRIVE_GROUP, from_beginning=rescan))
+    click.echo(f"re-drove {done.redriven} records to their topics, for the groups that parked them", err=True)

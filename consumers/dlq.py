@@ -51,13 +51,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from outbox import contract
 from outbox.config import KafkaSettings
 from outbox.dsn import redact
-from outbox.errors import OutboxError
+from outbox.errors import ConfigError, KafkaUnavailable, OutboxError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ class DeadLetterUnavailable(OutboxError):
     """Kafka did not acknowledge a dead letter: the batch is retried, nothing is lost."""
 
     retriable = True
+
+
+class TopicMissing(OutboxError):
+    """A topic named on the command line does not exist."""
 
 
 class RecordLike(Protocol):
@@ -184,6 +189,10 @@ def for_group(records: Sequence[Any], group: str) -> list[Any]:
     return out
 
 
+FILTERS = {"group": "group", "error": "error", "type": "event_type", "key": "key", "id": "ids",
+           "attempts-below": "max_attempts"}
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     """Which parked records ``outbox replay --dlq`` re-drives (every given condition must hold)."""
@@ -194,6 +203,28 @@ class Filter:
     key: str | None = None  # record key, shell pattern
     ids: frozenset[str] = frozenset()  # ce_id values
     max_attempts: int | None = None  # only records with fewer attempts
+
+    @classmethod
+    def parse(cls, items: Sequence[str], group: str | None = None) -> "Filter":
+        """``--filter`` values: group=G, error=TEXT, type=PATTERN, key=PATTERN, id=UUID (repeatable), attempts-below=N."""
+        values: dict[str, Any] = {"group": group}
+        ids: set[str] = set()
+        for item in items:
+            name, sep, value = item.partition("=")
+            name = name.strip().replace("_", "-")
+            if not sep or not value:
+                raise ConfigError(f"invalid --filter {item!r}: expected NAME=VALUE, NAME one of {', '.join(FILTERS)}")
+            if name == "id":
+                ids.add(value)
+            elif name == "attempts-below":
+                if not value.isdigit() or int(value) < 1:
+                    raise ConfigError(f"invalid --filter {item!r}: attempts-below wants a whole number >= 1")
+                values["max_attempts"] = int(value)
+            elif name in FILTERS:
+                values[FILTERS[name]] = value
+            else:
+                raise ConfigError(f"invalid --filter {item!r}: NAME is one of {', '.join(FILTERS)}")
+        return cls(ids=frozenset(ids), **values)
 
     def matches(self, record: RecordLike) -> bool:
         h = {k: (v or b"").decode("utf-8", "replace") for k, v in record.headers}
@@ -207,9 +238,14 @@ class Filter:
             return False
         if self.ids and h.get(contract.H_ID) not in self.ids:
             return False
-        if self.max_attempts is not None and attempts_of(record.headers) >= self.max_attempts:
-            return False
-        return True
+        return not self.exhausted(record)
+
+    def matches_except_attempts(self, record: RecordLike) -> bool:
+        return Filter(self.group, self.error, self.event_type, self.key, self.ids).matches(record)
+
+    def exhausted(self, record: RecordLike) -> bool:
+        """Past the attempt limit: stays parked."""
+        return self.max_attempts is not None and attempts_of(record.headers) >= self.max_attempts
 
 
 # --------------------------------------------------------------------------- the batch a sink gets
@@ -287,3 +323,83 @@ async def send_all(producer: AIOKafkaProducer, records: Sequence[contract.Record
     except (KafkaError, asyncio.TimeoutError) as exc:
         raise DeadLetterUnavailable(f"Kafka did not acknowledge {len(records)} {what} "
                                     f"({type(exc).__name__}: {exc}); the batch is retried") from None
+
+
+# --------------------------------------------------------------------------- I/O: re-drive
+@dataclass
+class Redriven:
+    scanned: int = 0
+    redriven: int = 0
+    exhausted: int = 0  # matched but past the attempt limit: left parked
+    topics: tuple[str, ...] = ()
+
+
+async def topic_partitions(kafka: KafkaSettings, topics: Sequence[str], *, strict: bool = False) -> list[TopicPartition]:
+    """Every partition of the topics that exist (``strict``: a missing topic is an error)."""
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs())
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing and strict:
+            raise TopicMissing(f"topic {missing[0]} does not exist on Kafka at {kafka.bootstrap}")
+        present = [t for t in topics if t in existing]
+        described = await admin.describe_topics(present) if present else []
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
+    finally:
+        await admin.close()
+    return sorted((TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]),
+                  key=lambda tp: (tp.topic, tp.partition))
+
+
+async def redrive(kafka: KafkaSettings, topics: Sequence[str], flt: Filter, *, cursor_group: str,
+                  from_beginning: bool = False, dry_run: bool = False, strict: bool = False) -> Redriven:
+    """Send the parked records of ``topics`` (``*.dlq``) that match ``flt`` back to their topic.
+
+    Reads each partition from the cursor group's committed offset (or the beginning) up to the end
+    offset seen at start; produces the re-drives, waits for every acknowledgement, then commits
+    the cursor, so a record is re-driven at least once and, barring a crash, at most once.
+    """
+    result = Redriven(topics=tuple(topics))
+    consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=cursor_group, enable_auto_commit=False,
+                                auto_offset_reset="earliest", client_id="outbox-redrive", isolation_level="read_committed")
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
+    producer = None
+    try:
+        tps = await topic_partitions(kafka, topics, strict=strict)
+        if not tps:
+            return result
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        if from_beginning:
+            await consumer.seek_to_beginning(*tps)
+        pending = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
+        records: list[contract.Record] = []
+        while pending:
+            batches = await consumer.getmany(*pending, timeout_ms=1000)
+            for tp, part in batches.items():
+                for rec in part:
+                    if rec.offset >= ends[tp]:
+                        break
+                    result.scanned += 1
+                    if flt.exhausted(rec) and flt.matches_except_attempts(rec):
+                        result.exhausted += 1
+                    elif flt.matches(rec) and (back := redrive_record(rec)) is not None:
+                        records.append(back)
+            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+        if records and not dry_run:
+            producer = await start_producer(kafka, "outbox-redrive")
+            await send_all(producer, records, "re-driven records")
+        result.redriven = len(records)
+        if not dry_run:
+            await consumer.commit({tp: ends[tp] for tp in tps})
+        return result
+    finally:
+        if producer is not None:
+            await producer.stop()
+        await consumer.stop()

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.dlq import Batch, DeadLetters, for_group
+from consumers.dlq import Batch, DeadLetters, Filter, dlq_topic, for_group, redrive
 from outbox import metrics
 from outbox.config import KafkaSettings
 from outbox.contract import DLQ_SUFFIX, H_TIME
@@ -54,6 +54,9 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 LAG_EVERY = 1.0  # seconds between updates of the lag gauges (positions and high watermarks)
 POSITION_TIMEOUT = 0.2
+# Metadata of Kafka offsets committed by ``outbox replay``: on assignment such an offset wins over
+# the sink's own (a rewind the sink must follow); the loop's next commit clears it.
+REPLAY_MARK = "outbox-replay"
 FAULT_KILL_AFTER_SINK_COMMIT = "OUTBOX_FAULT_KILL_AFTER_SINK_COMMIT"  # see the module docstring
 
 
@@ -143,12 +146,27 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - Kafka's offsets are never ahead of the sink's: safe
             log.warning("cannot read the sink's offsets (%s); starting from Kafka's committed offsets", exc)
             stored = {}
+        rewound = await _rewind_markers(self._consumer, assigned)
+        if rewound:
+            log.info("rewound by outbox replay: %s", ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(rewound.items())))
+            stored = {**stored, **rewound}
         current = self._consumer.assignment()
         for tp, offset in stored.items():
             if tp in current:
                 self._consumer.seek(tp, offset)
         self._consumer.resume(*(tp for tp in assigned if tp in current))
         log.info("assigned %d partitions, %d positioned from the sink's offsets", len(assigned), len(stored))
+
+
+async def _rewind_markers(consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+    """Kafka offsets that ``outbox replay`` committed and no consumer has committed over since."""
+    try:
+        committed = await consumer._coordinator.fetch_committed_offsets(partitions)  # with their metadata
+    except (KafkaError, AttributeError) as exc:  # the sink's offsets stay the truth
+        log.warning("cannot read Kafka's committed offsets (%s); a pending outbox replay waits for the next assignment", exc)
+        return {}
+    return {tp: om.offset for tp, om in committed.items()
+            if om is not None and om.offset >= 0 and (om.metadata or "").startswith(REPLAY_MARK)}
 
 
 class Progress:
@@ -193,9 +211,15 @@ async def run_consumer(
     client_id: str = "outbox-consumer",
     progress: Progress | None = None,
     sink_name: str | None = None,
+    redrive_every: float | None = None,
+    redrive_max_attempts: int = 5,
     **consumer_options: Any,
 ) -> None:
-    """Feed ``sink`` from the topics matching ``pattern`` until ``stop`` is set."""
+    """Feed ``sink`` from the topics matching ``pattern`` until ``stop`` is set.
+
+    With ``redrive_every`` (minutes), the records this group parked are sent back to their topic
+    that often, until they have ``redrive_max_attempts`` attempts (consumers/dlq.py).
+    """
     kill_after = fault_kill_after(os.environ)
     consumer = await _start_consumer(kafka, group, client_id, batch_size, consumer_options)
     busy = asyncio.Lock()
@@ -204,9 +228,13 @@ async def run_consumer(
     stats = metrics.ConsumerMetrics(group, sink_name or getattr(sink, "name", type(sink).__name__.lower()))
     lag_updated = 0.0
     dead_letters = DeadLetters(kafka, group)
+    redriver: asyncio.Task[None] | None = None
     try:
         consumer.subscribe(pattern=pattern, listener=_SeekToStored(consumer, sink, busy))
         log.info("consumer group %s subscribed to /%s/", group, pattern)
+        if redrive_every:
+            redriver = asyncio.create_task(_redrive_periodically(consumer, kafka, group, redrive_every * 60,
+                                                                 redrive_max_attempts, stop, stats))
         backoff = BACKOFF_FIRST
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=batch_size)
@@ -256,6 +284,9 @@ async def run_consumer(
             lag_updated = await _update_lag(consumer, stats, lag_updated)
         progress.maybe_log(force=True)
     finally:
+        if redriver is not None:
+            redriver.cancel()
+            await asyncio.gather(redriver, return_exceptions=True)
         stats.close()
         await dead_letters.close()
         await consumer.stop()
@@ -370,6 +401,29 @@ async def run_pipelined(
         finally:
             await dead_letters.close()
             await consumer.stop()
+
+
+async def _redrive_periodically(consumer: AIOKafkaConsumer, kafka: KafkaSettings, group: str, every: float,
+                                max_attempts: int, stop: asyncio.Event, stats: metrics.ConsumerMetrics) -> None:
+    """Every ``every`` seconds: this group's dead letters back to their topics, up to the attempt limit."""
+    flt = Filter(group=group, max_attempts=max_attempts)
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+        if stop.is_set():
+            return
+        try:
+            existing = await consumer.topics()
+            topics = sorted(dlq_topic(t) for t in consumer.subscription() if dlq_topic(t) in existing)
+            done = await redrive(kafka, topics, flt, cursor_group=f"{group}.redrive")
+        except OutboxError as exc:  # not fatal: the next round tries again
+            log.warning("periodic re-drive failed: %s", exc.message)
+            continue
+        stats.redriven.inc(done.redriven)
+        stats.exhausted.inc(done.exhausted)
+        if done.redriven or done.exhausted:
+            log.info("re-drove %d dead letters of group %s; %d stay parked after %d attempts", done.redriven, group,
+                     done.exhausted, max_attempts)
 
 
 def fault_kill_after(environ: Mapping[str, str]) -> int | None:

@@ -428,4 +428,5 @@ async def run_readstore(settings: ReadStoreSettings, stop: asyncio.Event | None 
 
 async def _consume(settings: ReadStoreSettings, store: ReadStore, stop: asyncio.Event, progress: Progress) -> None:
     await run_consumer(settings.kafka, group=settings.group, pattern=topic_pattern(settings.topic_prefix), sink=store,
-                       stop=stop, batch_size=settings.batch_size, client_id="outbox-readstore", progress=progress)
+                       stop=stop, batch_size=settings.batch_size, client_id="outbox-readstore", progress=progress,
+                       redrive_every=settings.redrive_every, redrive_max_attempts=settings.redrive_max_attempts)

@@ -41,18 +41,18 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 
 
 def _register() -> None:
-    from consumers.cli import consume
+    from consumers.cli import consume, replay
+    from outbox.backfill import backfill
     from outbox.demo import demo
     from outbox.doctor import doctor
     from outbox.install import grant, install, uninstall
     from outbox.sandbox import dev
     from outbox.status import status
+    from outbox.crm_reference import crm
     from relay.cli import relay
 
-    from outbox.crm_reference import crm
-
     dev.add_command(crm)
-    for command in (dev, install, uninstall, grant, doctor, status, relay, consume, demo):
+    for command in (dev, install, uninstall, grant, doctor, status, relay, consume, backfill, replay, demo):
         cli.add_command(command)
 
 

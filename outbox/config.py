@@ -81,6 +81,12 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_table(value: str) -> str:
+    if not _QUALIFIED.match(value):
+        raise ValueError("must be SCHEMA.TABLE (unquoted identifiers)")
+    return value
+
+
 def _check_dsn(value: str) -> str:
     parse_dsn(value)
     return value
@@ -183,6 +189,21 @@ def metrics_options(func: F) -> F:
     return func
 
 
+def redrive_options(func: F) -> F:
+    """A consumer's periodic re-drive of its own dead letters (consumers/dlq.py)."""
+    options = [
+        click.option("--redrive-every", type=float, default=None, metavar="MINUTES",
+                     help="Every MINUTES, send the records this group parked in <topic>.dlq back to their topic "
+                          "[default: never; outbox replay --dlq does it by hand]."),
+        click.option("--redrive-max-attempts", type=int, default=5, show_default=True, metavar="N",
+                     help="A dead letter tried N times stays parked (counted in "
+                          "outbox_consumer_dead_letters_exhausted_total)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def dsn_option(func: F) -> F:
     return click.option(
         "--dsn", required=True, metavar="DSN",
@@ -196,12 +217,7 @@ class Capture(_Settings):
     table: str  # schema.table
     aggregate: str
 
-    @field_validator("table")
-    @classmethod
-    def _table(cls, v: str) -> str:
-        if not _QUALIFIED.match(v):
-            raise ValueError("must be SCHEMA.TABLE (unquoted identifiers)")
-        return v
+    _table = field_validator("table")(_check_table)
 
     @field_validator("aggregate")
     @classmethod
@@ -274,6 +290,8 @@ class ReadStoreSettings(_Settings):
     topic_prefix: str = contract.DEFAULT_TOPIC_PREFIX
     group: str = "outbox-readstore"
     batch_size: int = Field(default=2000, ge=1)
+    redrive_every: float | None = Field(default=None, gt=0)  # minutes; None: no periodic re-drive
+    redrive_max_attempts: int = Field(default=5, ge=1)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
 
@@ -336,6 +354,36 @@ class CrmWritebackSettings(_Settings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     _dsn = field_validator("dsn")(_check_dsn)
+
+class BackfillSettings(_Settings):
+    """``outbox backfill`` (outbox/backfill.py)."""
+
+    dsn: str
+    source_id: str
+    table: str
+    where: str | None = None
+    chunk_size: int = Field(default=2000, ge=1, le=1_000_000)
+    rate: int | None = Field(default=None, ge=1)  # rows per second; None: as fast as it goes
+    dry_run: bool = False
+    resume: bool = False
+
+    _dsn = field_validator("dsn")(_check_dsn)
+
+    _table = field_validator("table")(_check_table)
+
+
+class ReplaySettings(_Settings):
+    """``outbox replay`` (consumers/replay.py, consumers/dlq.py)."""
+
+    kafka: KafkaSettings
+    group: str | None = None
+    topics: tuple[str, ...] = ()
+    from_: str | None = None
+    dlq_topics: tuple[str, ...] = ()
+    filters: tuple[str, ...] = ()
+    yes: bool = False
+    force: bool = False
+    dry_run: bool = False
 
 
 def slot_name_for(dbname: str) -> str:

@@ -31,7 +31,7 @@ from outbox import contract
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
-REVISIONS = ("0001", "0002")  # migrations/store/versions, oldest first; install upgrades older ones
+REVISIONS = ("0001", "0002", "0003")  # migrations/store/versions, oldest first; install upgrades older ones
 HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"  # in schema outbox
 CAPTURE_FUNCTION = f"{contract.SCHEMA}.capture_change"

@@ -127,6 +127,12 @@ CONSUMER_DUPLICATES = Counter("outbox_consumer_duplicates_skipped_total",
 CONSUMER_REJECTED = Counter("outbox_consumer_events_rejected_total",
                             "Records parked in the dead-letter topic <topic>.dlq instead of applied (poison events, refused by the sink).",
                             ["group", "sink"])
+CONSUMER_REDRIVEN = Counter("outbox_consumer_dead_letters_redriven_total",
+                            "Dead letters the consumer's periodic re-drive (--redrive-every) sent back to their topic.",
+                            ["group", "sink"])
+CONSUMER_EXHAUSTED = Counter("outbox_consumer_dead_letters_exhausted_total",
+                             "Dead letters past --redrive-max-attempts, found by the periodic re-drive: they stay parked.",
+                             ["group", "sink"])
 CONSUMER_RETRIES = Counter("outbox_consumer_retries_total",
                            "Batches the sink could not apply for a retriable reason, fetched again after a backoff.",
                            ["group", "sink"])
@@ -234,6 +240,8 @@ class ConsumerMetrics:
         self.duplicates = CONSUMER_DUPLICATES.labels(group, sink)
         self.rejected = CONSUMER_REJECTED.labels(group, sink)
         self.retries = CONSUMER_RETRIES.labels(group, sink)
+        self.redriven = CONSUMER_REDRIVEN.labels(group, sink)
+        self.exhausted = CONSUMER_EXHAUSTED.labels(group, sink)
         self.apply_seconds = CONSUMER_APPLY.labels(group, sink)
         self.end_to_end = CONSUMER_END_TO_END.labels(group, sink)
         self.partitions: dict[tuple[str, int], PartitionState] = {}

@@ -116,6 +116,50 @@ async def delete_topics(bootstrap: str, prefix: str) -> None:
 
 
 @pytest.fixture
+def readstore_db(new_database: Callable[..., str]) -> str:
+    from consumers import readstore as rs
+
+    dsn = new_database("rs")
+    rs.migrate(dsn)
+    return dsn
+
+
+@pytest.fixture
+def group(kafka_bootstrap: str) -> Iterator[Callable[..., str]]:
+    """Factory of consumer group names of this test's own, deleted afterwards."""
+    made: list[str] = []
+
+    def make(name: str | None = None) -> str:
+        """A new group name, or ``name`` (a group the test makes some other way) to delete afterwards."""
+        made.append(name or f"g{uuid.uuid4().hex[:10]}")
+        return made[-1]
+
+    yield make
+
+    async def delete() -> None:
+        # aiokafka 0.14's admin client has no delete_consumer_groups: send DeleteGroups to each
+        # group's coordinator. Best effort: a group that never committed may be unknown.
+        from aiokafka.protocol.admin import DeleteGroupsRequest
+
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            for name in made:
+                try:
+                    node = await admin.find_coordinator(name)
+                    await admin._send_request_to_node(node, DeleteGroupsRequest([name]))
+                except Exception:  # noqa: BLE001
+                    pass
+        finally:
+            await admin.close()
+
+    if made:
+        asyncio.run(delete())
+
+
+@pytest.fixture
 def sandbox(servers: dict[str, str]) -> Iterator[Any]:
     """The test sandbox itself, for tests that stop Kafka or restart PostgreSQL; both run again afterwards."""
     if os.environ.get("OUTBOX_TEST_EXTERNAL") == "1":

@@ -40,6 +40,12 @@ FIGURES = [
     rf"^memory\s+relay RSS peak under load\s+{NUMBER} MB",
     *[rf"^crm\s+CRM sink at {f} failures\s+{NUMBER} events/s" for f in ("0%", "30%", r"30% \(Retry-After 0\)")],
     *[rf"^crm\s+calls retried at {f} failures\s+{NUMBER} %" for f in ("0%", "30%", r"30% \(Retry-After 0\)")],
+    rf"^backfill\s+backfill alone\s+{NUMBER} rows/s",
+    rf"^backfill\s+backfill with a concurrent writer\s+{NUMBER} rows/s",
+    rf"^backfill\s+writer during the backfill\s+{NUMBER} tx/s",
+    rf"^backfill\s+writer without a backfill\s+{NUMBER} tx/s",
+    rf"^replay\s+full replay into the read store\s+{NUMBER} s",
+    rf"^replay\s+full replay rate\s+{NUMBER} events/s",
     *[rf"^delivery\s+{mode} relay backlog throughput\s+{NUMBER} events/s" for mode in ("ALO", "EOS")],
     rf"^delivery\s+EOS / ALO throughput\s+{NUMBER} x",
     *[rf"^delivery\s+1k/s {mode} commit→{hop} {q}\s+{NUMBER} ms"
@@ -66,7 +72,7 @@ def test_quick_suite_prints_every_figure_and_cleans_up(servers: dict[str, str], 
     missing = [p for p in FIGURES if not re.search(p, proc.stdout, re.MULTILINE)]
     assert not missing, f"figure lines missing: {missing}\n{proc.stdout}"
     saved = sorted(p.name.split("-")[0] for p in tmp_path.glob("*-quick.json"))
-    assert saved == ["consumer", "crm", "delivery", "latency", "memory", "overhead", "relay"]
+    assert saved == ["backfill", "consumer", "crm", "delivery", "latency", "memory", "overhead", "relay", "replay"]
 
     with admin_conn() as conn:
         left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_%'").fetchall()

@@ -26,7 +26,7 @@ from outbox.config import KafkaSettings
 from outbox.demo import run_workload
 from relay.offsets import OffsetsCorrupt, OffsetsTopic, SourcePosition, encode_position
 from tests.integration.support import RelayProcess, install_pos, kcat_read, wait_for_records
-from tests.integration.test_readstore import entities, ev, group, readstore_db, run_until  # noqa: F401 (fixtures)
+from tests.integration.test_readstore import entities, ev, run_until  # group and readstore_db: tests/conftest.py
 from tests.integration.test_readstore import settings as rs_settings
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -136,45 +136,6 @@ def caught_up(dsn: str, group: str, ends: dict[TopicPartition, int]) -> Callable
         stored = stored_offsets(dsn, group)
         return all(stored.get(tp, 0) >= end for tp, end in ends.items())
     return check
-
-
-@pytest.fixture
-def readstore_db(new_database: Callable[..., str]) -> str:
-    dsn = new_database("rs")
-    rs.migrate(dsn)
-    return dsn
-
-
-@pytest.fixture
-def group(kafka_bootstrap: str) -> Iterator[Callable[[], str]]:
-    """Factory of consumer group names of this test's own, deleted afterwards."""
-    made: list[str] = []
-
-    def make() -> str:
-        made.append(f"g{uuid.uuid4().hex[:10]}")
-        return made[-1]
-
-    yield make
-
-    async def delete() -> None:
-        # aiokafka 0.14's admin client has no delete_consumer_groups: send DeleteGroups to each
-        # group's coordinator. Best effort: a group that never committed may be unknown.
-        from aiokafka.protocol.admin import DeleteGroupsRequest
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            for name in made:
-                try:
-                    node = await admin.find_coordinator(name)
-                    await admin._send_request_to_node(node, DeleteGroupsRequest([name]))
-                except Exception:  # noqa: BLE001
-                    pass
-        finally:
-            await admin.close()
-
-    if made:
-        asyncio.run(delete())
 
 
 def settings(dsn: str, bootstrap: str, prefix: str, group: str, batch_size: int = 2000) -> ReadStoreSettings:

@@ -70,3 +70,15 @@ def test_filter() -> None:
     assert dlq.Filter(ids=frozenset({"0b6f3c3e-5a4b-4d0e-9f3e-1f2a3b4c5d6e"})).matches(rec)
     assert not dlq.Filter(max_attempts=1).matches(rec)  # 1 attempt: at the limit
     assert dlq.Filter(max_attempts=2).matches(rec)
+
+
+def test_filter_parse() -> None:
+    import pytest
+
+    from outbox.errors import ConfigError
+
+    f = dlq.Filter.parse(["type=customer.*", "id=a", "id=b", "attempts-below=3", "error=DataError"], group="g")
+    assert f == dlq.Filter(group="g", error="DataError", event_type="customer.*", ids=frozenset({"a", "b"}), max_attempts=3)
+    for bad in ("type", "colour=red", "attempts-below=0"):
+        with pytest.raises(ConfigError, match="invalid --filter"):
+            dlq.Filter.parse([bad])

@@ -184,3 +184,10 @@ def test_topic_pattern_escapes_the_prefix() -> None:
 
     assert re.match(topic_pattern("a.b"), "a.b.customer")
     assert not re.match(topic_pattern("a.b"), "aXb.customer")
+
+
+def test_a_snapshot_is_applied_like_an_upsert_ordered_by_its_position() -> None:
+    rows = rows_by_id([event("1", "snapshot", 5, offset=0), event("1", "updated", 6, offset=1),
+                       event("2", "snapshot", 9, offset=2)])
+    assert rows["1"].event_type == "customer.updated" and rows["2"].event_type == "customer.snapshot"
+    assert not rows["2"].deleted
