@@ -30,6 +30,7 @@ from aiokafka import TopicPartition
 
 from consumers.crm_logic import (AUTH, OK, ORIGIN_CRM, PERMANENT, KeyScheduler, Mapping, MappingError, Pending,
                                  TokenBucket, backoff, classify_status, load_mappings, parse_retry_after)
+from consumers import sink_offsets
 from consumers.dlq import DeadLetter, DeadLetters, DeadLetterUnavailable, for_group
 from consumers.kafka import Progress, run_pipelined, stop_on_signals, topic_pattern
 from outbox import contract, dsn as dsnmod, metrics
@@ -142,31 +143,15 @@ CREATE TABLE IF NOT EXISTS crm_sink.ledger (
     at          timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (group_id, event_id)
 );
-CREATE TABLE IF NOT EXISTS crm_sink.consumer_offsets (
-    group_id    text NOT NULL,
-    topic       text NOT NULL,
-    partition   integer NOT NULL,
-    next_offset bigint NOT NULL,
-    updated_at  timestamptz NOT NULL,
-    PRIMARY KEY (group_id, topic, partition)
-);
-"""
+""" + sink_offsets.table_sql("crm_sink")
 SEEN = "SELECT event_id FROM crm_sink.ledger WHERE group_id = %s AND event_id = ANY(%s::text[])"
 RECORD = """
 INSERT INTO crm_sink.ledger (group_id, event_id, external_id, outcome)
 SELECT %s, u.event_id, u.external_id, u.outcome FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(event_id, external_id, outcome)
 ON CONFLICT DO NOTHING
 """
-SAVE_OFFSETS = """
-INSERT INTO crm_sink.consumer_offsets AS o (group_id, topic, partition, next_offset, updated_at)
-SELECT %s, u.topic, u.partition, u.next_offset, clock_timestamp()
-  FROM unnest(%s::text[], %s::int4[], %s::int8[]) AS u(topic, partition, next_offset)
-ON CONFLICT (group_id, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = EXCLUDED.updated_at
-"""
-LOAD_OFFSETS = """
-SELECT topic, partition, next_offset FROM crm_sink.consumer_offsets
- WHERE group_id = %s AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int4[]))
-"""
+SAVE_OFFSETS = sink_offsets.save_sql("crm_sink")
+LOAD_OFFSETS = sink_offsets.load_sql("crm_sink")
 
 
 class Ledger:
@@ -216,19 +201,14 @@ class Ledger:
         async with conn.transaction():
             if rows:
                 await conn.execute(RECORD, (self.group, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
-            if offsets:
-                tps = sorted(offsets)
-                await conn.execute(SAVE_OFFSETS, (self.group, [t for t, _ in tps], [p for _, p in tps],
-                                                  [offsets[tp] for tp in tps]))
+            await sink_offsets.save(conn, SAVE_OFFSETS, self.group, offsets)
 
     async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         conn = await self._connect()  # its own connection: this runs in Kafka's rebalance callback
         try:
-            rows = await (await conn.execute(LOAD_OFFSETS, (self.group, [tp.topic for tp in partitions],
-                                                             [tp.partition for tp in partitions]))).fetchall()
+            return await sink_offsets.load(conn, LOAD_OFFSETS, self.group, partitions)
         finally:
             await conn.close()
-        return {TopicPartition(t, p): o for t, p, o in rows}
 
 
 # --------------------------------------------------------------------------- the sink

@@ -30,6 +30,7 @@ from aiokafka.errors import KafkaError
 from psycopg import sql
 
 from consumers.crm_logic import ORIGIN_CRM, Mapping, load_mappings
+from consumers import sink_offsets
 from consumers.dlq import Batch, DeadLetter
 from consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals
 from outbox import contract, dsn as dsnmod
@@ -170,23 +171,10 @@ CREATE TABLE IF NOT EXISTS outbox_crm.applied (
     delivery_id text PRIMARY KEY,
     applied_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE TABLE IF NOT EXISTS outbox_crm.consumer_offsets (
-    group_id    text NOT NULL,
-    topic       text NOT NULL,
-    partition   integer NOT NULL,
-    next_offset bigint NOT NULL,
-    updated_at  timestamptz NOT NULL,
-    PRIMARY KEY (group_id, topic, partition)
-);
-"""
+""" + sink_offsets.table_sql("outbox_crm")
 CLAIM = "INSERT INTO outbox_crm.applied (delivery_id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING delivery_id"
-SAVE_OFFSETS = """
-INSERT INTO outbox_crm.consumer_offsets AS o (group_id, topic, partition, next_offset, updated_at)
-SELECT %s, u.topic, u.partition, u.next_offset, clock_timestamp()
-  FROM unnest(%s::text[], %s::int4[], %s::int8[]) AS u(topic, partition, next_offset)
-ON CONFLICT (group_id, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = EXCLUDED.updated_at
-"""
-LOAD_OFFSETS = "SELECT topic, partition, next_offset FROM outbox_crm.consumer_offsets WHERE group_id = %s"
+SAVE_OFFSETS = sink_offsets.save_sql("outbox_crm")
+LOAD_OFFSETS = sink_offsets.load_sql("outbox_crm")
 
 
 def update_statement(mapping: Mapping, columns: Sequence[str]) -> sql.Composed:
@@ -230,11 +218,9 @@ class Writeback:
     async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         conn = await self._connect()
         try:
-            rows = await (await conn.execute(LOAD_OFFSETS, (self.group,))).fetchall()
+            return await sink_offsets.load(conn, LOAD_OFFSETS, self.group, partitions)
         finally:
             await conn.close()
-        wanted = set(partitions)
-        return {tp: o for t, p, o in rows if (tp := TopicPartition(t, p)) in wanted}
 
     async def apply(self, batch: Batch) -> dict[str, int]:
         changes: list[tuple[Any, Change, Mapping]] = []
@@ -298,10 +284,7 @@ class Writeback:
                                                              f"{mapping.table} (records created in the CRM are not written back)"))
             if missing:  # parked before the transaction (and its offsets) commits
                 await batch.dead_letters.park(missing)
-            if offsets := batch.offsets:
-                tps = sorted(offsets)
-                await conn.execute(SAVE_OFFSETS, (self.group, [t for t, _ in tps], [p for _, p in tps],
-                                                  [offsets[tp] for tp in tps]))
+            await sink_offsets.save(conn, SAVE_OFFSETS, self.group, batch.offsets)
         return applied, len(missing)
 
 

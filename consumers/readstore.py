@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 from aiokafka import TopicPartition
 
+from consumers import sink_offsets
 from consumers.dlq import Batch, DeadLetter, DeadLetters, RecordLike
 from consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals, topic_pattern
 from outbox import contract, dsn as dsnmod
@@ -204,18 +205,8 @@ ON CONFLICT (source_id, aggregate_type, aggregate_id) DO UPDATE SET
  WHERE (e.commit_lsn, e.txseq) < (EXCLUDED.commit_lsn, EXCLUDED.txseq)
 """
 
-SAVE_OFFSETS = """
-INSERT INTO readstore.consumer_offsets AS o (group_id, topic, partition, next_offset, updated_at)
-SELECT %b, u.topic, u.partition, u.next_offset, clock_timestamp()
-  FROM unnest(%b::text[], %b::int4[], %b::int8[]) AS u(topic, partition, next_offset)
-ON CONFLICT (group_id, topic, partition) DO UPDATE SET
-       next_offset = EXCLUDED.next_offset, updated_at = EXCLUDED.updated_at
-"""
-
-LOAD_OFFSETS = """
-SELECT topic, partition, next_offset FROM readstore.consumer_offsets
- WHERE group_id = %b AND (topic, partition) IN (SELECT * FROM unnest(%b::text[], %b::int4[]))
-"""
+SAVE_OFFSETS = sink_offsets.save_sql("readstore")
+LOAD_OFFSETS = sink_offsets.load_sql("readstore")
 
 # What can heal by itself: a lost connection, a failover, a serialization failure or deadlock.
 _RETRIABLE = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
@@ -344,10 +335,7 @@ class ReadStore:
             if plan.rows:
                 await cur.execute(UPSERT, row_columns(plan.rows))
                 changed = cur.rowcount
-            if plan.offsets:
-                tps = sorted(plan.offsets)
-                await cur.execute(SAVE_OFFSETS, (self.group, [t for t, _ in tps], [p for _, p in tps],
-                                                 [plan.offsets[tp] for tp in tps]))
+            await sink_offsets.save(cur, SAVE_OFFSETS, self.group, plan.offsets)
         return changed
 
     async def _isolate(self, conn: psycopg.AsyncConnection[Any], plan: Plan) -> Plan:
