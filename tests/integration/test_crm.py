@@ -266,6 +266,15 @@ def test_sigkill_mid_batch_and_restart_creates_no_duplicates(
     processes.append(sink)
     wait_converged(store, crm, sink)
     assert_no_duplicates_and_key_order(crm)
+    # converged is the CRM's state; a retry of a call the CRM answered 500 after writing may still be
+    # in flight: let the sink record every write before it stops
+    deadline = time.time() + 60
+    while True:
+        with psycopg.connect(ledger, autocommit=True) as conn:
+            applied = conn.execute("SELECT count(*) FROM crm_sink.ledger WHERE outcome = 'applied'").fetchone()[0]  # type: ignore[index]
+        if applied >= crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0] or time.time() > deadline:
+            break
+        time.sleep(0.2)
     assert sink.terminate() == 0  # its last ledger flush (up to 0.2 s after the last call) is done on stop
     with psycopg.connect(ledger, autocommit=True) as conn:
         applied = conn.execute("SELECT count(*) FROM crm_sink.ledger WHERE outcome = 'applied'").fetchone()[0]  # type: ignore[index]
