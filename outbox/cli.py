@@ -48,10 +48,8 @@ def _register() -> None:
     from outbox.install import grant, install, uninstall
     from outbox.sandbox import dev
     from outbox.status import status
-    from outbox.crm_reference import crm
     from relay.cli import relay
 
-    dev.add_command(crm)
     for command in (dev, install, uninstall, grant, doctor, status, relay, consume, backfill, replay, demo):
         cli.add_command(command)
 

@@ -53,12 +53,13 @@ def default_map_for(command: click.Command, data: dict[str, Any], path: str, whe
             for opt in p.opts:
                 if opt.startswith("--"):
                     params[opt[2:].replace("-", "_")] = p.name
-    subcommands = command.commands if isinstance(command, click.Group) else {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
         name = f"{where}.{raw_key}" if where else raw_key
-        if raw_key in subcommands and isinstance(value, dict):
-            result[raw_key] = default_map_for(subcommands[raw_key], value, path, name)
+        sub = (command.get_command(click.Context(command), raw_key)
+               if isinstance(command, click.Group) and isinstance(value, dict) else None)
+        if sub is not None:
+            result[raw_key] = default_map_for(sub, value, path, name)
         elif key in params and not isinstance(value, dict):
             result[params[key]] = value
         else:

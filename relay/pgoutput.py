@@ -56,7 +56,7 @@ _MESSAGE = struct.Struct(">BQ")  # flags, LSN
 # --- CopyData from and to the walsender ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen __init__ costs 3x
 class XLogData:
     data_start: int
     wal_end: int
@@ -64,7 +64,7 @@ class XLogData:
     payload: memoryview | bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen __init__ costs 3x
 class Keepalive:
     wal_end: int
     send_time: int
@@ -102,14 +102,14 @@ def pg_now_us() -> int:
 # --- pgoutput messages -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen __init__ costs 3x
 class Begin:
     final_lsn: int  # LSN of the commit record; equals Commit.commit_lsn
     commit_time: int  # microseconds since 2000-01-01 UTC
     xid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen __init__ costs 3x
 class Commit:
     flags: int
     commit_lsn: int
@@ -151,7 +151,7 @@ class Type:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per event, and a frozen __init__ costs 3x
 class Insert:
     relation_id: int
     new: TupleData

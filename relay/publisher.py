@@ -4,7 +4,8 @@ Built on librdkafka (confluent-kafka): its per-message cost is a few microsecond
 aiokafka's ~13 µs, which was the largest share of the relay's CPU (docs/benchmarks.md).
 Delivery reports are served on the asyncio loop itself: ``poll(0)`` every ``POLL_EVERY_SENDS``
 records while sending, and from a small task every millisecond while anything is in flight.
-Each report calls its event's callback right there. A delivery-report thread (the usual
+Each report calls its event's callback right there, with librdkafka's own ``(err, msg)``: no
+wrapper object per event (the relay passes one callback per source transaction). A delivery-report thread (the usual
 pattern) made the loop and that thread fight over the GIL once per message: serving reports
 inline gave +65% events/s and 40% less RSS in the backlog benchmark (docs/benchmarks.md).
 """
@@ -14,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from functools import partial
 from typing import Any, Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -26,7 +26,7 @@ from outbox.errors import KafkaUnavailable, OutboxError
 log = logging.getLogger(__name__)
 librdkafka_log = logging.getLogger("librdkafka")
 
-AckCallback = Callable[[Exception | None], None]
+Report = Callable[[KafkaError | None, Any], None]  # librdkafka's delivery report: (error or None, message)
 POLL_EVERY_SENDS = 64  # serve delivery reports after this many records while sending
 POLL_BUSY = 0.001  # seconds between polls while records are in flight
 POLL_IDLE = 0.005  # ... and while nothing is
@@ -115,22 +115,29 @@ class Publisher:
         except KafkaException:
             return False
 
-    async def send(self, record: Record, on_done: AckCallback) -> None:
-        """Queue one record; waits only while librdkafka's queue is full (back-pressure)."""
+    def try_send(self, record: Record, report: Report) -> bool:
+        """Queue one record without waiting; False when librdkafka's queue is full (back-pressure).
+
+        ``report(err, msg)`` runs on the loop once Kafka acknowledged the record (``err`` None) or
+        gave up on it (:class:`DeliveryFailed` ``(err)`` says how).
+        """
         producer = self._producer
         assert producer is not None
-        report = partial(_delivered, on_done)
         self._sends += 1
         if self._sends % POLL_EVERY_SENDS == 0:
             self._poll(producer)
-        while True:
-            try:
-                producer.produce(record.topic, record.value, record.key, headers=record.headers, on_delivery=report)
-                return
-            except BufferError:  # queue full: let deliveries drain it
-                await asyncio.sleep(0.005)
-            except KafkaException as exc:
-                raise self._refused(record, exc) from None
+        try:
+            producer.produce(record.topic, record.value, record.key, headers=record.headers, on_delivery=report)
+            return True
+        except BufferError:  # queue full: deliveries must drain it first
+            return False
+        except KafkaException as exc:
+            raise self._refused(record, exc) from None
+
+    async def send(self, record: Record, report: Report) -> None:
+        """Queue one record; waits only while librdkafka's queue is full (back-pressure)."""
+        while not self.try_send(record, report):
+            await asyncio.sleep(0.005)
 
     async def flush(self, timeout: float) -> bool:
         """Wait for everything queued to be acknowledged; False when ``timeout`` ran out first."""
@@ -184,11 +191,6 @@ class Publisher:
         while True:
             self._poll(producer)
             await asyncio.sleep(POLL_BUSY if len(producer) else POLL_IDLE)
-
-
-def _delivered(on_done: AckCallback, err: KafkaError | None, _msg: Any) -> None:
-    """Called by ``poll`` on the loop: one event acknowledged (or failed)."""
-    on_done(None if err is None else DeliveryFailed(err))
 
 
 async def topic_max_bytes(kafka: KafkaSettings, topics: list[str], timeout: float = 10.0) -> dict[str, int]:

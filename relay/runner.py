@@ -14,7 +14,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Awaitable
+
+from confluent_kafka import KafkaError
 
 
 from outbox import contract, metrics
@@ -25,7 +27,7 @@ from relay import pgoutput
 from relay.backoff import Backoff
 from relay.events import RowReader
 from relay.positions import PositionTracker, Txn
-from relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, topic_max_bytes
+from relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, Report, topic_max_bytes
 from relay.replication import (ParkedEvent, Parker, ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, preflight,
                                purge_events)
 from relay.transactional import ExactlyOnce, exactly_once
@@ -68,6 +70,7 @@ class Relay:
         self._readers: dict[int, RowReader] = {}  # relation id -> reader of its rows
         self._txn: Txn | None = None
         self._txn_context: contract.TxnContext | None = None  # built at the transaction's first event
+        self._txn_report: Report | None = None  # the delivery report callback of the current transaction's events
         self._publisher: Publisher | None = None  # one per session
         self._stream: ReplicationStream | None = None
         self._streamed = False  # a session reached the stream at least once
@@ -223,30 +226,36 @@ class Relay:
                 messages = await self._stream.read(timeout=self._read_timeout())
                 if messages:
                     before = self.stats.events
+                    handle = self._handle
                     for message in messages:
-                        await self._handle(message)
+                        waiting = handle(message)
+                        if waiting is not None:  # Kafka's queue is full, or an event must be parked
+                            await waiting
                     if self.stats.events > before:
                         self.metrics.read_batch.observe(self.stats.events - before)
                 self._status()
         finally:
             stopping.cancel()
 
-    async def _handle(self, message: pgoutput.XLogData | pgoutput.Keepalive) -> None:
+    def _handle(self, message: pgoutput.XLogData | pgoutput.Keepalive) -> Awaitable[None] | None:
+        """Handle one message without waiting (the hot path: no coroutine per event); returns what must
+        be awaited before the next message when it cannot (Kafka's queue full, an event to park)."""
         if isinstance(message, pgoutput.Keepalive):
             self.tracker.keepalive(message.wal_end)
             if message.reply_requested:
                 self._status(force=True)
-            return
+            return None
         self.tracker.saw(message.data_start)
         decoded = pgoutput.decode(message.payload)
         if isinstance(decoded, pgoutput.Insert):
-            await self._publish(decoded)
-        elif isinstance(decoded, pgoutput.Begin):
+            return self._publish(decoded)
+        if isinstance(decoded, pgoutput.Begin):
             if not self.tracker.open_transactions:  # everything before this transaction is acknowledged
                 self._caught_up_to = max(self._caught_up_to, decoded.commit_time)
-            self._txn = self.tracker.begin(decoded.xid, decoded.final_lsn, decoded.commit_time)
+            txn = self._txn = self.tracker.begin(decoded.xid, decoded.final_lsn, decoded.commit_time)
             self._txn_context = None
-            self._skipping = self._eos is not None and self._eos.begin(self._txn)
+            self._txn_report = partial(self._on_report, self.tracker, txn)  # one callback for all its events
+            self._skipping = self._eos is not None and self._eos.begin(txn)
         elif isinstance(decoded, pgoutput.Commit):
             txn = self._txn
             assert txn is not None, "Commit without Begin"
@@ -262,16 +271,17 @@ class Relay:
         elif isinstance(decoded, pgoutput.Relation):
             self._readers[decoded.relation_id] = RowReader(decoded)
         # Type, Origin, Update, Delete, Truncate: the publication carries inserts only.
+        return None
 
-    async def _publish(self, insert: pgoutput.Insert) -> None:
+    def _publish(self, insert: pgoutput.Insert) -> Awaitable[None] | None:
         txn = self._txn
         assert txn is not None, "Insert outside a transaction"
         if self._skipping:  # exactly-once: a committed Kafka transaction already holds it
-            return
+            return None
         row = self._readers[insert.relation_id](insert.new)
         if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
             self._heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
-            return
+            return None
         context = self._txn_context
         if context is None:
             context = self._txn_context = contract.TxnContext.of(
@@ -285,17 +295,23 @@ class Relay:
                                 "nothing after it is confirmed (fix or delete the row's cause, then restart)") from None
         publisher = self._publisher
         assert publisher is not None
-        on_ack = partial(self._on_ack, self.tracker, txn, record.topic, row.id)
         limit = self._size_limits.get(record.topic)
         if limit is not None and contract.record_size(record) > limit:
-            await self._park(row, record, txn, seq, f"larger than max.message.bytes {limit} of topic {record.topic}")
-            return
+            return self._park(row, record, txn, seq, f"larger than max.message.bytes {limit} of topic {record.topic}")
+        report = self._txn_report
+        assert report is not None, "Insert before the transaction's Begin"
         try:
-            await publisher.send(record, on_ack)
+            if not publisher.try_send(record, report):
+                return self._send_when_room(record, report)
         except RecordTooLarge:
-            await self._park(row, record, txn, seq,
-                             f"larger than the producer's message.max.bytes {publisher.max_message_bytes}")
-            return
+            return self._park(row, record, txn, seq,
+                              f"larger than the producer's message.max.bytes {publisher.max_message_bytes}")
+        self.stats.events += 1
+        return None
+
+    async def _send_when_room(self, record: contract.Record, report: Report) -> None:
+        assert self._publisher is not None
+        await self._publisher.send(record, report)
         self.stats.events += 1
 
     async def _park(self, row: contract.OutboxRow, record: contract.Record, txn: Txn, seq: int, error: str) -> None:
@@ -307,37 +323,44 @@ class Relay:
                                                                size, error))
         marker = contract.parked_marker(record, error, txn.commit_lsn)
         assert self._publisher is not None
-        await self._publisher.send(marker, partial(self._on_ack, self.tracker, txn, marker.topic, row.id))
+        await self._publisher.send(marker, partial(self._on_report, self.tracker, txn))
         self.metrics.parked(record.topic)
         self.stats.parked += 1
         log.warning("event %s (%d bytes) of transaction %s is %s: parked in %s.%s, a marker sent to %s",
                     row.id, size, txn.xid, error, contract.SCHEMA, contract.PARKED_TABLE, marker.topic)
 
-    def _on_ack(self, tracker: PositionTracker, txn: Txn, topic: str, event_id: str, exc: Exception | None) -> None:
-        if tracker is not self.tracker or (isinstance(exc, DeliveryFailed) and exc.purged):
-            return  # the relay dropped it on purpose (stop, or a new session that replays it)
-        if exc is None:
+    def _on_report(self, tracker: PositionTracker, txn: Txn, err: KafkaError | None, msg: Any) -> None:
+        """librdkafka's delivery report for one event of ``txn`` (on the loop, from ``poll``)."""
+        if tracker is not self.tracker:
+            return  # a report from an earlier session: that session's positions are gone
+        if err is None:
             tracker.acked(txn)
-            self._acked[topic] += 1
+            self._acked[msg.topic()] += 1
             if not txn.pending and txn.end_lsn is not None and not txn.failed:
                 self._txn_acked(txn)
-        else:
-            tracker.failed(txn)
-            self.metrics.publish_errors.inc()
-            fatal = self._eos.fatal(exc) if self._eos is not None else None
-            if self._error is None and fatal is not None:  # fenced: stop, in one line
-                self._error = fatal
-            elif self._error is None:
-                if isinstance(exc, DeliveryFailed) and exc.too_large:  # the topic's limit is below the producer's
-                    self._oversized_topics.add(topic)
-                    self._error = KafkaOutage(f"Kafka refused event {event_id} of transaction {txn.xid} as too large "
-                                              f"for {topic}: reading its max.message.bytes, then replaying to park it")
-                elif isinstance(exc, DeliveryFailed) and exc.outage:
-                    self._kafka_reachable(False)
-                    self._error = KafkaOutage(f"Kafka did not take event {event_id} of transaction {txn.xid} in time "
-                                              f"({exc}); nothing after it was confirmed")
-                else:
-                    self._error = PublishFailed(f"Kafka refused event {event_id} of transaction {txn.xid}: {exc}")
+            self._progress.set()
+            return
+        exc = DeliveryFailed(err)
+        if exc.purged:
+            return  # the relay dropped it on purpose (stop, or a new session that replays it)
+        event_id = next((v.decode(errors="replace") for k, v in msg.headers() or () if k == contract.H_ID), "?")
+        topic = msg.topic()
+        tracker.failed(txn)
+        self.metrics.publish_errors.inc()
+        fatal = self._eos.fatal(exc) if self._eos is not None else None
+        if self._error is None and fatal is not None:  # fenced: stop, in one line
+            self._error = fatal
+        elif self._error is None:
+            if exc.too_large:  # the topic's limit is below the producer's
+                self._oversized_topics.add(topic)
+                self._error = KafkaOutage(f"Kafka refused event {event_id} of transaction {txn.xid} as too large "
+                                          f"for {topic}: reading its max.message.bytes, then replaying to park it")
+            elif exc.outage:
+                self._kafka_reachable(False)
+                self._error = KafkaOutage(f"Kafka did not take event {event_id} of transaction {txn.xid} in time "
+                                          f"({exc}); nothing after it was confirmed")
+            else:
+                self._error = PublishFailed(f"Kafka refused event {event_id} of transaction {txn.xid}: {exc}")
         self._progress.set()
 
     def _txn_acked(self, txn: Txn) -> None:

@@ -37,7 +37,7 @@ from outbox.errors import KafkaUnavailable, OutboxError
 from outbox.metrics import RelayMetrics
 from relay.offsets import OffsetsTopic, SourcePosition, encode_position
 from relay.positions import PositionTracker, Txn
-from relay.publisher import AckCallback, DeliveryFailed, Publisher, is_fenced, kafka_reason, librdkafka_log
+from relay.publisher import DeliveryFailed, Publisher, Report, is_fenced, kafka_reason, librdkafka_log
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class TransactionalPublisher(Publisher):
         self.sent_in_transaction = 0  # events for the open (or, while one commits, the next) Kafka transaction
         # While a commit runs the producer may not produce: records sent meanwhile wait here, in order,
         # for the next transaction, so reading and decoding the WAL go on during the commit.
-        self._held: deque[tuple[Record, AckCallback]] = deque()
+        self._held: deque[tuple[Record, Report]] = deque()
         self._holding = False
 
     async def start(self) -> None:
@@ -100,18 +100,19 @@ class TransactionalPublisher(Publisher):
                                    f"{kafka_reason(exc)} (the relay's user needs WRITE and DESCRIBE on the "
                                    "TransactionalId; the broker needs transaction.state.log.* settings it can meet)") from None
 
-    async def send(self, record: Record, on_done: AckCallback) -> None:
-        self.sent_in_transaction += 1
+    def try_send(self, record: Record, report: Report) -> bool:
         if self._holding:
-            self._held.append((record, on_done))
-            return
-        await self._produce(record, on_done)
+            self._held.append((record, report))
+        elif not self._produce(record, report):
+            return False
+        self.sent_in_transaction += 1
+        return True
 
-    async def _produce(self, record: Record, on_done: AckCallback) -> None:
+    def _produce(self, record: Record, report: Report) -> bool:
         if not self.in_transaction:
             self._call(self._producer.begin_transaction)  # type: ignore[union-attr]
             self.in_transaction = True
-        await super().send(record, on_done)
+        return super().try_send(record, report)
 
     def end_transaction(self, key: bytes, value: bytes, offsets_topic: str) -> None:
         """Add the position record: nothing sent from now on goes into this transaction; then :meth:`commit`.
@@ -135,8 +136,9 @@ class TransactionalPublisher(Publisher):
         await self._commit(producer)
         self.in_transaction = False
         while self._held:  # anything sent while these are produced queues behind them
-            record, on_done = self._held.popleft()
-            await self._produce(record, on_done)
+            record, report = self._held.popleft()
+            while not self._produce(record, report):  # queue full: let deliveries drain it
+                await asyncio.sleep(0.005)
         self._holding = False
 
     async def _commit(self, producer: Any) -> None:

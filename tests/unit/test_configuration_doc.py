@@ -18,8 +18,11 @@ MARKER = "<!-- generated from the CLI by tests/unit/test_configuration_doc.py: d
 
 def _commands(cmd: click.Command, path: list[str]) -> Iterator[tuple[list[str], click.Command]]:
     if isinstance(cmd, click.Group):
-        for name in sorted(cmd.commands):
-            yield from _commands(cmd.commands[name], path + [name])
+        ctx = click.Context(cmd)
+        for name in sorted(cmd.list_commands(ctx)):  # list_commands: lazily loaded ones too
+            sub = cmd.get_command(ctx, name)
+            assert sub is not None
+            yield from _commands(sub, path + [name])
     else:
         yield path, cmd
 
