@@ -8,9 +8,27 @@ from typing import Any
 import click
 
 from outbox.config import default_map_for, load_file
+from outbox.lazy import LazyGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# each package owns its commands; a command's module is imported only when it runs (outbox/lazy.py)
+COMMANDS = {
+    "dev": "outbox.sandbox:dev",
+    "install": "outbox.install:install",
+    "uninstall": "outbox.install:uninstall",
+    "grant": "outbox.install:grant",
+    "doctor": "outbox.doctor:doctor",
+    "status": "outbox.status:status",
+    "relay": "relay.cli:relay",
+    "consume": "consumers.cli:consume",
+    "backfill": "outbox.backfill:backfill",
+    "replay": "consumers.cli:replay",
+    "demo": "outbox.demo:demo",
+}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="OUTBOX_CONFIG",
               help="TOML file with one table per command ([relay], [install], [consume.readstore], ...). "
                    "Command-line options and OUTBOX_* environment variables override it.")
@@ -38,23 +56,6 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     if config_path:
         assert isinstance(ctx.command, click.Group)
         ctx.default_map = default_map_for(ctx.command, load_file(config_path), config_path)
-
-
-def _register() -> None:
-    from consumers.cli import consume, replay
-    from outbox.backfill import backfill
-    from outbox.demo import demo
-    from outbox.doctor import doctor
-    from outbox.install import grant, install, uninstall
-    from outbox.sandbox import dev
-    from outbox.status import status
-    from relay.cli import relay
-
-    for command in (dev, install, uninstall, grant, doctor, status, relay, consume, backfill, replay, demo):
-        cli.add_command(command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -75,6 +75,17 @@ def format_time(ts: datetime) -> str:
     return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@functools.lru_cache(maxsize=64)  # commit times of a stream of transactions share their second
+def _pg_second_text(second_since_2000: int) -> str:
+    return datetime.fromtimestamp(second_since_2000 + _PG_EPOCH_US // 1_000_000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
+def format_pg_time(us_since_2000: int) -> str:
+    """``format_time`` of a pgoutput timestamp, without building a datetime per transaction."""
+    second, us = divmod(us_since_2000, 1_000_000)
+    return f"{_pg_second_text(second)}{us:06d}Z"
+
+
 @functools.lru_cache(maxsize=4096)  # a handful of aggregate types, looked up for every event
 def topic_for(prefix: str, aggregate_type: str) -> str:
     if not _TOPIC_PART.match(aggregate_type) or len(prefix) + 1 + len(aggregate_type) > 249:
@@ -133,11 +144,13 @@ class TxnContext:
     shared: tuple[tuple[str, bytes], ...]
 
     @classmethod
-    def of(cls, *, source_id: str, prefix: str, commit_lsn: int, commit_time: datetime, xid: int) -> "TxnContext":
+    def of(cls, *, source_id: str, prefix: str, commit_lsn: int, commit_time: datetime | int, xid: int) -> "TxnContext":
+        """``commit_time``: a datetime, or a pgoutput timestamp (microseconds since 2000-01-01 UTC)."""
+        time_text = format_pg_time(commit_time) if isinstance(commit_time, int) else format_time(commit_time)
         return cls(prefix, f"{source_id}:", (
             (H_SPECVERSION, SPECVERSION.encode()),
             (H_SOURCE, source_for(source_id).encode()),
-            (H_TIME, format_time(commit_time).encode()),
+            (H_TIME, time_text.encode()),
             (H_CONTENT_TYPE, CONTENT_TYPE.encode()),
             (H_COMMIT_LSN, format_lsn(commit_lsn).encode()),
             (H_XID, str(xid).encode()),

@@ -37,6 +37,7 @@ from pathlib import Path
 import click
 
 from outbox.errors import SandboxError
+from outbox.lazy import LazyGroup
 
 KAFKA_VERSION = "4.1.1"
 DEFAULT_PG_PORT = 54329
@@ -949,25 +950,8 @@ _kafka_port_option = click.option(
 )
 
 
-class _LazyGroup(click.Group):
-    """A group whose heavy subcommands are imported only when used: ``dev crm`` pulls in aiohttp
-    (~0.1 s), which every other ``outbox`` command, the relay's start included, would pay for."""
-
-    LAZY = {"crm": "outbox.crm_reference:crm"}
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.LAZY})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.LAZY and cmd_name not in self.commands:
-            import importlib
-
-            module, attr = self.LAZY[cmd_name].split(":")
-            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
-        return super().get_command(ctx, cmd_name)
-
-
-@click.group(cls=_LazyGroup)
+# the reference CRM pulls in aiohttp (~0.1 s): imported only for "dev crm"
+@click.group(cls=LazyGroup, lazy={"crm": "outbox.crm_reference:crm"})
 def dev() -> None:
     """A local PostgreSQL 15 and Kafka (KRaft) for development, tests and the demo.
 

@@ -61,7 +61,7 @@ class XLogData:
     data_start: int
     wal_end: int
     send_time: int
-    payload: memoryview | bytes
+    payload: bytes
 
 
 @dataclass(slots=True)  # not frozen: built per event, and a frozen __init__ costs 3x
@@ -72,14 +72,15 @@ class Keepalive:
 
 
 def parse_copy_data(buf: bytes | memoryview) -> XLogData | Keepalive:
-    """One CopyData message of a START_REPLICATION stream. The payload is a view into ``buf``."""
+    """One CopyData message of a START_REPLICATION stream (the payload copied out of ``buf``)."""
     if not buf:
         raise ProtocolError("empty CopyData message")
     tag = buf[0]
     try:
         if tag == 0x77:  # 'w'
             data_start, wal_end, send_time = _XLOG.unpack_from(buf, 1)
-            return XLogData(data_start, wal_end, send_time, memoryview(buf)[25:])
+            payload = buf[25:]  # copied once here, so decode() need not
+            return XLogData(data_start, wal_end, send_time, payload if type(payload) is bytes else bytes(payload))
         if tag == 0x6B:  # 'k'
             if len(buf) != 18:
                 raise ProtocolError(f"primary keepalive message has {len(buf)} bytes, expected 18")

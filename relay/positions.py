@@ -49,7 +49,8 @@ class PositionTracker:
     def acked(self, txn: Txn) -> None:
         txn.pending -= 1
         self.in_flight -= 1
-        self._advance()
+        if not txn.pending:  # only the last acknowledgement of a transaction can let the front move
+            self._advance()
 
     def failed(self, txn: Txn) -> None:
         """Kafka refused an event: this transaction, and all after it, can never be confirmed."""

@@ -286,7 +286,7 @@ class Relay:
         if context is None:
             context = self._txn_context = contract.TxnContext.of(
                 source_id=self.settings.source_id, prefix=self.settings.topic_prefix, commit_lsn=txn.commit_lsn,
-                commit_time=contract.pg_timestamp_to_datetime(txn.commit_time), xid=txn.xid)
+                commit_time=txn.commit_time, xid=txn.xid)
         seq = self.tracker.sent(txn)  # counted as sent: never confirmed if what follows fails
         try:
             record = context.record(row, seq)

@@ -71,6 +71,12 @@ def test_lsn_text_form() -> None:
     assert contract.pg_timestamp_to_datetime(0) == datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
+def test_pgoutput_commit_times_format_as_their_datetimes_do() -> None:
+    for us in (0, 1, 999_999, 1_000_000, 817_254_245_123_456, 817_254_245_000_000, -1, -86_400_000_001):
+        assert contract.format_pg_time(us) == contract.format_time(contract.pg_timestamp_to_datetime(us)), us
+    assert contract.format_pg_time(817_254_245_000_007) == "2025-11-23T23:04:05.000007Z"
+
+
 def test_a_parked_event_leaves_a_small_marker_with_its_headers_and_no_payload() -> None:
     from outbox.contract import OutboxRow, TxnContext, parked_marker, record_size
 
