@@ -302,17 +302,26 @@ class Relay:
         assert report is not None, "Insert before the transaction's Begin"
         try:
             if not publisher.try_send(record, report):
-                return self._send_when_room(record, report)
+                return self._send_when_room(row, record, txn, seq, report)
         except RecordTooLarge:
-            return self._park(row, record, txn, seq,
-                              f"larger than the producer's message.max.bytes {publisher.max_message_bytes}")
+            return self._park_too_large(row, record, txn, seq)
         self.stats.events += 1
         return None
 
-    async def _send_when_room(self, record: contract.Record, report: Report) -> None:
+    async def _send_when_room(self, row: contract.OutboxRow, record: contract.Record, txn: Txn, seq: int,
+                              report: Report) -> None:
         assert self._publisher is not None
-        await self._publisher.send(record, report)
+        try:
+            await self._publisher.send(record, report)
+        except RecordTooLarge:  # librdkafka checks the size before the queue, but be sure
+            await self._park_too_large(row, record, txn, seq)
+            return
         self.stats.events += 1
+
+    def _park_too_large(self, row: contract.OutboxRow, record: contract.Record, txn: Txn, seq: int) -> Awaitable[None]:
+        assert self._publisher is not None
+        return self._park(row, record, txn, seq,
+                          f"larger than the producer's message.max.bytes {self._publisher.max_message_bytes}")
 
     async def _park(self, row: contract.OutboxRow, record: contract.Record, txn: Txn, seq: int, error: str) -> None:
         """Kafka will never take this event: keep the whole row in outbox.parked (before anything past it
