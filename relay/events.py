@@ -1,9 +1,11 @@
-"""From a decoded outbox.events row to the contract's OutboxRow. Pure."""
+"""From an outbox.events row as pgoutput sent it to the contract's RawRow. Pure."""
 from __future__ import annotations
 
 from operator import itemgetter
 
-from outbox.contract import ContractError, OutboxRow
+from collections.abc import Sequence
+
+from outbox.contract import ContractError, RawRow
 from relay import pgoutput
 
 REQUIRED = ("id", "aggregatetype", "aggregateid", "type", "payload")
@@ -11,7 +13,7 @@ OPTIONAL = ("origin", "traceparent")
 
 
 class RowReader:
-    """Reads OutboxRows straight from the value tuples of one relation (outbox.events).
+    """Reads RawRows straight from the undecoded values of one relation (outbox.events).
 
     Built once per Relation message: the column positions are looked up then, so each row
     costs one ``itemgetter`` call instead of a column-name dict (the relay's hot path).
@@ -29,9 +31,9 @@ class RowReader:
         self._names = wanted
         self._get = itemgetter(*(names.index(c) for c in wanted))
         self._width = len(names)
-        self._positional = len(wanted) == len(REQUIRED) + len(OPTIONAL)  # OutboxRow's field order
+        self._positional = len(wanted) == len(REQUIRED) + len(OPTIONAL)  # RawRow's field order
 
-    def __call__(self, values: pgoutput.TupleData) -> OutboxRow:
+    def __call__(self, values: Sequence[pgoutput.RawValue]) -> RawRow:
         if len(values) != self._width:
             raise pgoutput.ProtocolError(f"tuple has {len(values)} values but outbox.events has {self._width} columns")
         picked = self._get(values)
@@ -41,6 +43,6 @@ class RowReader:
                    if value is pgoutput.UNCHANGED_TOAST or (value is None and name in REQUIRED)]
             raise ContractError(f"outbox row lacks {', '.join(bad)}")
         if self._positional:
-            return OutboxRow(*picked)
-        return OutboxRow(**dict(zip(self._names, picked)))
+            return RawRow(*picked)
+        return RawRow(**dict(zip(self._names, picked)))
 

@@ -15,7 +15,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeVar
 
 
 class ProtocolError(ValueError):
@@ -35,6 +35,8 @@ UNCHANGED_TOAST: Final = Unchanged.TOAST
 
 Value: TypeAlias = str | bytes | None | Unchanged
 TupleData: TypeAlias = tuple[Value, ...]
+# A column value as sent, undecoded: text as UTF-8 bytes, a binary-format value as a bytearray
+RawValue: TypeAlias = bytes | bytearray | None | Unchanged
 
 _PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01T00:00:00Z in microseconds since the Unix epoch
 
@@ -219,6 +221,21 @@ def decode(payload: bytes | memoryview) -> Message:
     decoder = _DECODERS.get(buf[0])
     if decoder is None:
         raise ProtocolError(_unknown(buf[0]))
+    return _checked(decoder, buf)
+
+
+def decode_insert(payload: bytes) -> tuple[int, list[RawValue]]:
+    """An Insert's relation id and new tuple, its text values left as UTF-8 bytes (the relay's hot
+    path: an outbox row's values go to Kafka as bytes, so decoding them to str would be undone)."""
+    if not payload or payload[0] != 0x49:  # 'I'
+        raise ProtocolError(f"expected an Insert, got {_name(payload[0]) if payload else 'an empty message'}")
+    return _checked(_insert_raw, payload)
+
+
+_T = TypeVar("_T")
+
+
+def _checked(decoder: Callable[[bytes], tuple[_T, int]], buf: bytes) -> _T:
     try:
         message, end = decoder(buf)
     except ProtocolError:
@@ -253,11 +270,11 @@ def _string(buf: bytes, pos: int) -> tuple[str, int]:
     return buf[pos:end].decode(), end + 1
 
 
-def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
+def _raw_tuple(buf: bytes, pos: int) -> tuple[list[RawValue], int]:
     (count,) = _H.unpack_from(buf, pos)
     pos += 2
     size = len(buf)
-    values: list[Value] = []
+    values: list[RawValue] = []
     append = values.append
     for _ in range(count):
         kind = buf[pos]
@@ -266,7 +283,7 @@ def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
             pos = start + _I.unpack_from(buf, pos + 1)[0]
             if pos > size:
                 raise IndexError
-            append(buf[start:pos].decode())
+            append(buf[start:pos])
         elif kind == 0x6E:  # 'n' null
             append(None)
             pos += 1
@@ -278,10 +295,20 @@ def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
             pos = start + _I.unpack_from(buf, pos + 1)[0]
             if pos > size:
                 raise IndexError
-            append(buf[start:pos])
+            append(bytearray(buf[start:pos]))
         else:
             raise ProtocolError(f"unknown tuple column kind {_name(kind)}")
-    return tuple(values), pos
+    return values, pos
+
+
+def _decoded(raw: list[RawValue]) -> TupleData:
+    """Text values decoded to str, binary ones as bytes."""
+    return tuple(v.decode() if type(v) is bytes else bytes(v) if type(v) is bytearray else v for v in raw)
+
+
+def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
+    raw, pos = _raw_tuple(buf, pos)
+    return _decoded(raw), pos
 
 
 def _begin(buf: bytes) -> tuple[Message, int]:
@@ -322,12 +349,17 @@ def _type(buf: bytes) -> tuple[Message, int]:
     return Type(type_oid, namespace, name), pos
 
 
-def _insert(buf: bytes) -> tuple[Message, int]:
+def _insert_raw(buf: bytes) -> tuple[tuple[int, list[RawValue]], int]:
     relation_id, kind = _REL_ID_KIND.unpack_from(buf, 1)
     if kind != 0x4E:  # 'N'
         raise ProtocolError(f"Insert: expected 'N' before the new tuple, got {_name(kind)}")
-    new, pos = _tuple(buf, 6)
-    return Insert(relation_id, new), pos
+    new, pos = _raw_tuple(buf, 6)
+    return (relation_id, new), pos
+
+
+def _insert(buf: bytes) -> tuple[Message, int]:
+    (relation_id, raw), pos = _insert_raw(buf)
+    return Insert(relation_id, _decoded(raw)), pos
 
 
 def _update(buf: bytes) -> tuple[Message, int]:

@@ -38,6 +38,7 @@ RECONNECT_INITIAL = 0.5  # seconds before the first reconnect attempt; doubles u
 RECONNECT_CAP = 30.0
 SLOT_BUSY_GRACE = 120.0  # after a reconnect, how long "slot in use" may be our own old walsender
 STATUS_EVERY = 1.0  # seconds between status updates while the confirmed position moves
+HEARTBEAT_TYPE = contract.HEARTBEAT_TYPE.encode()  # compared with rows as read from the WAL (bytes)
 PURGE_EVERY = 60.0  # seconds between purges of old rows from outbox.events
 PROGRESS_EVERY = 30.0  # seconds between progress log lines
 MONITOR_EVERY = 10.0  # seconds between samples of pg_replication_slots and checks of Kafka
@@ -246,9 +247,10 @@ class Relay:
                 self._status(force=True)
             return None
         self.tracker.saw(message.data_start)
-        decoded = pgoutput.decode(message.payload)
-        if isinstance(decoded, pgoutput.Insert):
-            return self._publish(decoded)
+        payload = message.payload
+        if payload[0] == 0x49:  # 'I': an outbox row, the hot path (its values stay bytes)
+            return self._publish(*pgoutput.decode_insert(payload))
+        decoded = pgoutput.decode(payload)
         if isinstance(decoded, pgoutput.Begin):
             if not self.tracker.open_transactions:  # everything before this transaction is acknowledged
                 self._caught_up_to = max(self._caught_up_to, decoded.commit_time)
@@ -273,13 +275,16 @@ class Relay:
         # Type, Origin, Update, Delete, Truncate: the publication carries inserts only.
         return None
 
-    def _publish(self, insert: pgoutput.Insert) -> Awaitable[None] | None:
+    def _publish(self, relation_id: int, values: list[pgoutput.RawValue]) -> Awaitable[None] | None:
         txn = self._txn
         assert txn is not None, "Insert outside a transaction"
         if self._skipping:  # exactly-once: a committed Kafka transaction already holds it
             return None
-        row = self._readers[insert.relation_id](insert.new)
-        if row.type == contract.HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
+        reader = self._readers.get(relation_id)
+        if reader is None:
+            raise pgoutput.ProtocolError(f"Insert for relation {relation_id} before its Relation message")
+        row = reader(values)
+        if row.type == HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
             self._heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
             return None
         context = self._txn_context
@@ -289,9 +294,9 @@ class Relay:
                 commit_time=txn.commit_time, xid=txn.xid)
         seq = self.tracker.sent(txn)  # counted as sent: never confirmed if what follows fails
         try:
-            record = context.record(row, seq)
+            record = context.record_raw(row, seq)
         except contract.ContractError as exc:
-            raise PublishFailed(f"event {row.id} of transaction {txn.xid} cannot be published: {exc}; "
+            raise PublishFailed(f"event {row.id.decode()} of transaction {txn.xid} cannot be published: {exc}; "
                                 "nothing after it is confirmed (fix or delete the row's cause, then restart)") from None
         publisher = self._publisher
         assert publisher is not None
@@ -308,7 +313,7 @@ class Relay:
         self.stats.events += 1
         return None
 
-    async def _send_when_room(self, row: contract.OutboxRow, record: contract.Record, txn: Txn, seq: int,
+    async def _send_when_room(self, row: contract.RawRow, record: contract.Record, txn: Txn, seq: int,
                               report: Report) -> None:
         assert self._publisher is not None
         try:
@@ -318,25 +323,25 @@ class Relay:
             return
         self.stats.events += 1
 
-    def _park_too_large(self, row: contract.OutboxRow, record: contract.Record, txn: Txn, seq: int) -> Awaitable[None]:
+    def _park_too_large(self, row: contract.RawRow, record: contract.Record, txn: Txn, seq: int) -> Awaitable[None]:
         assert self._publisher is not None
         return self._park(row, record, txn, seq,
                           f"larger than the producer's message.max.bytes {self._publisher.max_message_bytes}")
 
-    async def _park(self, row: contract.OutboxRow, record: contract.Record, txn: Txn, seq: int, error: str) -> None:
+    async def _park(self, row: contract.RawRow, record: contract.Record, txn: Txn, seq: int, error: str) -> None:
         """Kafka will never take this event: keep the whole row in outbox.parked (before anything past it
         is confirmed) and send a small marker to ``<topic>.dlq`` in its place; its acknowledgement
         stands for the event's."""
         size = contract.record_size(record)
-        await asyncio.to_thread(self._parker.park, ParkedEvent(row, record.topic, txn.commit_lsn, txn.xid, seq,
-                                                               size, error))
+        await asyncio.to_thread(self._parker.park, ParkedEvent(row.decoded(), record.topic, txn.commit_lsn, txn.xid,
+                                                               seq, size, error))
         marker = contract.parked_marker(record, error, txn.commit_lsn)
         assert self._publisher is not None
         await self._publisher.send(marker, partial(self._on_report, self.tracker, txn))
         self.metrics.parked(record.topic)
         self.stats.parked += 1
         log.warning("event %s (%d bytes) of transaction %s is %s: parked in %s.%s, a marker sent to %s",
-                    row.id, size, txn.xid, error, contract.SCHEMA, contract.PARKED_TABLE, marker.topic)
+                    row.id.decode(), size, txn.xid, error, contract.SCHEMA, contract.PARKED_TABLE, marker.topic)
 
     def _on_report(self, tracker: PositionTracker, txn: Txn, err: KafkaError | None, msg: Any) -> None:
         """librdkafka's delivery report for one event of ``txn`` (on the loop, from ``poll``)."""
