@@ -112,9 +112,10 @@ class Position:
         return f"{format_lsn(self.commit_lsn)}#{self.seq}"
 
 
-@dataclass(slots=True)  # not frozen: built per event, and a frozen __init__ costs 3x
+@dataclass(frozen=True, slots=True)
 class OutboxRow:
-    """One row of outbox.events as it arrives from the WAL (values as PostgreSQL text)."""
+    """One row of outbox.events, values as text. The relay reads rows as :class:`RawRow` (bytes);
+    this is their decoded form, for parking and for tools and tests that build records."""
 
     id: str
     aggregatetype: str

@@ -1,9 +1,8 @@
 """From an outbox.events row as pgoutput sent it to the contract's RawRow. Pure."""
 from __future__ import annotations
 
-from operator import itemgetter
-
 from collections.abc import Sequence
+from operator import itemgetter
 
 from outbox.contract import ContractError, RawRow
 from relay import pgoutput

@@ -154,7 +154,7 @@ class Type:
     name: str
 
 
-@dataclass(slots=True)  # not frozen: built per event, and a frozen __init__ costs 3x
+@dataclass(frozen=True, slots=True)  # the relay's hot path uses decode_insert, not this
 class Insert:
     relation_id: int
     new: TupleData

@@ -93,3 +93,21 @@ def test_a_parked_event_leaves_a_small_marker_with_its_headers_and_no_payload() 
     assert headers["dlq_error"] == b"Broker: Message size too large" and headers["dlq_lsn"] == b"0/16B3748"
     assert int(headers["dlq_size"]) == record_size(record) > 5_000_000
     assert record_size(marker) < 2_000
+
+
+def test_a_row_read_from_the_wal_as_bytes_makes_the_same_record_as_its_text_form() -> None:
+    from outbox.contract import RawRow, TxnContext
+
+    text = OutboxRow(id="0b6e7f5c-0000-4000-8000-000000000001", aggregatetype="customer", aggregateid="7:ü",
+                     type="customer.updated", payload='{"name": "Grüße ☃"}', origin="crm", traceparent=None)
+    raw = text.encoded()
+    assert raw == RawRow(text.id.encode(), b"customer", "7:ü".encode(), b"customer.updated",
+                         '{"name": "Grüße ☃"}'.encode(), b"crm", None)
+    assert raw.decoded() == text
+    context = TxnContext.of(source_id="s1", prefix="p", commit_lsn=0x16B3748, commit_time=817_254_245_000_007, xid=42)
+    assert context.record_raw(raw, 2) == context.record(text, 2)
+    record = context.record_raw(raw, 2)
+    assert record.topic == "p.customer" and record.key == "s1:7:ü".encode() and record.value == raw.payload
+    assert dict(record.headers)["ce_time"] == b"2025-11-23T23:04:05.000007Z"
+    with pytest.raises(ContractError, match="cannot name a Kafka topic"):
+        context.record_raw(RawRow(b"1", b"bad topic", b"7", b"x", b"{}"), 0)

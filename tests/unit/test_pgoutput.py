@@ -32,6 +32,7 @@ from relay.pgoutput import (
     Value,
     XLogData,
     decode,
+    decode_insert,
     parse_copy_data,
     pg_now_us,
     relation_row,
@@ -187,6 +188,10 @@ def test_real_insert_text_and_binary() -> None:
         "note": None,
         "feeling": "élan",
     }
+    # the relay's path: the same values, undecoded (text as the UTF-8 bytes PostgreSQL sent)
+    relation_id, raw = decode_insert(MESSAGES["insert/3:I"])
+    assert relation_id == insert.relation_id
+    assert raw == [v.encode() if isinstance(v, str) else v for v in insert.new]
     binary = m("insert_binary/3:I")
     assert isinstance(binary, Insert)
     assert binary.new[0] == b"\x00\x00\x00\x01"
@@ -369,3 +374,15 @@ def test_relation_row() -> None:
     assert row["body"] is UNCHANGED_TOAST
     with pytest.raises(ProtocolError, match="2 columns"):
         relation_row(relation, ("1",))
+
+
+def test_decode_insert_refuses_what_decode_refuses() -> None:
+    message = MESSAGES["insert/3:I"]
+    with pytest.raises(ProtocolError, match="truncated pgoutput message 'I'"):
+        decode_insert(message[:-3])
+    with pytest.raises(ProtocolError, match="2 unexpected trailing bytes"):
+        decode_insert(message + b"xx")
+    with pytest.raises(ProtocolError, match="expected an Insert, got 'B'"):
+        decode_insert(b"B" + message[1:])
+    with pytest.raises(ProtocolError, match="empty"):
+        decode_insert(b"")
