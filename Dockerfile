@@ -3,7 +3,7 @@
 FROM python:3.11-slim
 WORKDIR /src
 COPY . .
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN pip install --no-cache-dir '.[relay,consumers,admin]' && rm -rf /src
 WORKDIR /
 USER nobody
 CMD ["outbox", "--help"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from outbox.demo import drop_database
+from outbox.dev.demo import drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(os.environ.get("OUTBOX_BENCH_RESULTS") or ROOT / "bench" / "results")
@@ -63,7 +63,7 @@ INSERT_EVENTS_SQL = (
 def ensure_servers(say: Any = None) -> dict[str, str]:
     """The servers to use: those named in the environment, else the developer sandbox (started)."""
     if not any(os.environ.get(v) for v in SERVER_VARS):
-        from outbox.sandbox import Sandbox
+        from outbox.dev.sandbox import Sandbox
 
         sandbox = Sandbox()
         sandbox.up()
@@ -456,7 +456,7 @@ def machine() -> dict[str, Any]:
             "SELECT name, setting FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers',"
             " 'wal_level', 'max_wal_size')").fetchall())
     with contextlib.suppress(Exception):
-        from outbox.sandbox import KAFKA_VERSION
+        from outbox.dev.sandbox import KAFKA_VERSION
 
         info["kafka"] = f"{KAFKA_VERSION} (sandbox jars; broker not asked)"
     with contextlib.suppress(Exception):

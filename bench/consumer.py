@@ -68,7 +68,7 @@ async def _applied(conn: psycopg.AsyncConnection[Any], group: str) -> int:
 
 
 async def run(quick: bool, events: int | None = None, runs: int | None = None) -> Result:
-    from consumers.readstore import migrate, run_readstore
+    from outbox.consumers.readstore import migrate, run_readstore
     from outbox.config import KafkaSettings, ReadStoreSettings
 
     n = events or (10_000 if quick else 100_000)

@@ -78,7 +78,7 @@ async def _done(conn: psycopg.AsyncConnection[Any], group: str) -> int:
 
 
 async def _one_run(scratch: Scratch, prefix: str, n: int, label: str, i: int) -> dict[str, Any]:
-    from consumers.crm import run_crm
+    from outbox.consumers.crm import run_crm
     from outbox.config import CrmSinkSettings, KafkaSettings
 
     url, crm_db = await asyncio.to_thread(_start_crm, scratch, i)

@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 
-from relay.pgoutput import Insert, decode, parse_copy_data
+from outbox.relay.pgoutput import Insert, decode, parse_copy_data
 
 
 def insert_message() -> bytes:

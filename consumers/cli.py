@@ -17,7 +17,7 @@ from outbox.config import (KafkaSettings, ReadStoreSettings, ReplaySettings, bui
 def _print_sql(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from consumers.readstore import migration_sql
+    from outbox.consumers.readstore import migration_sql
 
     click.echo(migration_sql(), nl=False)
     ctx.exit(0)
@@ -52,7 +52,7 @@ def readstore(**params: Any) -> None:
     hides them). Records that break the event contract are parked in <topic>.dlq. SIGTERM or
     SIGINT finishes the current batch and exits 0. See docs/readstore.md.
     """
-    from consumers import readstore as rs
+    from outbox.consumers import readstore as rs
     from outbox import metrics
 
     migrate = params.pop("migrate")
@@ -66,7 +66,7 @@ def readstore(**params: Any) -> None:
 
 
 def _secret(env: str, path: str | None, what: str) -> str | None:
-    from outbox.crm_reference import read_secret
+    from outbox.dev.crm_reference import read_secret
 
     return read_secret(env, path, what)
 
@@ -114,7 +114,7 @@ def crm(**params: Any) -> None:
     (origin crm) are not sent back. SIGTERM or SIGINT ends the calls in flight and exits 0.
     See docs/crm.md.
     """
-    from consumers.crm import run_crm
+    from outbox.consumers.crm import run_crm
     from outbox import metrics
     from outbox.config import CrmSinkSettings
 
@@ -143,7 +143,7 @@ def crm_webhook(**params: Any) -> None:
     A notification is answered 204 only after Kafka acknowledged it (acks=all); 503 otherwise,
     and the CRM retries. See docs/crm.md.
     """
-    from consumers.crm_inbound import run_webhook_receiver
+    from outbox.consumers.crm_inbound import run_webhook_receiver
     from outbox.config import CrmWebhookSettings
 
     kafka = build(KafkaSettings, **kafka_from_params(params))
@@ -172,7 +172,7 @@ def crm_writeback(**params: Any) -> None:
     CRM sink does not send them back. A notification applied once is never applied again.
     See docs/crm.md.
     """
-    from consumers.crm_inbound import run_writeback
+    from outbox.consumers.crm_inbound import run_writeback
     from outbox import metrics
     from outbox.config import CrmWritebackSettings
 
@@ -213,7 +213,7 @@ def replay(**params: Any) -> None:
     Sinks that keep their own offsets (the read store) follow the rewind too. Replayed and
     re-driven events keep their ce_id. See docs/backfill.md.
     """
-    from consumers import replay as rp
+    from outbox.consumers import replay as rp
 
     kafka = build(KafkaSettings, **kafka_from_params(params))
     s = build(ReplaySettings, kafka=kafka, **params)
@@ -233,8 +233,8 @@ def replay(**params: Any) -> None:
 
 
 def _redrive(s: ReplaySettings) -> None:
-    from consumers import dlq
-    from consumers.replay import confirm
+    from outbox.consumers import dlq
+    from outbox.consumers.replay import confirm
 
     bad = [t for t in s.dlq_topics if not t.endswith(contract.DLQ_SUFFIX)]
     if bad:

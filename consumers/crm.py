@@ -28,11 +28,11 @@ import psycopg
 from aiohttp import ClientConnectionError, ClientError, ClientSession, ClientTimeout, TCPConnector
 from aiokafka import TopicPartition
 
-from consumers.crm_logic import (AUTH, OK, ORIGIN_CRM, PERMANENT, KeyScheduler, Mapping, MappingError, Pending,
+from outbox.consumers.crm_logic import (AUTH, OK, ORIGIN_CRM, PERMANENT, KeyScheduler, Mapping, MappingError, Pending,
                                  TokenBucket, backoff, classify_status, load_mappings, parse_retry_after)
-from consumers import sink_offsets
-from consumers.dlq import DeadLetter, DeadLetters, DeadLetterUnavailable, for_group
-from consumers.kafka import Progress, run_pipelined, stop_on_signals, topic_pattern
+from outbox.consumers import sink_offsets
+from outbox.consumers.dlq import DeadLetter, DeadLetters, DeadLetterUnavailable, for_group
+from outbox.consumers.kafka import Progress, run_pipelined, stop_on_signals, topic_pattern
 from outbox import contract, dsn as dsnmod, metrics
 from outbox.config import CrmSinkSettings
 from outbox.errors import DatabaseUnavailable, OutboxError

@@ -29,13 +29,13 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from psycopg import sql
 
-from consumers.crm_logic import ORIGIN_CRM, Mapping, load_mappings
-from consumers import sink_offsets
-from consumers.dlq import Batch, DeadLetter
-from consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals
+from outbox.consumers.crm_logic import ORIGIN_CRM, Mapping, load_mappings
+from outbox.consumers import sink_offsets
+from outbox.consumers.dlq import Batch, DeadLetter
+from outbox.consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals
 from outbox import contract, dsn as dsnmod
 from outbox.config import CrmWebhookSettings, CrmWritebackSettings
-from outbox.crm_reference import SIGNATURE_HEADER, sign
+from outbox.dev.crm_reference import SIGNATURE_HEADER, sign
 from outbox.errors import ConfigError, DatabaseUnavailable, KafkaUnavailable
 
 log = logging.getLogger(__name__)

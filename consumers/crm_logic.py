@@ -23,7 +23,7 @@ from typing import Any
 
 from outbox import contract
 from outbox.errors import ConfigError
-from relay.backoff import Backoff
+from outbox.backoff import Backoff
 
 ORIGIN_CRM = "crm"  # outbox.origin of a change that came from the CRM: never sent back to it
 
@@ -152,7 +152,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """The delay before retry number ``attempt`` (from 1): base*2^(attempt-1) capped, jittered into its
-    upper half: the relay's reconnect policy (relay/backoff.py), per record."""
+    upper half: the relay's reconnect policy (outbox/backoff.py), per record."""
     return Backoff(initial=base, cap=cap, attempt=max(0, attempt - 1), rng=rng).next()
 
 

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.dlq import Batch, DeadLetters, Filter, dlq_topic, for_group, redrive
+from outbox.consumers.dlq import Batch, DeadLetters, Filter, dlq_topic, for_group, redrive
 from outbox import metrics
 from outbox.config import KafkaSettings
 from outbox.contract import DLQ_SUFFIX, H_TIME

@@ -26,9 +26,9 @@ from typing import Any
 import psycopg
 from aiokafka import TopicPartition
 
-from consumers import sink_offsets
-from consumers.dlq import Batch, DeadLetter, DeadLetters, RecordLike
-from consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals, topic_pattern
+from outbox.consumers import sink_offsets
+from outbox.consumers.dlq import Batch, DeadLetter, DeadLetters, RecordLike
+from outbox.consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals, topic_pattern
 from outbox import contract, dsn as dsnmod
 from outbox.config import ReadStoreSettings
 from outbox.errors import DatabaseUnavailable, NotInstalled

@@ -30,8 +30,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from consumers.dlq import topic_partitions
-from consumers.kafka import REPLAY_MARK
+from outbox.consumers.dlq import topic_partitions
+from outbox.consumers.kafka import REPLAY_MARK
 from outbox.config import KafkaSettings
 from outbox.errors import ConfigError, KafkaUnavailable, OutboxError, PreconditionFailed
 

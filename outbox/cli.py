@@ -8,26 +8,45 @@ from typing import Any
 import click
 
 from outbox.config import default_map_for, load_file
+from outbox.errors import OutboxError
 from outbox.lazy import LazyGroup
 
 
 # each package owns its commands; a command's module is imported only when it runs (outbox/lazy.py)
 COMMANDS = {
-    "dev": "outbox.sandbox:dev",
+    "dev": "outbox.dev.sandbox:dev",
     "install": "outbox.install:install",
     "uninstall": "outbox.install:uninstall",
     "grant": "outbox.install:grant",
     "doctor": "outbox.doctor:doctor",
     "status": "outbox.status:status",
-    "relay": "relay.cli:relay",
-    "consume": "consumers.cli:consume",
+    "relay": "outbox.relay.cli:relay",
+    "consume": "outbox.consumers.cli:consume",
     "backfill": "outbox.backfill:backfill",
-    "replay": "consumers.cli:replay",
-    "demo": "outbox.demo:demo",
+    "replay": "outbox.consumers.cli:replay",
+    "demo": "outbox.dev.demo:demo",
 }
 
 
-@click.group(cls=LazyGroup, lazy=COMMANDS,
+class CliError(click.ClickException):
+    """An :class:`OutboxError` at the CLI edge: click prints ``Error: <message>`` and exits with its code."""
+
+    def __init__(self, error: OutboxError) -> None:
+        super().__init__(error.message)
+        self.exit_code = error.exit_code
+
+
+class OutboxGroup(LazyGroup):
+    """The root group: the one place where a domain error becomes one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OutboxError as exc:
+            raise CliError(exc) from None
+
+
+@click.group(cls=OutboxGroup, lazy=COMMANDS,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="OUTBOX_CONFIG",
               help="TOML file with one table per command ([relay], [install], [consume.readstore], ...). "
@@ -46,8 +65,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose == 1:
-        for ours in ("outbox", "relay", "consumers"):
-            logging.getLogger(ours).setLevel(logging.DEBUG)
+        logging.getLogger("outbox").setLevel(logging.DEBUG)
     if verbose < 2:
         # the Kafka client logs every reconnect and first-seen topic as errors; our own messages
         # say what matters in one line, so its log shows with -v (warnings) or -vv (everything)
@@ -61,6 +79,9 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 def main(argv: list[str] | None = None) -> Any:
     try:
         return cli.main(args=argv, prog_name="outbox", auto_envvar_prefix="OUTBOX")
+    except OutboxError as exc:  # raised while parsing, before the root group's invoke
+        click.echo(f"Error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
     except Exception as exc:  # a bug: say so in one line; -v shows the traceback
         if logging.getLogger("outbox").isEnabledFor(logging.DEBUG):
             raise

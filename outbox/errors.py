@@ -1,24 +1,28 @@
-"""Typed errors. Each carries its policy (retriable or not) and maps to one CLI line.
+"""Typed errors: one plain tree, each class carrying its policy (retriable or not, exit code).
 
-Messages are one line, say what failed and what to do, and never contain secrets.
+Nothing here knows about the CLI: pure modules raise these without importing click. Only the CLI
+edge (``outbox.cli``) maps an :class:`OutboxError` to one ``Error: <message>`` line and its exit
+code. Messages are one line, say what failed and what to do, and never contain secrets.
 """
 from __future__ import annotations
 
-import click
 
-
-class OutboxError(click.ClickException):
-    """Base error: click prints ``Error: <message>`` and exits with ``exit_code``."""
+class OutboxError(Exception):
+    """Base error. ``message`` is the one line the CLI prints; ``exit_code`` its exit status."""
 
     exit_code = 1
     retriable = False
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))
+        self.message = " ".join(str(message).split())
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ConfigError(OutboxError):
-    """A bad option, config file key or environment variable."""
+    """A bad option, config file key, environment variable or argument value."""
 
     exit_code = 2
 

@@ -491,8 +491,8 @@ def alembic_config(*, before: Sequence[str] = (), after: Sequence[str] = (), con
 
 
 def store_migrations_dir() -> Path:
-    """migrations/store, found through the ``migrations`` package (a namespace package in some installs)."""
-    import migrations
+    """migrations/store, found through the ``outbox.migrations`` package (the folder migrations/ when installed)."""
+    import outbox.migrations as migrations
 
     for entry in migrations.__path__:
         candidate = Path(entry) / "store"

@@ -77,7 +77,7 @@ def relay(**params: Any) -> None:
     whole source transactions, else abort it), exit 0.
     """
     from outbox import metrics
-    from relay.runner import run_relay
+    from outbox.relay.runner import run_relay
 
     kafka = kafka_from_params(params)
     settings = build(RelaySettings, kafka=kafka, **params)

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from operator import itemgetter
 
 from outbox.contract import ContractError, RawRow
-from relay import pgoutput
+from outbox.relay import pgoutput
 
 REQUIRED = ("id", "aggregatetype", "aggregateid", "type", "payload")
 OPTIONAL = ("origin", "traceparent")

@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from outbox import contract
 from outbox.config import KafkaSettings
 from outbox.errors import KafkaUnavailable, OutboxError
-from relay.publisher import kafka_reason
+from outbox.relay.publisher import kafka_reason
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from outbox import contract
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import DatabaseRefused, DatabaseUnavailable, NotInstalled, PreconditionFailed
 from outbox.config import slot_name_for
-from relay import pgoutput
+from outbox.relay import pgoutput
 
 log = logging.getLogger(__name__)
 

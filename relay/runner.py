@@ -23,14 +23,14 @@ from outbox import contract, metrics
 from outbox.config import RelaySettings
 from outbox.dsn import describe
 from outbox.errors import KafkaUnavailable, OutboxError
-from relay import pgoutput
-from relay.backoff import Backoff
-from relay.events import RowReader
-from relay.positions import PositionTracker, Txn
-from relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, Report, topic_max_bytes
-from relay.replication import (ParkedEvent, Parker, ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, preflight,
+from outbox.relay import pgoutput
+from outbox.backoff import Backoff
+from outbox.relay.events import RowReader
+from outbox.relay.positions import PositionTracker, Txn
+from outbox.relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, Report, topic_max_bytes
+from outbox.relay.replication import (ParkedEvent, Parker, ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, preflight,
                                purge_events)
-from relay.transactional import ExactlyOnce, exactly_once
+from outbox.relay.transactional import ExactlyOnce, exactly_once
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from outbox.config import KafkaSettings, RelaySettings
 from outbox.contract import Record
 from outbox.errors import KafkaUnavailable, OutboxError
 from outbox.metrics import RelayMetrics
-from relay.offsets import OffsetsTopic, SourcePosition, encode_position
-from relay.positions import PositionTracker, Txn
-from relay.publisher import DeliveryFailed, Publisher, Report, is_fenced, kafka_reason, librdkafka_log
+from outbox.relay.offsets import OffsetsTopic, SourcePosition, encode_position
+from outbox.relay.positions import PositionTracker, Txn
+from outbox.relay.publisher import DeliveryFailed, Publisher, Report, is_fenced, kafka_reason, librdkafka_log
 
 log = logging.getLogger(__name__)
 

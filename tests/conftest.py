@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox.demo import drop_database
+from outbox.dev.demo import drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 # As root, PostgreSQL runs as the postgres user, which may not be able to enter the checkout
@@ -49,7 +49,7 @@ def servers() -> dict[str, str]:
             _unavailable("OUTBOX_TEST_EXTERNAL=1 needs PGHOST, PGPORT, PGUSER and KAFKA_BOOTSTRAP_SERVERS")
     else:
         from outbox.errors import OutboxError
-        from outbox.sandbox import Sandbox
+        from outbox.dev.sandbox import Sandbox
 
         sandbox = Sandbox(TEST_SANDBOX_DIR, pg_port=TEST_PG_PORT, kafka_port=TEST_KAFKA_PORT)
         try:
@@ -117,7 +117,7 @@ async def delete_topics(bootstrap: str, prefix: str) -> None:
 
 @pytest.fixture
 def readstore_db(new_database: Callable[..., str]) -> str:
-    from consumers import readstore as rs
+    from outbox.consumers import readstore as rs
 
     dsn = new_database("rs")
     rs.migrate(dsn)
@@ -164,7 +164,7 @@ def sandbox(servers: dict[str, str]) -> Iterator[Any]:
     """The test sandbox itself, for tests that stop Kafka or restart PostgreSQL; both run again afterwards."""
     if os.environ.get("OUTBOX_TEST_EXTERNAL") == "1":
         _unavailable("this test stops and starts servers: it needs the project's test sandbox")
-    from outbox.sandbox import Sandbox
+    from outbox.dev.sandbox import Sandbox
 
     box = Sandbox(TEST_SANDBOX_DIR, pg_port=TEST_PG_PORT, kafka_port=TEST_KAFKA_PORT)
     try:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from outbox.sandbox import Sandbox
+from outbox.dev.sandbox import Sandbox
 from tests.conftest import TEST_KAFKA_PORT, TEST_PG_PORT, TEST_SANDBOX_DIR, _unavailable
 from tests.faults.harness import Pipeline, create_topics
 from tests.integration.support import install_pos

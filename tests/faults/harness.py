@@ -10,9 +10,9 @@ from typing import Any
 import psycopg
 
 from outbox import contract
-from outbox.demo import POS_CAPTURES
+from outbox.dev.demo import POS_CAPTURES
 from outbox.errors import SandboxError
-from outbox.sandbox import Sandbox
+from outbox.dev.sandbox import Sandbox
 from tests.faults import report
 from tests.faults.checker import CheckResult, WriterRecord, check, topics_of
 from tests.integration.support import RelayProcess

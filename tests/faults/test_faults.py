@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from consumers.kafka import FAULT_KILL_AFTER_SINK_COMMIT
-from outbox.sandbox import Sandbox
+from outbox.consumers.kafka import FAULT_KILL_AFTER_SINK_COMMIT
+from outbox.dev.sandbox import Sandbox
 from tests.faults.checker import CheckResult
 from tests.faults.harness import Pipeline, SOURCE_ID, record_outcome, restart, run_with_writer
 from tests.faults.writer import Writer

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from outbox.demo import POS_CAPTURES, POS_SCHEMA, readstore_checksum, source_checksum
+from outbox.dev.demo import POS_CAPTURES, POS_SCHEMA, readstore_checksum, source_checksum
 
 OUTBOX = [sys.executable, "-m", "outbox.cli"]
 

@@ -16,8 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox.demo import POS_CAPTURES, POS_SCHEMA
-from outbox.sandbox import find_pg_bindir, pg_os_user
+from outbox.dev.demo import POS_CAPTURES, POS_SCHEMA
+from outbox.dev.sandbox import find_pg_bindir, pg_os_user
 from tests.integration.support import RelayProcess, kcat_read, outbox, wait_for_records
 
 pytestmark = pytest.mark.integration

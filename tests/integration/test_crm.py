@@ -12,8 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox import demo_crm
-from outbox.demo import run_workload
+from outbox.dev import demo_crm
+from outbox.dev.demo import run_workload
 from tests.integration.support import OutboxProcess, RelayProcess, install_pos, kcat_read
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
 
-from consumers import readstore as rs
+from outbox.consumers import readstore as rs
 from outbox import contract
 from tests.integration.support import kcat_read
 from tests.integration.test_readstore import caught_up, ev, produce, run_until, settings, wait_for

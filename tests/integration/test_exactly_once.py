@@ -20,11 +20,11 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from consumers.kafka import topic_pattern
+from outbox.consumers.kafka import topic_pattern
 from outbox import contract
 from outbox.config import KafkaSettings
-from outbox.demo import run_workload
-from relay.offsets import OffsetsCorrupt, OffsetsTopic, SourcePosition, encode_position
+from outbox.dev.demo import run_workload
+from outbox.relay.offsets import OffsetsCorrupt, OffsetsTopic, SourcePosition, encode_position
 from tests.integration.support import RelayProcess, install_pos, kcat_read, wait_for_records
 from tests.integration.test_readstore import entities, ev, run_until  # group and readstore_db: tests/conftest.py
 from tests.integration.test_readstore import settings as rs_settings

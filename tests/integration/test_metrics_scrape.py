@@ -21,7 +21,7 @@ from typing import Any, Callable
 import psycopg
 import pytest
 
-from outbox.demo import run_workload
+from outbox.dev.demo import run_workload
 from tests.integration.support import RelayProcess, install_pos
 from tests.integration.test_alert_rules import DASHBOARDS, tool
 from tests.integration.test_pipeline import ConsumerProcess

@@ -8,7 +8,7 @@ from typing import Callable
 import psycopg
 import pytest
 
-from outbox.demo import run_workload
+from outbox.dev.demo import run_workload
 from tests.integration.support import ConsumerProcess, RelayProcess, install_pos, wait_converged
 
 pytestmark = pytest.mark.integration

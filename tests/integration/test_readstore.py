@@ -18,7 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumers import readstore as rs
+from outbox.consumers import readstore as rs
 from tests.integration.support import kcat_read
 from outbox import contract
 from outbox.config import KafkaSettings, ReadStoreSettings
@@ -235,7 +235,7 @@ def test_poison_records_are_dead_lettered_and_do_not_block(
     bad_json_raw = (bad_json.topic, bad_json.key, b'{"name": "c", ', bad_json.headers)
     good2 = ev(topic_prefix, "customer", "d", "created", 0x40)
     ends = asyncio.run(produce(kafka_bootstrap, [good1, no_id_raw, bad_json_raw, good2]))
-    with caplog.at_level("ERROR", logger="consumers.dlq"):
+    with caplog.at_level("ERROR", logger="outbox.consumers.dlq"):
         totals = asyncio.run(run_until(settings(dsn, kafka_bootstrap, topic_prefix, g), caught_up(dsn, g, ends)))
     assert totals["rejected"] == 2
     assert set(entities(dsn)) == {("customer", "a"), ("customer", "d")}
@@ -393,7 +393,7 @@ def test_a_lost_database_connection_is_retried_without_losing_the_batch(
             totals = await asyncio.wait_for(task, 30)
         return dict(totals)
 
-    with caplog.at_level("WARNING", logger="consumers.kafka"):
+    with caplog.at_level("WARNING", logger="outbox.consumers.kafka"):
         totals = asyncio.run(scenario())
     assert any("not applied" in m and "retrying" in m for m in caplog.messages)
     assert totals["records"] == 1 + len(events)

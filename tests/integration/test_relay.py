@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 import outbox
-from outbox.demo import run_workload
+from outbox.dev.demo import run_workload
 from tests.integration.support import kcat_read, outbox as run_outbox, wait_for_records
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from aiokafka import TopicPartition
 
-from consumers import readstore as rs
+from outbox.consumers import readstore as rs
 from tests.integration.test_readstore import caught_up, history, produce, run_until, settings, stored_offsets, wait_for
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from outbox import sandbox as sb
+from outbox.dev import sandbox as sb
 from outbox.errors import SandboxError
 
 pytestmark = pytest.mark.integration

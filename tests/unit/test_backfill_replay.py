@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 from aiokafka import TopicPartition
 
-from consumers.replay import From, format_plan, parse_from, plan_rewind
+from outbox.consumers.replay import From, format_plan, parse_from, plan_rewind
 from outbox.backfill import Progress, Target, chunk_sql, format_duration, key_sql
 from outbox.errors import ConfigError
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from relay.backoff import Backoff
+from outbox.backoff import Backoff
 
 
 def test_delays_grow_exponentially_within_jitter_and_stop_at_the_cap() -> None:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from outbox.cli import cli
+from outbox.errors import OutboxError
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -62,6 +63,8 @@ def test_every_outbox_command_parses() -> None:
             parse_cli(command[1:])
         except click.ClickException as exc:
             pytest.fail(f"service {name}: outbox {' '.join(command[1:])}: {exc.format_message()}")
+        except OutboxError as exc:
+            pytest.fail(f"service {name}: outbox {' '.join(command[1:])}: {exc.message}")
 
 
 def test_an_unknown_option_fails_the_parse() -> None:

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from consumers.crm import CallResult, CrmRefused, CrmSink
-from consumers.crm_logic import DEFAULT_MAPPINGS, Pending
+from outbox.consumers.crm import CallResult, CrmRefused, CrmSink
+from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, Pending
 from outbox.config import CrmSinkSettings, KafkaSettings
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from consumers import dlq
+from outbox.consumers import dlq
 from outbox import contract
 from tests.unit.test_readstore_apply import Rec
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from outbox.contract import ContractError, RawRow
-from relay.events import RowReader
-from relay.pgoutput import UNCHANGED_TOAST, Column, ProtocolError, Relation
+from outbox.relay.events import RowReader
+from outbox.relay.pgoutput import UNCHANGED_TOAST, Column, ProtocolError, Relation
 
 
 def relation(*names: str) -> Relation:

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from consumers.kafka import topic_pattern
+from outbox.consumers.kafka import topic_pattern
 from outbox import contract, metrics
 from outbox.cli import cli
 from outbox.config import KafkaSettings, RelaySettings, build
 from outbox.errors import ConfigError
-from relay.offsets import SourcePosition, decode_position, encode_position, newest
-from relay.positions import PositionTracker
-from relay.transactional import ExactlyOnce, TransactionalPublisher, default_transactional_id, exactly_once
+from outbox.relay.offsets import SourcePosition, decode_position, encode_position, newest
+from outbox.relay.positions import PositionTracker
+from outbox.relay.transactional import ExactlyOnce, TransactionalPublisher, default_transactional_id, exactly_once
 
 
 @pytest.fixture
@@ -26,10 +26,10 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[RelaySettings]:
 
     async def fake_run(settings: RelaySettings) -> Any:
         seen.append(settings)
-        from relay.runner import RelayStats
+        from outbox.relay.runner import RelayStats
         return RelayStats()
 
-    monkeypatch.setattr("relay.runner.run_relay", fake_run)
+    monkeypatch.setattr("outbox.relay.runner.run_relay", fake_run)
     return seen
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.kafka import FAULT_KILL_AFTER_SINK_COMMIT, fault_kill_after
+from outbox.consumers.kafka import FAULT_KILL_AFTER_SINK_COMMIT, fault_kill_after
 from outbox.errors import ConfigError
 from tests.faults import report
 from tests.faults.checker import CheckResult, SeenEvent, SourceEvent, WriterRecord, compare, seen_event

@@ -10,7 +10,7 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
 
-from consumers.kafka import _count_applied
+from outbox.consumers.kafka import _count_applied
 from outbox import metrics
 from outbox.contract import H_TIME, format_time
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from outbox.contract import parse_lsn, pg_timestamp_to_datetime
-from relay.pgoutput import (
+from outbox.relay.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
     Column,

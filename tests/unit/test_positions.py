@@ -1,4 +1,4 @@
-from relay.positions import PositionTracker
+from outbox.relay.positions import PositionTracker
 
 
 def test_confirms_a_transaction_only_when_committed_and_fully_acked() -> None:

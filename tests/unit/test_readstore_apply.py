@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from consumers.kafka import topic_pattern
-from consumers.readstore import Rejected, Row, check_payload, classify, plan_batch, row_columns
+from outbox.consumers.kafka import topic_pattern
+from outbox.consumers.readstore import Rejected, Row, check_payload, classify, plan_batch, row_columns
 from outbox import contract
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)

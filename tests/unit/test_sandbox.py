@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from outbox import sandbox as sb
+from outbox.dev import sandbox as sb
 from outbox.errors import SandboxError
 
 HOME = Path("/home/ann")

@@ -951,7 +951,7 @@ _kafka_port_option = click.option(
 
 
 # the reference CRM pulls in aiohttp (~0.1 s): imported only for "dev crm"
-@click.group(cls=LazyGroup, lazy={"crm": "outbox.crm_reference:crm"})
+@click.group(cls=LazyGroup, lazy={"crm": "outbox.dev.crm_reference:crm"})
 def dev() -> None:
     """A local PostgreSQL 15 and Kafka (KRaft) for development, tests and the demo.
 

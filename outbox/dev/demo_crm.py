@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from consumers.crm_logic import DEFAULT_MAPPINGS, Mapping
+from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, Mapping
 from outbox import contract
 from outbox.errors import OutboxError
 
@@ -28,7 +28,7 @@ LEDGER_DB = "demo_crmsink"
 def expected_records(store_dsn: str, source_id: str,
                      mappings: dict[str, Mapping] | None = None) -> dict[tuple[str, str], dict[str, Any]]:
     """What a CRM must hold for one store through the mappings: (kind, external id) -> fields."""
-    from outbox.demo import POS_CAPTURES
+    from outbox.dev.demo import POS_CAPTURES
 
     mappings = mappings or DEFAULT_MAPPINGS
     out: dict[tuple[str, str], dict[str, Any]] = {}
@@ -86,7 +86,7 @@ class CrmDemo:
         self.url = ""
 
     def start(self) -> None:
-        from outbox.demo import recreate_database
+        from outbox.dev.demo import recreate_database
 
         for name in (CRM_DB, LEDGER_DB):
             recreate_database(name)

@@ -256,7 +256,7 @@ def demo(stores: int, transactions: int, timeout: float, seed: int, with_crm: bo
     the read store (database demo_readstore) matches every store, and reports events/s and
     commit-to-read-store latency. The databases and topics are left for you to explore.
     """
-    from outbox.sandbox import Sandbox
+    from outbox.dev.sandbox import Sandbox
 
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     sandbox = Sandbox()
@@ -297,7 +297,7 @@ def demo(stores: int, transactions: int, timeout: float, seed: int, with_crm: bo
                "--topic-prefix", prefix, "--group", f"{prefix}-readstore"], "readstore.log")
         crm = None
         if with_crm:
-            from outbox.demo_crm import CrmDemo
+            from outbox.dev.demo_crm import CrmDemo
 
             crm = CrmDemo(spawn, procs, logdir, bootstrap, prefix, {f"store{i}": n for i, n in enumerate(store_names, 1)})
             crm.start()
