@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from outbox.errors import ContractError as ContractError  # re-exported: the contract's checks raise it
+
 SPECVERSION = "1.0"
 CONTENT_TYPE = "application/json"
 DEFAULT_TOPIC_PREFIX = "outbox"
@@ -47,10 +49,6 @@ H_TRACEPARENT = "traceparent"  # W3C trace context, when the application gave on
 
 _TOPIC_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in microseconds since the Unix epoch
-
-
-class ContractError(ValueError):
-    """An event that cannot be expressed in the contract (a poison event)."""
 
 
 def format_lsn(lsn: int) -> str:

@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from outbox import contract
+from outbox.errors import ContractError
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _COLUMNS = "(id, aggregatetype, aggregateid, type, payload, traceparent)"
@@ -43,14 +44,14 @@ def emit(conn: Any, *, aggregate_type: str, aggregate_id: str | int | uuid.UUID,
     if isinstance(aggregate_id, (int, uuid.UUID)) and not isinstance(aggregate_id, bool):
         aggregate_id = str(aggregate_id)
     if not isinstance(aggregate_id, str) or not aggregate_id:
-        raise ValueError(f"aggregate_id must be a non-empty str, int or UUID, not {aggregate_id!r}")
+        raise ContractError(f"aggregate_id must be a non-empty str, int or UUID, not {aggregate_id!r}")
     if not isinstance(event_type, str) or not event_type.strip():
-        raise ValueError(f"event_type must be a non-empty str, not {event_type!r}")
+        raise ContractError(f"event_type must be a non-empty str, not {event_type!r}")
     if traceparent is not None and not _TRACEPARENT.match(traceparent):
-        raise ValueError(f"traceparent {traceparent!r} is not a W3C trace context (00-<32 hex>-<16 hex>-<2 hex>)")
+        raise ContractError(f"traceparent {traceparent!r} is not a W3C trace context (00-<32 hex>-<16 hex>-<2 hex>)")
     for name, value in (("aggregate_id", aggregate_id), ("event_type", event_type)):
         if "\x00" in value:
-            raise ValueError(f"{name} contains a NUL character, which PostgreSQL text cannot store")
+            raise ContractError(f"{name} contains a NUL character, which PostgreSQL text cannot store")
     text = payload_json(payload)
     event_id = uuid.uuid4()
     values = (str(event_id), aggregate_type, aggregate_id, event_type, text, traceparent)
@@ -64,20 +65,20 @@ def payload_json(payload: Any) -> str:
         try:
             payload = bytes(payload).decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError("payload bytes are not UTF-8 JSON text") from None
+            raise ContractError("payload bytes are not UTF-8 JSON text") from None
     if isinstance(payload, str):
         try:
             json.loads(payload)
         except ValueError as exc:
-            raise ValueError(f"payload str is not JSON text ({exc}); pass the value itself to have it encoded") from None
+            raise ContractError(f"payload str is not JSON text ({exc}); pass the value itself to have it encoded") from None
         text = payload
     else:
         try:
             text = json.dumps(payload, ensure_ascii=False, allow_nan=False, default=_json_default, separators=(",", ":"))
         except ValueError as exc:
-            raise ValueError(f"payload cannot be JSON: {exc}") from None
+            raise ContractError(f"payload cannot be JSON: {exc}") from None
     if "\\u0000" in text or "\x00" in text:
-        raise ValueError("payload contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store")
+        raise ContractError("payload contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store")
     return text
 
 

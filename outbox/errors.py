@@ -27,6 +27,14 @@ class ConfigError(OutboxError):
     exit_code = 2
 
 
+class ContractError(OutboxError, ValueError):
+    """A value that cannot be expressed in the event contract: a poison event, a bad argument to emit().
+
+    Also a ``ValueError``: ``outbox.emit`` has always raised ValueError for bad arguments, and
+    callers may keep catching that.
+    """
+
+
 class DatabaseUnavailable(OutboxError):
     """PostgreSQL cannot be reached or refused the login."""
 
