@@ -20,7 +20,6 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import click
@@ -31,8 +30,6 @@ from outbox import contract
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
-REVISIONS = ("0001", "0002", "0003")  # migrations/store/versions, oldest first; install upgrades older ones
-HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"  # in schema outbox
 CAPTURE_FUNCTION = f"{contract.SCHEMA}.capture_change"
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -268,9 +265,9 @@ def install_problems(facts: Facts, slot: str) -> list[str]:
     if facts.schema_exists and facts.revision is None and not facts.schema_empty:
         problems.append(f"schema {contract.SCHEMA} already exists on {where} but was not installed by outbox "
                         f"(no {contract.SCHEMA}.{VERSION_TABLE}): rename or drop it, then install again")
-    if facts.revision is not None and facts.revision not in REVISIONS:
+    if facts.revision is not None and facts.revision not in store_revisions():
         problems.append(f"the outbox on {where} is at revision {facts.revision}, which this outbox-relay does not "
-                        f"know (newest: {HEAD}): use the outbox-relay version that installed it or a newer one")
+                        f"know (newest: {store_head()}): use the outbox-relay version that installed it or a newer one")
     needs_create = not facts.schema_exists or not facts.publication_exists or facts.revision is None
     if needs_create and not facts.can_create:
         problems.append(f"the current user cannot create schemas or publications in {where}: "
@@ -475,30 +472,32 @@ def _where(conn: psycopg.Connection[Any]) -> str:
 
 
 # =========================================================================== Alembic
+def store_head() -> str:
+    """The newest store revision, read from migrations/store/versions."""
+    from outbox import migrate
+
+    return migrate.head(migrate.STORE)
+
+
+def store_revisions() -> tuple[str, ...]:
+    """Every store revision, oldest first; install upgrades an outbox at any of them."""
+    from outbox import migrate
+
+    return migrate.revisions(migrate.STORE)
+
+
 def alembic_config(*, before: Sequence[str] = (), after: Sequence[str] = (), connection: Any = None,
                    output: io.StringIO | None = None) -> Any:
-    """An Alembic Config for migrations/store, built in code (no alembic.ini)."""
-    from alembic.config import Config
+    """An Alembic Config for migrations/store, with the statements env.py runs before and after the revisions."""
+    from outbox import migrate
 
-    config = Config(output_buffer=output, stdout=io.StringIO())
-    location = store_migrations_dir()
-    config.set_main_option("script_location", str(location).replace("%", "%%"))
-    config.attributes["outbox_before"] = list(before)
-    config.attributes["outbox_after"] = list(after)
-    if connection is not None:
-        config.attributes["connection"] = connection
-    return config
+    return migrate.config(migrate.STORE, connection=connection, output=output,
+                          attributes=_statements(before=before, after=after))
 
 
-def store_migrations_dir() -> Path:
-    """migrations/store, found through the ``outbox.migrations`` package (the folder migrations/ when installed)."""
-    import outbox.migrations as migrations
-
-    for entry in migrations.__path__:
-        candidate = Path(entry) / "store"
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise OutboxError("the store migrations (migrations/store/env.py) are missing from this installation")
+def _statements(*, before: Sequence[str], after: Sequence[str]) -> dict[str, list[str]]:
+    """What migrations/store/env.py runs in the migration's transaction, before and after the revisions."""
+    return {"outbox_before": list(before), "outbox_after": list(after)}
 
 
 def _quiet_alembic() -> None:
@@ -566,8 +565,9 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
             config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after,
                                     connection=sa_conn)
             command.upgrade(config, "head")
-            echo(f"outbox schema at revision {HEAD}" + (" (created)" if facts.revision is None else " (up to date)"
-                                                        if facts.revision == HEAD else f" (upgraded from {facts.revision})"))
+            head = store_head()
+            echo(f"outbox schema at revision {head}" + (" (created)" if facts.revision is None else " (up to date)"
+                                                        if facts.revision == head else f" (upgraded from {facts.revision})"))
             for p in plans:
                 echo(p.describe())
             for role in facts.roles.values():
@@ -579,7 +579,7 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
     slot_created = ensure_slot(settings.dsn, slot, echo=echo) if facts.slot is None else False
     if not slot_created:
         echo(f"replication slot {slot} exists (kept)")
-    result = InstallResult(where, HEAD, facts.revision is None, tuple(plans), slot, slot_created)
+    result = InstallResult(where, head, facts.revision is None, tuple(plans), slot, slot_created)
     echo(result.summary())
     return result
 
@@ -628,7 +628,7 @@ def _read_only_facts(dsn: str, slot: str | None, tables: Sequence[str], roles: S
 def install_sql(settings: cfg.InstallSettings) -> str:
     """The SQL install would run, for review. Reads the database (read-only), changes nothing."""
     _quiet_alembic()
-    from alembic import command
+    from outbox import migrate
 
     facts, slot = _read_only_facts(settings.dsn, settings.slot, [c.table for c in settings.captures], _roles(settings))
     for t in facts.tables:  # fatal only when no SQL can be written; privileges become warnings
@@ -637,18 +637,16 @@ def install_sql(settings: cfg.InstallSettings) -> str:
             raise PreconditionFailed(problems[0])
     plans = plan_captures(facts, settings.captures)
     out = io.StringIO()
-    out.write(f"-- outbox install for {facts.where} (outbox-relay revision {HEAD})\n")
+    out.write(f"-- outbox install for {facts.where} (outbox-relay revision {store_head()})\n")
     for problem in install_problems(facts, slot):
         out.write(f"-- WARNING: {problem}\n")
     for p in plans:
         if p.action == "keep":
             out.write(f"-- {p.describe()}\n")
-    buffer = io.StringIO()
     after = [s for p in plans for s in p.statements()] + _role_statements(settings, facts)
-    config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after, output=buffer)
     start = f"{facts.revision}:head" if facts.revision else "head"
-    command.upgrade(config, start, sql=True)
-    out.write(buffer.getvalue())
+    out.write(migrate.offline_sql(migrate.STORE, start, attributes=_statements(
+        before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after)))
     if facts.slot is None:
         out.write("\n-- after the COMMIT above, outside any transaction block:\n")
         out.write(create_slot_sql(slot) + ";\n")
@@ -725,7 +723,7 @@ def uninstall_outbox(dsn: str, *, slot: str | None = None, echo: Echo = _quiet) 
 def uninstall_sql(dsn: str, *, slot: str | None = None) -> str:
     """The SQL uninstall would run, for review. Reads the database (read-only), changes nothing."""
     _quiet_alembic()
-    from alembic import command
+    from outbox import migrate
 
     facts, slot_name = _read_only_facts(dsn, slot, ())
     out = io.StringIO()
@@ -740,10 +738,8 @@ def uninstall_sql(dsn: str, *, slot: str | None = None) -> str:
         out.write(drop_slot_sql(slot_name) + ";\n\n")
     if facts.revision is not None:
         tables = sorted(set(facts.captured) | facts.triggered)
-        buffer = io.StringIO()
-        config = alembic_config(before=[uncapture_sql(t) for t in tables], after=drop_schema_sql(), output=buffer)
-        command.downgrade(config, f"{facts.revision}:base", sql=True)
-        out.write(buffer.getvalue())
+        out.write(migrate.offline_sql(migrate.STORE, f"{facts.revision}:base", downgrade=True, attributes=_statements(
+            before=[uncapture_sql(t) for t in tables], after=drop_schema_sql())))
     elif facts.schema_exists:
         out.write(f"DROP SCHEMA {contract.SCHEMA};\n")
     for role in facts.relay_roles:

@@ -107,14 +107,14 @@ def test_install_then_uninstall_leaves_legacy_untouched(legacy: str) -> None:
     out = ok("install", "--dsn", legacy, *CAPTURES)
     slot = f"outbox_{dbname(legacy)}"
     assert out.splitlines()[:4] == [
-        f"outbox schema at revision {inst.HEAD} (created)",
+        f"outbox schema at revision {inst.store_head()} (created)",
         "capturing pos.customers as customer (key: id)",
         "capturing pos.order_lines as order_line (key: order_id, line_no)",
         f"replication slot {slot} created",
     ]
     assert out.splitlines()[-1].startswith("outbox installed on ")
     assert legacy_state(legacy) == before
-    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.HEAD,)]
+    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.store_head(),)]
     assert query(legacy, "SELECT table_name, aggregate_type, key_columns FROM outbox.captures ORDER BY 1") == [
         ("pos.customers", "customer", ["id"]), ("pos.order_lines", "order_line", ["order_id", "line_no"])]
     objects = outbox_objects(legacy)
@@ -141,7 +141,7 @@ def test_install_twice_is_a_no_op_and_later_captures_are_added(legacy: str) -> N
     triggers = query(legacy, "SELECT oid, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal")
     captures = query(legacy, "SELECT * FROM outbox.captures")
     out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
-    assert f"outbox schema at revision {inst.HEAD} (up to date)" in out
+    assert f"outbox schema at revision {inst.store_head()} (up to date)" in out
     assert "pos.customers already captured as customer (key: id)" in out
     assert "exists (kept)" in out
     assert query(legacy, "SELECT oid, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal") == triggers
@@ -243,7 +243,7 @@ def test_sql_runs_through_psql_like_a_dba_would(legacy: str) -> None:
         transaction, _, slot = script.partition("COMMIT;")
         conn.execute(transaction.replace("BEGIN;", "", 1))  # autocommit: one implicit transaction
         conn.execute(slot)
-    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.HEAD,)]
+    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.store_head(),)]
     out = ok("install", "--dsn", legacy, *CAPTURES)
     assert "(up to date)" in out and "already captured as order_line" in out and "exists (kept)" in out
 
@@ -414,7 +414,7 @@ def test_install_upgrades_an_outbox_at_0001_with_the_parked_and_backfills_tables
     _install_at_0001(legacy, {"pos.customers": ("customer", ("id",))})
     assert query(legacy, "SELECT to_regclass('outbox.backfills')") == [(None,)]
     out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
-    assert f"outbox schema at revision {inst.HEAD} (upgraded from 0001)" in out
-    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.HEAD,)]
+    assert f"outbox schema at revision {inst.store_head()} (upgraded from 0001)" in out
+    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.store_head(),)]
     assert query(legacy, "SELECT to_regclass('outbox.parked') IS NOT NULL, to_regclass('outbox.backfills') IS NOT NULL"
                  ) == [(True, True)]

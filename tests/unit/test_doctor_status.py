@@ -13,7 +13,7 @@ from outbox.status import GroupStatus, Report, StoreStatus, group_lags, parse_so
 BASE = inst.Facts(
     where="h:5432/store1", database="store1", server_version=150000, wal_level="logical",
     max_replication_slots=10, slots_used=1, can_create=True, can_replicate=True, schema_exists=True,
-    schema_empty=False, publication_exists=True, revision=inst.HEAD, slot=None,
+    schema_empty=False, publication_exists=True, revision=inst.store_head(), slot=None,
     captured={"pos.customers": ("customer", ("id",))}, triggered=frozenset({"pos.customers"}),
 )
 ROLE = inst.RoleFacts("relay", True, replication=True, can_login=True, connect=True, outbox_usage=True,
