@@ -150,6 +150,28 @@ def relay_role_sql(role: str, database: str) -> list[str]:
     ]
 
 
+WRITEBACK_SCHEMA = "outbox_crm"  # store revision 0004
+
+
+def writeback_role_sql(role: str, database: str) -> list[str]:
+    """What ``outbox consume crm-writeback`` needs on a store database besides UPDATE on the mapped tables.
+
+    Its ledger and offsets in schema outbox_crm, and INSERT on outbox.events: the capture trigger
+    runs as the role that changes a captured table (SECURITY INVOKER). SELECT, UPDATE on the legacy
+    tables named in the mapping are the DBA's grant: install does not know the mapping.
+    """
+    r, schema = quote_ident(role), WRITEBACK_SCHEMA
+    return [
+        _ensure_role_sql(role, replication=False),
+        f"GRANT CONNECT ON DATABASE {quote_ident(database)} TO {r}",
+        f"GRANT USAGE ON SCHEMA {schema} TO {r}",
+        f"GRANT SELECT, INSERT ON {schema}.applied TO {r}",
+        f"GRANT SELECT, INSERT, UPDATE ON {schema}.consumer_offsets TO {r}",
+        f"GRANT USAGE ON SCHEMA {contract.SCHEMA} TO {r}",
+        f"GRANT INSERT ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",  # the capture trigger's insert
+    ]
+
+
 READSTORE_SCHEMA = "readstore"
 
 
@@ -815,10 +837,11 @@ def uninstall(dsn: str, slot: str | None, sql: bool) -> None:
 
 
 def grant_sql(dsn: str, *, relay_role: str | None = None, consumer_role: str | None = None,
-              database: str | None = None) -> list[str]:
-    """The GRANT set for a relay role (on a store) and/or a read-store consumer role."""
+              writeback_role: str | None = None, database: str | None = None) -> list[str]:
+    """The GRANT set for a relay or CRM write-back role (on a store) and/or a read-store consumer role."""
     db = database or _database_name(dsn)
     statements = relay_role_sql(relay_role, db) if relay_role else []
+    statements += writeback_role_sql(writeback_role, db) if writeback_role else []
     return statements + (consumer_role_sql(consumer_role, db) if consumer_role else [])
 
 
@@ -830,25 +853,27 @@ def _database_name(dsn: str) -> str:
 
 
 def apply_grants(dsn: str, *, relay_role: str | None = None, consumer_role: str | None = None,
-                 echo: Echo = _quiet) -> None:
+                 writeback_role: str | None = None, echo: Echo = _quiet) -> None:
     """Create or grant the roles in one transaction; the schemas they are granted on must exist."""
     where = describe(dsn)
     with connect(dsn) as conn:
-        needed = ([contract.SCHEMA] if relay_role else []) + ([READSTORE_SCHEMA] if consumer_role else [])
+        needed = (([contract.SCHEMA] if relay_role or writeback_role else []) + ([WRITEBACK_SCHEMA] if writeback_role else [])
+                  + ([READSTORE_SCHEMA] if consumer_role else []))
         for schema in needed:
             if conn.execute("SELECT to_regnamespace(%s) IS NULL", (schema,)).fetchone() == (True,):
-                fix = ("outbox install --dsn ... first" if schema == contract.SCHEMA else
+                fix = ("outbox install --dsn ... first" if schema in (contract.SCHEMA, WRITEBACK_SCHEMA) else
                        "migrate it first as its owner: outbox consume readstore --sql | psql, or one run of "
                        "outbox consume readstore as the owner")
                 raise NotInstalled(f"schema {schema} does not exist in {where}: {fix}")
         database = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         try:
-            for statement in grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role, database=database):
+            for statement in grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role,
+                                       writeback_role=writeback_role, database=database):
                 conn.execute(statement)  # type: ignore[arg-type]
             conn.commit()
         except psycopg.Error as e:
             raise OutboxError(f"{where}: {first_line(e)} (nothing was changed)") from None
-    for role, what in ((relay_role, "relay"), (consumer_role, "read-store consumer")):
+    for role, what in ((relay_role, "relay"), (writeback_role, "CRM write-back"), (consumer_role, "read-store consumer")):
         if role:
             echo(f"{what} role {role} has its privileges on {where}")
 
@@ -861,23 +886,29 @@ def apply_grants(dsn: str, *, relay_role: str | None = None, consumer_role: str 
 @click.option("--consumer-role", default=None, metavar="NAME",
               help="Grant (creating it if absent) what 'outbox consume readstore --no-migrate' needs on this "
                    "read store, whose schema its owner migrated.")
+@click.option("--writeback-role", default=None, metavar="NAME",
+              help="Grant (creating it if absent) what 'outbox consume crm-writeback' needs on this store database "
+                   "(schema outbox_crm, INSERT on outbox.events); SELECT, UPDATE on the mapped tables are yours to grant.")
 @click.option("--sql", is_flag=True, default=False, help="Print the statements instead of running them.")
-def grant(dsn: str, relay_role: str | None, consumer_role: str | None, sql: bool) -> None:
-    """Create least-privilege roles for the relay or the read-store consumer, or print their GRANTs.
+def grant(dsn: str, relay_role: str | None, consumer_role: str | None, writeback_role: str | None, sql: bool) -> None:
+    """Create least-privilege roles for the relay, the CRM write-back or the read-store consumer, or print their GRANTs.
 
     Roles are created with LOGIN and no password (set one, or use certificates). Nothing in
     outbox-relay drops them: see docs/install.md, "Running without superuser".
     """
-    if not relay_role and not consumer_role:
-        raise ConfigError("name a role: --relay-role NAME (store database) or --consumer-role NAME (read store)")
+    if not relay_role and not consumer_role and not writeback_role:
+        raise ConfigError("name a role: --relay-role NAME or --writeback-role NAME (store database), "
+                          "or --consumer-role NAME (read store)")
     relay_role = check_role_name(relay_role) if relay_role else None
     consumer_role = check_role_name(consumer_role, "--consumer-role") if consumer_role else None
+    writeback_role = check_role_name(writeback_role, "--writeback-role") if writeback_role else None
     cfg.parse_dsn(dsn)
     if sql:
-        statements = grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role)
+        statements = grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role, writeback_role=writeback_role)
         click.echo("BEGIN;\n" + "".join(f"{s};\n" for s in statements) + "COMMIT;")
     else:
-        apply_grants(dsn, relay_role=relay_role, consumer_role=consumer_role, echo=click.echo)
+        apply_grants(dsn, relay_role=relay_role, consumer_role=consumer_role, writeback_role=writeback_role,
+                     echo=click.echo)
 
 
 __all__ = [
@@ -885,5 +916,5 @@ __all__ = [
     "read_role", "relay_role_sql", "SlotFacts", "TableFacts", "UninstallResult",
     "capture_sql", "check_install", "check_wal_level", "create_slot_sql", "drop_slot_sql", "install", "install_outbox",
     "install_problems", "install_sql", "plan_captures", "read_facts", "uncapture_sql", "uninstall", "uninstall_outbox",
-    "uninstall_sql", "wal_level_problem",
+    "uninstall_sql", "wal_level_problem", "writeback_role_sql",
 ]

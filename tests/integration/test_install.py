@@ -84,7 +84,7 @@ def legacy_state(dsn: str) -> dict[str, Any]:
 def outbox_objects(dsn: str) -> dict[str, Any]:
     """Everything install may create; all empty on a database without the outbox."""
     return {
-        "schema": query(dsn, "SELECT nspname FROM pg_namespace WHERE nspname = 'outbox'"),
+        "schema": query(dsn, "SELECT nspname FROM pg_namespace WHERE nspname IN ('outbox', 'outbox_crm') ORDER BY 1"),
         "publication": query(dsn, "SELECT pubname FROM pg_publication"),
         "triggers": query(dsn, "SELECT tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal"),
         "functions": query(dsn, "SELECT proname FROM pg_proc WHERE proname = 'capture_change'"),
@@ -118,6 +118,9 @@ def test_install_then_uninstall_leaves_legacy_untouched(legacy: str) -> None:
     assert query(legacy, "SELECT table_name, aggregate_type, key_columns FROM outbox.captures ORDER BY 1") == [
         ("pos.customers", "customer", ["id"]), ("pos.order_lines", "order_line", ["order_id", "line_no"])]
     objects = outbox_objects(legacy)
+    assert objects["schema"] == [("outbox",), ("outbox_crm",)]  # outbox_crm: the CRM write-back's (revision 0004)
+    assert query(legacy, "SELECT to_regclass('outbox_crm.applied') IS NOT NULL, "
+                         "to_regclass('outbox_crm.consumer_offsets') IS NOT NULL") == [(True, True)]
     assert objects["publication"] == [("outbox_events",)]
     assert sorted(objects["triggers"]) == [("pos.customers",), ("pos.order_lines",)]
     assert objects["slots"] == [(slot,)]
@@ -215,6 +218,8 @@ def test_sql_prints_and_changes_nothing(legacy: str) -> None:
                    "CREATE TABLE outbox.events", "CREATE PUBLICATION outbox_events", "CREATE FUNCTION outbox.capture_change()",
                    "CREATE TRIGGER outbox_capture AFTER INSERT OR UPDATE OR DELETE ON pos.customers",
                    "outbox.capture_change('order_line', 'order_id', 'line_no')", "COMMIT;",
+                   "CREATE SCHEMA IF NOT EXISTS outbox_crm;", "CREATE TABLE IF NOT EXISTS outbox_crm.applied",
+                   "CREATE TABLE IF NOT EXISTS outbox_crm.consumer_offsets",
                    f"SELECT pg_create_logical_replication_slot('outbox_{dbname(legacy)}', 'pgoutput');"):
         assert needle in out, needle
     assert out.index("COMMIT;") < out.index("pg_create_logical_replication_slot")
@@ -231,7 +236,8 @@ def test_sql_prints_and_changes_nothing(legacy: str) -> None:
     installed = outbox_objects(legacy)
     out = ok("uninstall", "--dsn", legacy, "--sql")
     for needle in ("pg_drop_replication_slot", "DROP TRIGGER IF EXISTS outbox_capture ON pos.customers",
-                   "DROP PUBLICATION outbox_events", "DROP TABLE outbox.events", "DROP SCHEMA outbox;"):
+                   "DROP PUBLICATION outbox_events", "DROP TABLE outbox.events", "DROP SCHEMA outbox;",
+                   "DROP TABLE outbox_crm.applied", "DROP SCHEMA outbox_crm;"):
         assert needle in out, needle
     assert outbox_objects(legacy) == installed
 
@@ -311,7 +317,7 @@ def test_uninstall_refuses_while_a_relay_is_connected(legacy: str) -> None:
             time.sleep(0.05)
         line = one_line_error(run("uninstall", "--dsn", legacy))
         assert f"replication slot {slot}" in line and "stop the relay" in line
-        assert outbox_objects(legacy)["schema"] == [("outbox",)]
+        assert outbox_objects(legacy)["schema"] == [("outbox",), ("outbox_crm",)]
     finally:
         repl.close()
     deadline = time.time() + 10
@@ -416,5 +422,5 @@ def test_install_upgrades_an_outbox_at_0001_with_the_parked_and_backfills_tables
     out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
     assert f"outbox schema at revision {inst.store_head()} (upgraded from 0001)" in out
     assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.store_head(),)]
-    assert query(legacy, "SELECT to_regclass('outbox.parked') IS NOT NULL, to_regclass('outbox.backfills') IS NOT NULL"
-                 ) == [(True, True)]
+    assert query(legacy, "SELECT to_regclass('outbox.parked') IS NOT NULL, to_regclass('outbox.backfills') IS NOT NULL, "
+                         "to_regclass('outbox_crm.applied') IS NOT NULL") == [(True, True, True)]
