@@ -880,7 +880,7 @@ def apply_grants(dsn: str, *, relay_role: str | None = None, consumer_role: str 
 
 @click.command()
 @click.option("--dsn", required=True, metavar="DSN",
-              help="A store database (with --relay-role) or the read store (with --consumer-role).")
+              help="A store database (with --relay-role or --writeback-role) or the read store (with --consumer-role).")
 @click.option("--relay-role", default=None, metavar="NAME",
               help="Grant (creating it if absent) what the relay needs on this store database.")
 @click.option("--consumer-role", default=None, metavar="NAME",
