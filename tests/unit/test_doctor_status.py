@@ -118,5 +118,10 @@ def test_role_sql_is_least_privilege_and_idempotent() -> None:
     assert "UPDATE" not in sql and "TRUNCATE" not in sql and "SUPERUSER" not in sql and " ALL " not in sql
     consumer = "\n".join(inst.consumer_role_sql("rs", "readstore"))
     assert "GRANT USAGE ON SCHEMA readstore TO rs" in consumer and "REPLICATION" not in consumer
+    writeback = "\n".join(inst.writeback_role_sql("wb", "store1"))
+    assert "CREATE ROLE wb LOGIN;" in writeback and "REPLICATION" not in writeback
+    assert "GRANT USAGE ON SCHEMA outbox_crm TO wb" in writeback
+    assert "GRANT INSERT ON outbox.events TO wb" in writeback  # the capture trigger runs as the writer
+    assert "DELETE" not in writeback and "TRUNCATE" not in writeback and " ALL " not in writeback
     with pytest.raises(ConfigError):
         inst.check_role_name("bad-name; DROP")
