@@ -10,7 +10,8 @@
   retries unanswered ones. Key: the record's external id (per-record order).
 - :class:`Writeback`: a read-store-like sink on the store database: each batch in one
   transaction with ``SET LOCAL outbox.origin = 'crm'``, the delivery ids applied (a replayed
-  webhook is a no-op) and the Kafka offsets, in the schema ``outbox_crm`` it creates.
+  webhook is a no-op) and the Kafka offsets, in the schema ``outbox_crm`` that ``outbox install``
+  creates (store revision 0004).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from outbox.consumers.kafka import Progress, SinkUnavailable, run_consumer, stop
 from outbox import contract, dsn as dsnmod
 from outbox.config import CrmWebhookSettings, CrmWritebackSettings
 from outbox.dev.crm_reference import SIGNATURE_HEADER, sign
-from outbox.errors import ConfigError, DatabaseUnavailable, KafkaUnavailable
+from outbox.errors import ConfigError, DatabaseUnavailable, KafkaUnavailable, NotInstalled
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,13 @@ async def run_webhook_receiver(settings: CrmWebhookSettings, stop: asyncio.Event
 
 
 # --------------------------------------------------------------------------- I/O: the writeback sink
-WRITEBACK_SCHEMA = """
-CREATE SCHEMA IF NOT EXISTS outbox_crm;
-CREATE TABLE IF NOT EXISTS outbox_crm.applied (
-    delivery_id text PRIMARY KEY,
-    applied_at  timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-""" + sink_offsets.table_sql("outbox_crm")
+# schema outbox_crm: store revision 0004 (migrations/store), made by outbox install. Read from the
+# catalog, which needs no privilege; then whether this role may use it (outbox grant --writeback-role).
+INSTALLED = """
+SELECT count(*) = 2, bool_and(has_schema_privilege('outbox_crm', 'USAGE'))
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'outbox_crm' AND c.relname IN ('applied', 'consumer_offsets') AND c.relkind = 'r'
+"""
 CLAIM = "INSERT INTO outbox_crm.applied (delivery_id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING delivery_id"
 SAVE_OFFSETS = sink_offsets.save_sql("outbox_crm")
 LOAD_OFFSETS = sink_offsets.load_sql("outbox_crm")
@@ -207,9 +208,17 @@ class Writeback:
 
     async def start(self) -> None:
         self._conn = await self._connect()
-        await self._conn.execute("SELECT pg_advisory_xact_lock(hashtext('outbox-crm-writeback schema'))")
-        await self._conn.execute(WRITEBACK_SCHEMA)
-        await self._conn.commit()
+        row = await (await self._conn.execute(INSTALLED)).fetchone()
+        await self._conn.rollback()
+        installed, usable = row if row else (False, None)
+        if not installed or not usable:
+            where, user = dsnmod.describe(self.dsn), self._conn.info.user
+            await self.close()
+            if not installed:
+                raise NotInstalled(f"schema outbox_crm is missing in {where}: run outbox install --dsn ... on this "
+                                   "store database (it creates the write-back's tables)")
+            raise ConfigError(f"role {user} may not use schema outbox_crm in {where}: "
+                              f"outbox grant --dsn ... --writeback-role {user} (as the owner)")
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at INFO: noise
 
 SCHEMA = "readstore"
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations" / "readstore"
 _INT4_MAX = 2**31 - 1
 # \u0000 that is not itself escaped (an odd number of backslashes before the 'u').
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -355,19 +353,15 @@ class ReadStore:
 
 # --------------------------------------------------------------------------- migrations
 def _alembic_config(buffer: io.StringIO | None = None) -> Any:
-    from alembic.config import Config
+    from outbox import migrate
 
-    cfg = Config(output_buffer=buffer) if buffer is not None else Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    return cfg
+    return migrate.config(migrate.READSTORE, output=buffer)
 
 
 def _script_head() -> str:
-    from alembic.script import ScriptDirectory
+    from outbox import migrate
 
-    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-    assert head is not None
-    return head
+    return migrate.head(migrate.READSTORE)
 
 
 def migrate(dsn: str, revision: str = "head") -> None:

@@ -93,12 +93,13 @@ def diagnose(f: DoctorFacts) -> list[Check]:
             checks.append(Check("outbox installed", "fail", f"no outbox in {b.where}",
                                 "outbox install --dsn ... --capture SCHEMA.TABLE=AGGREGATE (review first with --sql)"))
         return checks
-    if b.revision in inst.REVISIONS and b.revision != inst.HEAD:
+    head = inst.store_head()
+    if b.revision in inst.store_revisions() and b.revision != head:
         checks.append(Check("outbox installed", "fail", f"revision {b.revision}, older than this outbox-relay's "
-                            f"{inst.HEAD}", "outbox install --dsn ... upgrades it (review first with --sql)"))
-    elif b.revision != inst.HEAD:
+                            f"{head}", "outbox install --dsn ... upgrades it (review first with --sql)"))
+    elif b.revision != head:
         checks.append(Check("outbox installed", "fail", f"revision {b.revision}, unknown to this outbox-relay "
-                            f"(newest {inst.HEAD})", "use the outbox-relay version that installed it or a newer one"))
+                            f"(newest {head})", "use the outbox-relay version that installed it or a newer one"))
     else:
         checks.append(Check("outbox installed", "pass", f"revision {b.revision}, {len(b.captured)} captured "
                             f"table{'s' if len(b.captured) != 1 else ''}"))

@@ -20,7 +20,6 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import click
@@ -31,8 +30,6 @@ from outbox import contract
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
-REVISIONS = ("0001", "0002", "0003")  # migrations/store/versions, oldest first; install upgrades older ones
-HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"  # in schema outbox
 CAPTURE_FUNCTION = f"{contract.SCHEMA}.capture_change"
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -153,6 +150,28 @@ def relay_role_sql(role: str, database: str) -> list[str]:
     ]
 
 
+WRITEBACK_SCHEMA = "outbox_crm"  # store revision 0004
+
+
+def writeback_role_sql(role: str, database: str) -> list[str]:
+    """What ``outbox consume crm-writeback`` needs on a store database besides UPDATE on the mapped tables.
+
+    Its ledger and offsets in schema outbox_crm, and INSERT on outbox.events: the capture trigger
+    runs as the role that changes a captured table (SECURITY INVOKER). SELECT, UPDATE on the legacy
+    tables named in the mapping are the DBA's grant: install does not know the mapping.
+    """
+    r, schema = quote_ident(role), WRITEBACK_SCHEMA
+    return [
+        _ensure_role_sql(role, replication=False),
+        f"GRANT CONNECT ON DATABASE {quote_ident(database)} TO {r}",
+        f"GRANT USAGE ON SCHEMA {schema} TO {r}",
+        f"GRANT SELECT, INSERT ON {schema}.applied TO {r}",
+        f"GRANT SELECT, INSERT, UPDATE ON {schema}.consumer_offsets TO {r}",
+        f"GRANT USAGE ON SCHEMA {contract.SCHEMA} TO {r}",
+        f"GRANT INSERT ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",  # the capture trigger's insert
+    ]
+
+
 READSTORE_SCHEMA = "readstore"
 
 
@@ -268,9 +287,9 @@ def install_problems(facts: Facts, slot: str) -> list[str]:
     if facts.schema_exists and facts.revision is None and not facts.schema_empty:
         problems.append(f"schema {contract.SCHEMA} already exists on {where} but was not installed by outbox "
                         f"(no {contract.SCHEMA}.{VERSION_TABLE}): rename or drop it, then install again")
-    if facts.revision is not None and facts.revision not in REVISIONS:
+    if facts.revision is not None and facts.revision not in store_revisions():
         problems.append(f"the outbox on {where} is at revision {facts.revision}, which this outbox-relay does not "
-                        f"know (newest: {HEAD}): use the outbox-relay version that installed it or a newer one")
+                        f"know (newest: {store_head()}): use the outbox-relay version that installed it or a newer one")
     needs_create = not facts.schema_exists or not facts.publication_exists or facts.revision is None
     if needs_create and not facts.can_create:
         problems.append(f"the current user cannot create schemas or publications in {where}: "
@@ -475,30 +494,32 @@ def _where(conn: psycopg.Connection[Any]) -> str:
 
 
 # =========================================================================== Alembic
+def store_head() -> str:
+    """The newest store revision, read from migrations/store/versions."""
+    from outbox import migrate
+
+    return migrate.head(migrate.STORE)
+
+
+def store_revisions() -> tuple[str, ...]:
+    """Every store revision, oldest first; install upgrades an outbox at any of them."""
+    from outbox import migrate
+
+    return migrate.revisions(migrate.STORE)
+
+
 def alembic_config(*, before: Sequence[str] = (), after: Sequence[str] = (), connection: Any = None,
                    output: io.StringIO | None = None) -> Any:
-    """An Alembic Config for migrations/store, built in code (no alembic.ini)."""
-    from alembic.config import Config
+    """An Alembic Config for migrations/store, with the statements env.py runs before and after the revisions."""
+    from outbox import migrate
 
-    config = Config(output_buffer=output, stdout=io.StringIO())
-    location = store_migrations_dir()
-    config.set_main_option("script_location", str(location).replace("%", "%%"))
-    config.attributes["outbox_before"] = list(before)
-    config.attributes["outbox_after"] = list(after)
-    if connection is not None:
-        config.attributes["connection"] = connection
-    return config
+    return migrate.config(migrate.STORE, connection=connection, output=output,
+                          attributes=_statements(before=before, after=after))
 
 
-def store_migrations_dir() -> Path:
-    """migrations/store, found through the ``outbox.migrations`` package (the folder migrations/ when installed)."""
-    import outbox.migrations as migrations
-
-    for entry in migrations.__path__:
-        candidate = Path(entry) / "store"
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise OutboxError("the store migrations (migrations/store/env.py) are missing from this installation")
+def _statements(*, before: Sequence[str], after: Sequence[str]) -> dict[str, list[str]]:
+    """What migrations/store/env.py runs in the migration's transaction, before and after the revisions."""
+    return {"outbox_before": list(before), "outbox_after": list(after)}
 
 
 def _quiet_alembic() -> None:
@@ -566,8 +587,9 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
             config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after,
                                     connection=sa_conn)
             command.upgrade(config, "head")
-            echo(f"outbox schema at revision {HEAD}" + (" (created)" if facts.revision is None else " (up to date)"
-                                                        if facts.revision == HEAD else f" (upgraded from {facts.revision})"))
+            head = store_head()
+            echo(f"outbox schema at revision {head}" + (" (created)" if facts.revision is None else " (up to date)"
+                                                        if facts.revision == head else f" (upgraded from {facts.revision})"))
             for p in plans:
                 echo(p.describe())
             for role in facts.roles.values():
@@ -579,7 +601,7 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
     slot_created = ensure_slot(settings.dsn, slot, echo=echo) if facts.slot is None else False
     if not slot_created:
         echo(f"replication slot {slot} exists (kept)")
-    result = InstallResult(where, HEAD, facts.revision is None, tuple(plans), slot, slot_created)
+    result = InstallResult(where, head, facts.revision is None, tuple(plans), slot, slot_created)
     echo(result.summary())
     return result
 
@@ -628,7 +650,7 @@ def _read_only_facts(dsn: str, slot: str | None, tables: Sequence[str], roles: S
 def install_sql(settings: cfg.InstallSettings) -> str:
     """The SQL install would run, for review. Reads the database (read-only), changes nothing."""
     _quiet_alembic()
-    from alembic import command
+    from outbox import migrate
 
     facts, slot = _read_only_facts(settings.dsn, settings.slot, [c.table for c in settings.captures], _roles(settings))
     for t in facts.tables:  # fatal only when no SQL can be written; privileges become warnings
@@ -637,18 +659,16 @@ def install_sql(settings: cfg.InstallSettings) -> str:
             raise PreconditionFailed(problems[0])
     plans = plan_captures(facts, settings.captures)
     out = io.StringIO()
-    out.write(f"-- outbox install for {facts.where} (outbox-relay revision {HEAD})\n")
+    out.write(f"-- outbox install for {facts.where} (outbox-relay revision {store_head()})\n")
     for problem in install_problems(facts, slot):
         out.write(f"-- WARNING: {problem}\n")
     for p in plans:
         if p.action == "keep":
             out.write(f"-- {p.describe()}\n")
-    buffer = io.StringIO()
     after = [s for p in plans for s in p.statements()] + _role_statements(settings, facts)
-    config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after, output=buffer)
     start = f"{facts.revision}:head" if facts.revision else "head"
-    command.upgrade(config, start, sql=True)
-    out.write(buffer.getvalue())
+    out.write(migrate.offline_sql(migrate.STORE, start, attributes=_statements(
+        before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after)))
     if facts.slot is None:
         out.write("\n-- after the COMMIT above, outside any transaction block:\n")
         out.write(create_slot_sql(slot) + ";\n")
@@ -725,7 +745,7 @@ def uninstall_outbox(dsn: str, *, slot: str | None = None, echo: Echo = _quiet) 
 def uninstall_sql(dsn: str, *, slot: str | None = None) -> str:
     """The SQL uninstall would run, for review. Reads the database (read-only), changes nothing."""
     _quiet_alembic()
-    from alembic import command
+    from outbox import migrate
 
     facts, slot_name = _read_only_facts(dsn, slot, ())
     out = io.StringIO()
@@ -740,10 +760,8 @@ def uninstall_sql(dsn: str, *, slot: str | None = None) -> str:
         out.write(drop_slot_sql(slot_name) + ";\n\n")
     if facts.revision is not None:
         tables = sorted(set(facts.captured) | facts.triggered)
-        buffer = io.StringIO()
-        config = alembic_config(before=[uncapture_sql(t) for t in tables], after=drop_schema_sql(), output=buffer)
-        command.downgrade(config, f"{facts.revision}:base", sql=True)
-        out.write(buffer.getvalue())
+        out.write(migrate.offline_sql(migrate.STORE, f"{facts.revision}:base", downgrade=True, attributes=_statements(
+            before=[uncapture_sql(t) for t in tables], after=drop_schema_sql())))
     elif facts.schema_exists:
         out.write(f"DROP SCHEMA {contract.SCHEMA};\n")
     for role in facts.relay_roles:
@@ -819,10 +837,11 @@ def uninstall(dsn: str, slot: str | None, sql: bool) -> None:
 
 
 def grant_sql(dsn: str, *, relay_role: str | None = None, consumer_role: str | None = None,
-              database: str | None = None) -> list[str]:
-    """The GRANT set for a relay role (on a store) and/or a read-store consumer role."""
+              writeback_role: str | None = None, database: str | None = None) -> list[str]:
+    """The GRANT set for a relay or CRM write-back role (on a store) and/or a read-store consumer role."""
     db = database or _database_name(dsn)
     statements = relay_role_sql(relay_role, db) if relay_role else []
+    statements += writeback_role_sql(writeback_role, db) if writeback_role else []
     return statements + (consumer_role_sql(consumer_role, db) if consumer_role else [])
 
 
@@ -834,54 +853,62 @@ def _database_name(dsn: str) -> str:
 
 
 def apply_grants(dsn: str, *, relay_role: str | None = None, consumer_role: str | None = None,
-                 echo: Echo = _quiet) -> None:
+                 writeback_role: str | None = None, echo: Echo = _quiet) -> None:
     """Create or grant the roles in one transaction; the schemas they are granted on must exist."""
     where = describe(dsn)
     with connect(dsn) as conn:
-        needed = ([contract.SCHEMA] if relay_role else []) + ([READSTORE_SCHEMA] if consumer_role else [])
+        needed = (([contract.SCHEMA] if relay_role or writeback_role else []) + ([WRITEBACK_SCHEMA] if writeback_role else [])
+                  + ([READSTORE_SCHEMA] if consumer_role else []))
         for schema in needed:
             if conn.execute("SELECT to_regnamespace(%s) IS NULL", (schema,)).fetchone() == (True,):
-                fix = ("outbox install --dsn ... first" if schema == contract.SCHEMA else
+                fix = ("outbox install --dsn ... first" if schema in (contract.SCHEMA, WRITEBACK_SCHEMA) else
                        "migrate it first as its owner: outbox consume readstore --sql | psql, or one run of "
                        "outbox consume readstore as the owner")
                 raise NotInstalled(f"schema {schema} does not exist in {where}: {fix}")
         database = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
         try:
-            for statement in grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role, database=database):
+            for statement in grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role,
+                                       writeback_role=writeback_role, database=database):
                 conn.execute(statement)  # type: ignore[arg-type]
             conn.commit()
         except psycopg.Error as e:
             raise OutboxError(f"{where}: {first_line(e)} (nothing was changed)") from None
-    for role, what in ((relay_role, "relay"), (consumer_role, "read-store consumer")):
+    for role, what in ((relay_role, "relay"), (writeback_role, "CRM write-back"), (consumer_role, "read-store consumer")):
         if role:
             echo(f"{what} role {role} has its privileges on {where}")
 
 
 @click.command()
 @click.option("--dsn", required=True, metavar="DSN",
-              help="A store database (with --relay-role) or the read store (with --consumer-role).")
+              help="A store database (with --relay-role or --writeback-role) or the read store (with --consumer-role).")
 @click.option("--relay-role", default=None, metavar="NAME",
               help="Grant (creating it if absent) what the relay needs on this store database.")
 @click.option("--consumer-role", default=None, metavar="NAME",
               help="Grant (creating it if absent) what 'outbox consume readstore --no-migrate' needs on this "
                    "read store, whose schema its owner migrated.")
+@click.option("--writeback-role", default=None, metavar="NAME",
+              help="Grant (creating it if absent) what 'outbox consume crm-writeback' needs on this store database "
+                   "(schema outbox_crm, INSERT on outbox.events); SELECT, UPDATE on the mapped tables are yours to grant.")
 @click.option("--sql", is_flag=True, default=False, help="Print the statements instead of running them.")
-def grant(dsn: str, relay_role: str | None, consumer_role: str | None, sql: bool) -> None:
-    """Create least-privilege roles for the relay or the read-store consumer, or print their GRANTs.
+def grant(dsn: str, relay_role: str | None, consumer_role: str | None, writeback_role: str | None, sql: bool) -> None:
+    """Create least-privilege roles for the relay, the CRM write-back or the read-store consumer, or print their GRANTs.
 
     Roles are created with LOGIN and no password (set one, or use certificates). Nothing in
     outbox-relay drops them: see docs/install.md, "Running without superuser".
     """
-    if not relay_role and not consumer_role:
-        raise ConfigError("name a role: --relay-role NAME (store database) or --consumer-role NAME (read store)")
+    if not relay_role and not consumer_role and not writeback_role:
+        raise ConfigError("name a role: --relay-role NAME or --writeback-role NAME (store database), "
+                          "or --consumer-role NAME (read store)")
     relay_role = check_role_name(relay_role) if relay_role else None
     consumer_role = check_role_name(consumer_role, "--consumer-role") if consumer_role else None
+    writeback_role = check_role_name(writeback_role, "--writeback-role") if writeback_role else None
     cfg.parse_dsn(dsn)
     if sql:
-        statements = grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role)
+        statements = grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role, writeback_role=writeback_role)
         click.echo("BEGIN;\n" + "".join(f"{s};\n" for s in statements) + "COMMIT;")
     else:
-        apply_grants(dsn, relay_role=relay_role, consumer_role=consumer_role, echo=click.echo)
+        apply_grants(dsn, relay_role=relay_role, consumer_role=consumer_role, writeback_role=writeback_role,
+                     echo=click.echo)
 
 
 __all__ = [
@@ -889,5 +916,5 @@ __all__ = [
     "read_role", "relay_role_sql", "SlotFacts", "TableFacts", "UninstallResult",
     "capture_sql", "check_install", "check_wal_level", "create_slot_sql", "drop_slot_sql", "install", "install_outbox",
     "install_problems", "install_sql", "plan_captures", "read_facts", "uncapture_sql", "uninstall", "uninstall_outbox",
-    "uninstall_sql", "wal_level_problem",
+    "uninstall_sql", "wal_level_problem", "writeback_role_sql",
 ]

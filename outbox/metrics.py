@@ -69,9 +69,9 @@ RELAY_COMMIT_TO_ACK = Histogram("outbox_relay_commit_to_ack_seconds",
 RELAY_LAG_BYTES = Gauge("outbox_relay_replication_lag_bytes",
                         "Server WAL end (newest of pg_current_wal_lsn(), polled, and the stream) minus the position "
                         "the relay has confirmed.", ["source_id"])
-RELAY_SECONDS_BEHIND = Gauge("outbox_relay_seconds_behind_source",
-                             "Now minus the commit time of the newest transaction Kafka fully acknowledged; 0 when "
-                             "no transaction is in flight (caught up or idle).", ["source_id"])
+RELAY_BEHIND_SOURCE_SECONDS = Gauge("outbox_relay_behind_source_seconds",
+                                    "Now minus the commit time of the newest transaction Kafka fully acknowledged; 0 "
+                                    "when no transaction is in flight (caught up or idle).", ["source_id"])
 RELAY_SLOT_RETAINED = Gauge("outbox_relay_slot_retained_wal_bytes",
                             "WAL the slot keeps on the store's disk: pg_current_wal_lsn() - restart_lsn.",
                             ["source_id", "slot"])
@@ -175,7 +175,7 @@ class RelayMetrics:
         self.read_batch = RELAY_READ_BATCH.labels(source_id)
         self.commit_to_ack = RELAY_COMMIT_TO_ACK.labels(source_id)
         self.lag_bytes = RELAY_LAG_BYTES.labels(source_id)
-        self.seconds_behind = RELAY_SECONDS_BEHIND.labels(source_id)
+        self.seconds_behind = RELAY_BEHIND_SOURCE_SECONDS.labels(source_id)
         self.replication_connected = RELAY_REPLICATION_CONNECTED.labels(source_id)
         self.kafka_connected = RELAY_KAFKA_CONNECTED.labels(source_id)
         self.slot_poll_time = RELAY_SLOT_POLL_TIME.labels(source_id)

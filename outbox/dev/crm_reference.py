@@ -21,9 +21,9 @@ import random
 import signal
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from email.utils import formatdate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import psycopg
@@ -31,6 +31,9 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from outbox import dsn as dsnmod
 from outbox.errors import ConfigError, DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
 
@@ -236,39 +239,7 @@ def _record_json(kind: str, row: tuple[Any, ...]) -> dict[str, Any]:
             "updated_at": updated_at.isoformat()}
 
 
-class Pool:
-    """A few async connections handed out in turn (psycopg_pool is not a dependency)."""
-
-    def __init__(self, dsn: str, size: int = POOL_SIZE) -> None:
-        self.dsn = dsn
-        self.size = size
-        self._free: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
-        self._all: list[psycopg.AsyncConnection[Any]] = []
-
-    async def open(self) -> None:
-        for _ in range(self.size):
-            conn = await psycopg.AsyncConnection.connect(self.dsn, application_name="outbox-crm-reference")
-            self._all.append(conn)
-            self._free.put_nowait(conn)
-
-    async def close(self) -> None:
-        for conn in self._all:
-            await conn.close()
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> Any:
-        conn = await self._free.get()
-        try:
-            if conn.broken or conn.closed:
-                self._all.remove(conn)
-                conn = await psycopg.AsyncConnection.connect(self.dsn, application_name="outbox-crm-reference")
-                self._all.append(conn)
-            yield conn
-        finally:
-            self._free.put_nowait(conn)
-
-
-async def upsert(pool: Pool, kind: str, items: list[Item], actor: str) -> list[dict[str, Any]]:
+async def upsert(pool: AsyncConnectionPool[Any], kind: str, items: list[Item], actor: str) -> list[dict[str, Any]]:
     """Write a batch in one transaction; one result per item, in order: ``{"status": 200|201|400, ...}``.
 
     Items whose idempotency key was seen before get the stored answer and write nothing.
@@ -331,7 +302,12 @@ class ReferenceCrm:
         self.faults = Faults()
         self.rng = random.Random(seed)
         self.calls: dict[str, int] = {}
-        self.pool = Pool(dsn)
+        from psycopg_pool import AsyncConnectionPool  # the [dev] extra; crm_inbound imports this module without it
+
+        # opened in start(), closed in stop(); no I/O here
+        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            dsn, min_size=POOL_SIZE, max_size=POOL_SIZE, open=False, name="outbox-crm-reference",
+            kwargs={"application_name": "outbox-crm-reference"})
         self._hang_over = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -340,7 +316,7 @@ class ReferenceCrm:
     # -- lifecycle
     async def start(self) -> None:
         await ensure_database(self.dsn)
-        await self.pool.open()
+        await self.pool.open(wait=True, timeout=30)
         async with self.pool.connection() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('outbox-crm-reference schema'))")
             await conn.execute(SCHEMA_SQL)

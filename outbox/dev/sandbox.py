@@ -24,7 +24,6 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import tempfile
 import time
@@ -334,31 +333,6 @@ def can_traverse(mode: int, owner: int, group: int, uid: int, gids: set[int]) ->
     return bool(mode & stat.S_IXOTH)
 
 
-def metadata_request(correlation_id: int, client_id: str = "outbox-sandbox") -> bytes:
-    """A Kafka Metadata v4 request for no topics (v4 is the oldest version Kafka 4.x accepts)."""
-    client = client_id.encode()
-    body = struct.pack(">hhih", 3, 4, correlation_id, len(client)) + client
-    body += struct.pack(">ib", 0, 0)  # topics: empty array; allow_auto_topic_creation: false
-    return struct.pack(">i", len(body)) + body
-
-
-def parse_metadata_brokers(payload: bytes, correlation_id: int) -> list[tuple[int, str, int]]:
-    """The (node id, host, port) of each broker in a Metadata v4 response (without its size prefix)."""
-    got, _throttle, count = struct.unpack_from(">iii", payload, 0)
-    if got != correlation_id:
-        raise ValueError(f"correlation id {got} != {correlation_id}")
-    offset, brokers = 12, []
-    for _ in range(count):
-        node, host_len = struct.unpack_from(">ih", payload, offset)
-        offset += 6
-        host = payload[offset:offset + host_len].decode()
-        offset += host_len
-        port, rack_len = struct.unpack_from(">ih", payload, offset)
-        offset += 6 + max(rack_len, 0)
-        brokers.append((node, host, port))
-    return brokers
-
-
 def format_status(servers: list[ServerStatus]) -> str:
     lines = []
     for s in servers:
@@ -527,25 +501,16 @@ def port_in_use(port: int) -> bool:
 
 def kafka_metadata_ok(port: int, timeout: float = 2.0) -> bool:
     """Whether the broker answers a Metadata request listing at least one broker."""
-    correlation_id = int(time.monotonic() * 1000) & 0x7FFFFFFF
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    # log_level 0: librdkafka would print a line per refused connection while Kafka starts
+    client = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "client.id": "outbox-sandbox",
+                          "socket.timeout.ms": max(int(timeout * 1000), 10), "log_level": 0})
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(metadata_request(correlation_id))
-            size = struct.unpack(">i", _recv_exact(sock, 4))[0]
-            return bool(parse_metadata_brokers(_recv_exact(sock, size), correlation_id))
-    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return bool(client.list_topics(timeout=timeout).brokers)
+    except KafkaException:
         return False
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 65536))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import json
 import re
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 
 from outbox.dev import demo_crm
 from outbox.dev.demo import run_workload
-from tests.integration.support import OutboxProcess, RelayProcess, install_pos, kcat_read
+from tests.conftest import admin_conn
+from tests.integration.support import OutboxProcess, RelayProcess, install_pos, kcat_read, outbox
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +67,23 @@ def store(new_database: Callable[..., str]) -> str:
     dsn = new_database("store")
     install_pos(dsn)
     return dsn
+
+
+@pytest.fixture
+def writeback_role(store: str) -> Iterator[str]:
+    """A least-privilege role for the write-back, as a DBA would set it up; dropped afterwards (cluster-wide)."""
+    name = f"t_wb_{uuid.uuid4().hex[:8]}"
+    outbox("grant", "--dsn", store, "--writeback-role", name)
+    with psycopg.connect(store, autocommit=True) as conn:  # the mapped table: the DBA's own grant
+        conn.execute(f"GRANT USAGE ON SCHEMA pos TO {name}; GRANT SELECT, UPDATE ON pos.customers TO {name}")
+    yield name
+    with admin_conn() as conn:
+        databases = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datallowconn")]
+    for db in databases:
+        with psycopg.connect(dbname=db, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{name}"')
+    with admin_conn() as conn:
+        conn.execute(f'DROP ROLE "{name}"')
 
 
 @pytest.fixture
@@ -190,13 +209,15 @@ def test_a_poison_record_is_dead_lettered_with_its_reason_while_others_flow(
 
 def test_a_crm_edit_reaches_the_store_once_and_stops_after_one_hop(
         crm: Crm, store: str, new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str,
-        processes: list[OutboxProcess]) -> None:
+        processes: list[OutboxProcess], writeback_role: str) -> None:
     topic = f"{topic_prefix}-crm.changes"  # outside the event topics' pattern <prefix>.*
     relay = RelayProcess(store, SOURCE, topic_prefix, kafka_bootstrap).start()
     sink = sink_process(crm, new_database("ledger"), topic_prefix, kafka_bootstrap).start()
     receiver = OutboxProcess("consume", "crm-webhook", "--kafka-bootstrap", kafka_bootstrap, "--port", "0",
                              "--topic", topic, name="crm-webhook").start()
-    writeback = OutboxProcess("consume", "crm-writeback", "--dsn", store, "--source-id", SOURCE, "--kafka-bootstrap",
+    # the write-back runs as its least-privilege role (outbox grant --writeback-role, UPDATE on the mapped table)
+    writeback = OutboxProcess("consume", "crm-writeback", "--dsn", f"{store} user={writeback_role}", "--source-id",
+                              SOURCE, "--kafka-bootstrap",
                               kafka_bootstrap, "--topic", topic, "--group", f"{topic_prefix}-wb", name="crm-writeback").start()
     processes.extend([relay, sink, receiver, writeback])
     port = re.search(r"127\.0\.0\.1:(\d+)/webhook", receiver.wait_for_output("/webhook")).group(1)  # type: ignore[union-attr]
@@ -239,6 +260,18 @@ def test_a_crm_edit_reaches_the_store_once_and_stops_after_one_hop(
         import asyncio
 
         asyncio.run(delete_topics(kafka_bootstrap, f"{topic_prefix}-crm"))
+
+
+def test_writeback_without_its_schema_says_to_run_install(store: str, kafka_bootstrap: str) -> None:
+    with psycopg.connect(store, autocommit=True) as conn:  # an outbox installed before revision 0004
+        conn.execute("DROP TABLE outbox_crm.consumer_offsets, outbox_crm.applied; DROP SCHEMA outbox_crm")
+    proc = outbox("consume", "crm-writeback", "--dsn", store, "--source-id", SOURCE, "--kafka-bootstrap",
+                  kafka_bootstrap, "--topic", "crm.changes", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("Error: schema outbox_crm is missing in ") and "run outbox install" in line, line
+    with psycopg.connect(store) as conn:  # it created nothing
+        assert conn.execute("SELECT to_regnamespace('outbox_crm')").fetchone() == (None,)
 
 
 def test_sigkill_mid_batch_and_restart_creates_no_duplicates(

@@ -84,7 +84,7 @@ def legacy_state(dsn: str) -> dict[str, Any]:
 def outbox_objects(dsn: str) -> dict[str, Any]:
     """Everything install may create; all empty on a database without the outbox."""
     return {
-        "schema": query(dsn, "SELECT nspname FROM pg_namespace WHERE nspname = 'outbox'"),
+        "schema": query(dsn, "SELECT nspname FROM pg_namespace WHERE nspname IN ('outbox', 'outbox_crm') ORDER BY 1"),
         "publication": query(dsn, "SELECT pubname FROM pg_publication"),
         "triggers": query(dsn, "SELECT tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal"),
         "functions": query(dsn, "SELECT proname FROM pg_proc WHERE proname = 'capture_change'"),
@@ -107,17 +107,20 @@ def test_install_then_uninstall_leaves_legacy_untouched(legacy: str) -> None:
     out = ok("install", "--dsn", legacy, *CAPTURES)
     slot = f"outbox_{dbname(legacy)}"
     assert out.splitlines()[:4] == [
-        f"outbox schema at revision {inst.HEAD} (created)",
+        f"outbox schema at revision {inst.store_head()} (created)",
         "capturing pos.customers as customer (key: id)",
         "capturing pos.order_lines as order_line (key: order_id, line_no)",
         f"replication slot {slot} created",
     ]
     assert out.splitlines()[-1].startswith("outbox installed on ")
     assert legacy_state(legacy) == before
-    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.HEAD,)]
+    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.store_head(),)]
     assert query(legacy, "SELECT table_name, aggregate_type, key_columns FROM outbox.captures ORDER BY 1") == [
         ("pos.customers", "customer", ["id"]), ("pos.order_lines", "order_line", ["order_id", "line_no"])]
     objects = outbox_objects(legacy)
+    assert objects["schema"] == [("outbox",), ("outbox_crm",)]  # outbox_crm: the CRM write-back's (revision 0004)
+    assert query(legacy, "SELECT to_regclass('outbox_crm.applied') IS NOT NULL, "
+                         "to_regclass('outbox_crm.consumer_offsets') IS NOT NULL") == [(True, True)]
     assert objects["publication"] == [("outbox_events",)]
     assert sorted(objects["triggers"]) == [("pos.customers",), ("pos.order_lines",)]
     assert objects["slots"] == [(slot,)]
@@ -141,7 +144,7 @@ def test_install_twice_is_a_no_op_and_later_captures_are_added(legacy: str) -> N
     triggers = query(legacy, "SELECT oid, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal")
     captures = query(legacy, "SELECT * FROM outbox.captures")
     out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
-    assert f"outbox schema at revision {inst.HEAD} (up to date)" in out
+    assert f"outbox schema at revision {inst.store_head()} (up to date)" in out
     assert "pos.customers already captured as customer (key: id)" in out
     assert "exists (kept)" in out
     assert query(legacy, "SELECT oid, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal") == triggers
@@ -215,6 +218,8 @@ def test_sql_prints_and_changes_nothing(legacy: str) -> None:
                    "CREATE TABLE outbox.events", "CREATE PUBLICATION outbox_events", "CREATE FUNCTION outbox.capture_change()",
                    "CREATE TRIGGER outbox_capture AFTER INSERT OR UPDATE OR DELETE ON pos.customers",
                    "outbox.capture_change('order_line', 'order_id', 'line_no')", "COMMIT;",
+                   "CREATE SCHEMA IF NOT EXISTS outbox_crm;", "CREATE TABLE IF NOT EXISTS outbox_crm.applied",
+                   "CREATE TABLE IF NOT EXISTS outbox_crm.consumer_offsets",
                    f"SELECT pg_create_logical_replication_slot('outbox_{dbname(legacy)}', 'pgoutput');"):
         assert needle in out, needle
     assert out.index("COMMIT;") < out.index("pg_create_logical_replication_slot")
@@ -231,7 +236,8 @@ def test_sql_prints_and_changes_nothing(legacy: str) -> None:
     installed = outbox_objects(legacy)
     out = ok("uninstall", "--dsn", legacy, "--sql")
     for needle in ("pg_drop_replication_slot", "DROP TRIGGER IF EXISTS outbox_capture ON pos.customers",
-                   "DROP PUBLICATION outbox_events", "DROP TABLE outbox.events", "DROP SCHEMA outbox;"):
+                   "DROP PUBLICATION outbox_events", "DROP TABLE outbox.events", "DROP SCHEMA outbox;",
+                   "DROP TABLE outbox_crm.applied", "DROP SCHEMA outbox_crm;"):
         assert needle in out, needle
     assert outbox_objects(legacy) == installed
 
@@ -243,7 +249,7 @@ def test_sql_runs_through_psql_like_a_dba_would(legacy: str) -> None:
         transaction, _, slot = script.partition("COMMIT;")
         conn.execute(transaction.replace("BEGIN;", "", 1))  # autocommit: one implicit transaction
         conn.execute(slot)
-    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.HEAD,)]
+    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.store_head(),)]
     out = ok("install", "--dsn", legacy, *CAPTURES)
     assert "(up to date)" in out and "already captured as order_line" in out and "exists (kept)" in out
 
@@ -311,7 +317,7 @@ def test_uninstall_refuses_while_a_relay_is_connected(legacy: str) -> None:
             time.sleep(0.05)
         line = one_line_error(run("uninstall", "--dsn", legacy))
         assert f"replication slot {slot}" in line and "stop the relay" in line
-        assert outbox_objects(legacy)["schema"] == [("outbox",)]
+        assert outbox_objects(legacy)["schema"] == [("outbox",), ("outbox_crm",)]
     finally:
         repl.close()
     deadline = time.time() + 10
@@ -414,7 +420,7 @@ def test_install_upgrades_an_outbox_at_0001_with_the_parked_and_backfills_tables
     _install_at_0001(legacy, {"pos.customers": ("customer", ("id",))})
     assert query(legacy, "SELECT to_regclass('outbox.backfills')") == [(None,)]
     out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
-    assert f"outbox schema at revision {inst.HEAD} (upgraded from 0001)" in out
-    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.HEAD,)]
-    assert query(legacy, "SELECT to_regclass('outbox.parked') IS NOT NULL, to_regclass('outbox.backfills') IS NOT NULL"
-                 ) == [(True, True)]
+    assert f"outbox schema at revision {inst.store_head()} (upgraded from 0001)" in out
+    assert query(legacy, "SELECT version_num FROM outbox.alembic_version") == [(inst.store_head(),)]
+    assert query(legacy, "SELECT to_regclass('outbox.parked') IS NOT NULL, to_regclass('outbox.backfills') IS NOT NULL, "
+                         "to_regclass('outbox_crm.applied') IS NOT NULL") == [(True, True, True)]

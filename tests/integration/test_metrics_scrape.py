@@ -197,7 +197,7 @@ def test_prometheus_scrapes_every_hop_and_every_query_has_data(
             values = ", ".join(f"{q} = {prometheus.value(q)}" for q in queries)
             return f"{events} events in the store; {values}\nrelay:\n{relay.output()[-3000:]}\nconsumer:\n{consumer.output()[-3000:]}"
         wait_for("the read store to apply every event, as scraped", caught_up, timeout=90, detail=scraped)
-        wait_for("the relay to be idle", lambda: prometheus.value(f'outbox_relay_seconds_behind_source{{source_id="{SOURCE_ID}"}}') == 0)
+        wait_for("the relay to be idle", lambda: prometheus.value(f'outbox_relay_behind_source_seconds{{source_id="{SOURCE_ID}"}}') == 0)
         # rate() needs two samples in its window; give every target a few
         wait_for("five scrapes of each target", lambda: (prometheus.value("min(count_over_time(up[1m]))") or 0) >= 5)
         wait_for("a slot sample", lambda: prometheus.value('outbox_relay_slot_wal_status{wal_status="reserved"}') == 1)

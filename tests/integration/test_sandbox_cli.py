@@ -119,6 +119,8 @@ def test_up_status_env_down_up_keeps_data(sandbox_dir: Path) -> None:
 
     metadata = json.loads(kcat("-L", "-J", "-m", "30"))
     assert [(b["id"], b["name"]) for b in metadata["brokers"]] == [(1, f"127.0.0.1:{KAFKA_PORT}")]
+    assert sb.kafka_metadata_ok(KAFKA_PORT)  # the readiness probe `up` waits on
+    assert not sb.kafka_metadata_ok(PG_PORT, timeout=0.5)  # not Kafka: no Metadata answer
     topic = f"sbx{uuid.uuid4().hex[:8]}"
     kcat("-P", "-t", topic, "-m", "30", stdin="hello\n")  # auto-creates the topic
 

@@ -13,7 +13,7 @@ from outbox.status import GroupStatus, Report, StoreStatus, group_lags, parse_so
 BASE = inst.Facts(
     where="h:5432/store1", database="store1", server_version=150000, wal_level="logical",
     max_replication_slots=10, slots_used=1, can_create=True, can_replicate=True, schema_exists=True,
-    schema_empty=False, publication_exists=True, revision=inst.HEAD, slot=None,
+    schema_empty=False, publication_exists=True, revision=inst.store_head(), slot=None,
     captured={"pos.customers": ("customer", ("id",))}, triggered=frozenset({"pos.customers"}),
 )
 ROLE = inst.RoleFacts("relay", True, replication=True, can_login=True, connect=True, outbox_usage=True,
@@ -118,5 +118,10 @@ def test_role_sql_is_least_privilege_and_idempotent() -> None:
     assert "UPDATE" not in sql and "TRUNCATE" not in sql and "SUPERUSER" not in sql and " ALL " not in sql
     consumer = "\n".join(inst.consumer_role_sql("rs", "readstore"))
     assert "GRANT USAGE ON SCHEMA readstore TO rs" in consumer and "REPLICATION" not in consumer
+    writeback = "\n".join(inst.writeback_role_sql("wb", "store1"))
+    assert "CREATE ROLE wb LOGIN;" in writeback and "REPLICATION" not in writeback
+    assert "GRANT USAGE ON SCHEMA outbox_crm TO wb" in writeback
+    assert "GRANT INSERT ON outbox.events TO wb" in writeback  # the capture trigger runs as the writer
+    assert "DELETE" not in writeback and "TRUNCATE" not in writeback and " ALL " not in writeback
     with pytest.raises(ConfigError):
         inst.check_role_name("bad-name; DROP")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import shlex
 import stat
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -252,21 +251,6 @@ def test_traversal_bits() -> None:
     assert not sb.can_traverse(d | 0o700, 0, 0, 101, {104})
     assert sb.can_traverse(d | 0o710, 0, 104, 101, {104})
     assert sb.can_traverse(d | 0o700, 101, 0, 101, {104})
-
-
-# --------------------------------------------------------------------------- Kafka probe
-def test_metadata_request_bytes() -> None:
-    req = sb.metadata_request(7, "c")
-    assert req == struct.pack(">ihhih", 16, 3, 4, 7, 1) + b"c" + struct.pack(">ib", 0, 0)
-
-
-def test_metadata_response_brokers() -> None:
-    host = b"127.0.0.1"
-    payload = struct.pack(">iii", 7, 0, 1) + struct.pack(">ih", 1, len(host)) + host + struct.pack(">ih", 39092, -1)
-    payload += b"cluster id and topics follow"
-    assert sb.parse_metadata_brokers(payload, 7) == [(1, "127.0.0.1", 39092)]
-    with pytest.raises(ValueError):
-        sb.parse_metadata_brokers(payload, 8)
 
 
 def test_status_text() -> None:
