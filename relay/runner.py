@@ -28,8 +28,8 @@ from outbox.backoff import Backoff
 from outbox.relay.events import RowReader
 from outbox.relay.positions import PositionTracker, Txn
 from outbox.relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, Report, topic_max_bytes
-from outbox.relay.replication import (ParkedEvent, Parker, ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, preflight,
-                               purge_events)
+from outbox.relay.replication import (ParkedEvent, Parker, ReplicationStream, SlotInfo, SlotInUse, SlotMonitor, pg_now_us,
+                               preflight, purge_events)
 from outbox.relay.transactional import ExactlyOnce, exactly_once
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ class Relay:
         moved = self.tracker.confirmed != self._reported
         due = now - self._last_status >= (STATUS_EVERY if moved else self.settings.status_interval)
         if force or due:
-            self._stream.send_status(self.tracker.received, self.tracker.confirmed)
+            self._stream.send_status(self.tracker.received, self.tracker.confirmed, pg_now_us())
             self._reported = self.tracker.confirmed
             self._last_status = now
         since, events = self._last_progress
