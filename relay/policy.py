@@ -255,3 +255,33 @@ def heartbeat_due(now: float, last_sent: float, heartbeat_interval: float) -> bo
 
 def sample_due(now: float, last_sample: float) -> bool:
     return now - last_sample >= MONITOR_EVERY
+
+
+# --------------------------------------------------------------------------- exactly-once: Kafka transactions
+
+
+def kafka_commit_due(*, members: int, committing: bool, sent: int, max_events: int, opened: float,
+                     interval: float, now: float, force: bool = False) -> bool:
+    """Whether the open Kafka transaction should commit now (asked only between source transactions):
+    it holds ``members`` complete source transactions, none commits yet, and it is forced, full
+    (``sent`` events, a trigger, not a cap) or open for ``interval`` seconds since ``opened``."""
+    if not members or committing:
+        return False
+    return force or sent >= max_events or now - opened >= interval
+
+
+def kafka_commit_wait(*, members: int, committing: bool, opened: float, interval: float, now: float,
+                      poll: float) -> float | None:
+    """Seconds until the open Kafka transaction is due (while one commits: ``poll``, the time to look
+    again); None when it holds no complete source transaction."""
+    if committing:
+        return poll
+    if not members:
+        return None
+    return max(0.0, interval - (now - opened))
+
+
+def retry_commit(retriable: bool, requires_abort: bool, attempt: int, attempts: int) -> bool:
+    """A Kafka transaction commit failed on try ``attempt`` (from 0) of ``attempts``: try again only
+    when the error is retriable and the transaction need not be aborted."""
+    return retriable and not requires_abort and attempt + 1 < attempts

@@ -310,3 +310,40 @@ def test_monitor_cadence() -> None:
 
 def test_heartbeat_rows_are_recognised_as_read_from_the_wal() -> None:
     assert policy.HEARTBEAT_TYPE == contract.HEARTBEAT_TYPE.encode() and isinstance(policy.HEARTBEAT_TYPE, bytes)
+
+
+# --------------------------------------------------------------------------- exactly-once: Kafka transactions
+
+def due(**kw: object) -> bool:
+    args: dict[str, object] = {"members": 2, "committing": False, "sent": 10, "max_events": 100, "opened": 50.0,
+                               "interval": 0.1, "now": 50.05}
+    args.update(kw)
+    return policy.kafka_commit_due(**args)  # type: ignore[arg-type]
+
+
+def test_kafka_commit_due_by_time_size_or_force() -> None:
+    assert not due()  # open 0.05 s of 0.1, 10 events of 100
+    assert due(now=50.1)  # by time, at the boundary
+    assert due(sent=100)  # by size
+    assert due(force=True)  # drain
+
+
+def test_kafka_commit_never_due_empty_or_while_one_commits() -> None:
+    assert not due(members=0, force=True, sent=1000, now=99.0)  # no complete source transaction in it
+    assert not due(committing=True, force=True, sent=1000, now=99.0)  # one at a time
+
+
+def test_kafka_commit_wait() -> None:
+    wait = policy.kafka_commit_wait
+    assert wait(members=0, committing=False, opened=50.0, interval=0.1, now=50.0, poll=0.005) is None
+    assert wait(members=0, committing=True, opened=50.0, interval=0.1, now=50.0, poll=0.005) == 0.005
+    assert wait(members=1, committing=False, opened=50.0, interval=0.1, now=50.04, poll=0.005) == pytest.approx(0.06)
+    assert wait(members=1, committing=False, opened=50.0, interval=0.1, now=51.0, poll=0.005) == 0.0  # overdue
+
+
+def test_retry_commit() -> None:
+    assert policy.retry_commit(retriable=True, requires_abort=False, attempt=0, attempts=5)
+    assert policy.retry_commit(retriable=True, requires_abort=False, attempt=3, attempts=5)
+    assert not policy.retry_commit(retriable=True, requires_abort=False, attempt=4, attempts=5)  # the last try
+    assert not policy.retry_commit(retriable=True, requires_abort=True, attempt=0, attempts=5)
+    assert not policy.retry_commit(retriable=False, requires_abort=False, attempt=0, attempts=5)
