@@ -66,7 +66,7 @@ class Session:
             state.oversized_topics.clear()
         options = {"message_timeout_ms": int(s.kafka_message_timeout * 1000),
                    "batch_bytes": policy.batch_bytes(state.size_limits)}
-        publisher = self._eos.new_publisher(**options) if self._eos else Publisher(s.kafka, **options)
+        publisher = self._eos.new_publisher(**options) if self._eos is not None else Publisher(s.kafka, **options)
         stream: ReplicationStream | None = None
         try:
             await publisher.start()
@@ -128,7 +128,7 @@ class Session:
             stopping.cancel()
 
     def _read_timeout(self) -> float:
-        return policy.read_timeout(self.settings.status_interval, self._eos.time_left() if self._eos else None)
+        return policy.read_timeout(self.settings.status_interval, self._eos.time_left() if self._eos is not None else None)
 
     # ------------------------------------------------------------------ per message (the hot path)
     def _handle(self, message: pgoutput.XLogData | pgoutput.Keepalive) -> Awaitable[None] | None:
