@@ -173,6 +173,13 @@ def test_a_retriable_report_is_an_outage_whatever_its_code() -> None:
     assert classify_delivery(failed(KafkaError.INVALID_RECORD, retriable=True), fatal=None) is Delivery.OUTAGE
 
 
+def test_too_large_wins_over_outage() -> None:
+    # a size refusal flagged retriable is still a size problem: learn the limit and park, not replay forever
+    exc = failed(KafkaError.MSG_SIZE_TOO_LARGE, retriable=True)
+    assert exc.outage and exc.too_large
+    assert classify_delivery(exc, fatal=None) is Delivery.TOO_LARGE
+
+
 def test_exactly_once_fatal_wins_but_not_over_a_purge() -> None:
     fenced = OutboxError("fenced: another relay started")
     assert classify_delivery(failed(KafkaError._MSG_TIMED_OUT), fatal=fenced) is Delivery.FATAL
