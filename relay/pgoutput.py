@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeAlias, TypeVar
@@ -97,9 +96,12 @@ def standby_status_update(write_lsn: int, flush_lsn: int, apply_lsn: int, now_us
     return _STATUS.pack(b"r", write_lsn, flush_lsn, apply_lsn, now_us, reply)
 
 
-def pg_now_us() -> int:
-    """The current time as microseconds since 2000-01-01 UTC."""
-    return time.time_ns() // 1000 - _PG_EPOCH_US
+def pg_time_us(unix_ns: int) -> int:
+    """A Unix time in nanoseconds as microseconds since 2000-01-01 UTC (the standby status clock).
+
+    No clock is read here: the I/O edge (``relay.replication.pg_now_us``) passes the time in.
+    """
+    return unix_ns // 1000 - _PG_EPOCH_US
 
 
 # --- pgoutput messages -----------------------------------------------------------------------

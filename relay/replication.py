@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,11 @@ from outbox.config import slot_name_for
 from outbox.relay import pgoutput
 
 log = logging.getLogger(__name__)
+
+
+def pg_now_us() -> int:
+    """The current time as microseconds since 2000-01-01 UTC: the clock of standby status updates."""
+    return pgoutput.pg_time_us(time.time_ns())
 
 
 class SlotInUse(PreconditionFailed):
@@ -298,10 +304,11 @@ class ReplicationStream:
                 return out
         return out
 
-    def send_status(self, write_lsn: int, flush_lsn: int, reply: bool = False) -> None:
+    def send_status(self, write_lsn: int, flush_lsn: int, now_us: int, reply: bool = False) -> None:
+        """A standby status update; ``now_us`` is the client clock (microseconds since 2000, :func:`pg_now_us`)."""
         assert self._conn is not None
         pgconn = self._conn.pgconn
-        message = pgoutput.standby_status_update(write_lsn, flush_lsn, flush_lsn, pgoutput.pg_now_us(), reply)
+        message = pgoutput.standby_status_update(write_lsn, flush_lsn, flush_lsn, now_us, reply)
         try:
             if pgconn.put_copy_data(message) != 1 or pgconn.flush() != 0:
                 raise DatabaseUnavailable(f"cannot send status to PostgreSQL: {self._error(pgconn)}")

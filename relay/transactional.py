@@ -35,6 +35,7 @@ from outbox.config import KafkaSettings, RelaySettings
 from outbox.contract import Record
 from outbox.errors import KafkaUnavailable, OutboxError
 from outbox.metrics import RelayMetrics
+from outbox.relay import policy
 from outbox.relay.offsets import OffsetsTopic, SourcePosition, encode_position
 from outbox.relay.positions import PositionTracker, Txn
 from outbox.relay.publisher import DeliveryFailed, Publisher, Report, is_fenced, kafka_reason, librdkafka_log
@@ -148,7 +149,7 @@ class TransactionalPublisher(Publisher):
                 break
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
-                if err.retriable() and not err.txn_requires_abort() and attempt + 1 < COMMIT_RETRIES:
+                if policy.retry_commit(err.retriable(), err.txn_requires_abort(), attempt, COMMIT_RETRIES):
                     log.warning("Kafka transaction commit failed, retrying: %s", err.str())
                     continue
                 raise self._classify(err, "commit the Kafka transaction") from None
@@ -280,19 +281,16 @@ class ExactlyOnce:
 
     def due(self, force: bool = False) -> bool:
         """Whether the open Kafka transaction should commit now (call only between source transactions)."""
-        if not self._members or self._commit is not None:
-            return False
-        return (force or self.publisher.sent_in_transaction >= self.max_events
-                or time.monotonic() - self._opened >= self.interval)
+        return policy.kafka_commit_due(members=len(self._members), committing=self._commit is not None,
+                                       sent=self.publisher.sent_in_transaction, max_events=self.max_events,
+                                       opened=self._opened, interval=self.interval, now=time.monotonic(), force=force)
 
     def time_left(self) -> float | None:
         """Seconds until the open Kafka transaction is due (or, while one commits, until it is worth looking
         again); None when it holds no complete source transaction."""
-        if self._commit is not None:
-            return COMMIT_POLL
-        if not self._members:
-            return None
-        return max(0.0, self.interval - (time.monotonic() - self._opened))
+        return policy.kafka_commit_wait(members=len(self._members), committing=self._commit is not None,
+                                        opened=self._opened, interval=self.interval, now=time.monotonic(),
+                                        poll=COMMIT_POLL)
 
     def start_commit(self) -> None:
         """Commit the open Kafka transaction in the background; :meth:`finished` says when it is done."""

@@ -34,10 +34,11 @@ from outbox.relay.pgoutput import (
     decode,
     decode_insert,
     parse_copy_data,
-    pg_now_us,
+    pg_time_us,
     relation_row,
     standby_status_update,
 )
+from outbox.relay.replication import pg_now_us
 
 FIXTURES: dict[str, bytes] = {
     item["name"]: bytes.fromhex(item["hex"])
@@ -316,6 +317,14 @@ def test_standby_status_update_bytes() -> None:
 def test_pg_now_us() -> None:
     now = pg_timestamp_to_datetime(pg_now_us())
     assert abs((now - datetime.now(timezone.utc)).total_seconds()) < 5
+
+
+def test_pg_time_us_reads_no_clock() -> None:
+    assert pg_time_us(946_684_800_000_000_000) == 0  # 2000-01-01T00:00:00Z
+    assert pg_time_us(946_684_800_000_001_999) == 1  # nanoseconds truncate to microseconds
+    assert pg_timestamp_to_datetime(pg_time_us(1_700_000_000_123_456_000)) == datetime(
+        2023, 11, 14, 22, 13, 20, 123456, tzinfo=timezone.utc)
+    assert "time" not in vars(__import__("outbox.relay.pgoutput", fromlist=["x"]))  # the decoder has no clock
 
 
 @pytest.mark.parametrize(
