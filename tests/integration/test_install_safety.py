@@ -277,3 +277,31 @@ def test_no_event_is_written_before_the_slot_can_decode_it(legacy: str, topic_pr
         time.sleep(0.5)
     assert expected <= seen, f"{len(expected - seen)} of {len(expected)} events in outbox.events never reached Kafka"
     assert f"waiting for pid {batch_pid}" in output, output
+
+
+def test_the_slot_wait_is_bounded_and_leaves_nothing_captured(legacy: str) -> None:
+    with session(legacy, "INSERT INTO pos.audit VALUES (now(), 'open batch')") as (batch, batch_pid):
+        started = time.monotonic()
+        result = run("install", "--dsn", legacy, "--capture", "pos.customers=customer", "--lock-wait", "2")
+        line = one_line_error(result)
+        assert time.monotonic() - started < 30
+        assert f"waiting for pid {batch_pid}" in result.output and "before creating replication slot" in result.output
+        assert f"pid {batch_pid}" in line and "replication slot" in line and "no capture trigger" in line, line
+        assert triggers(legacy) == [] and slots(legacy) == []
+        batch.commit()
+    out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
+    assert "capturing pos.customers as customer" in out and triggers(legacy) == ["pos.customers"]
+
+
+def test_sql_shows_the_lock_timeouts_and_the_order(legacy: str) -> None:
+    out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer", "--capture", "pos.orders=order",
+             "--lock-timeout", "0.5", "--sql")
+    slot, trigger = out.index("pg_create_logical_replication_slot"), out.index("CREATE TRIGGER outbox_capture")
+    assert out.index("COMMIT;") < slot < trigger
+    assert out.count("SET LOCAL lock_timeout = '500ms';") == 3  # the schema's transaction, then one per table
+    assert out[slot:].count("BEGIN;") == 2
+    assert triggers(legacy) == [] and slots(legacy) == []
+    ok("install", "--dsn", legacy, "--capture", "pos.customers=customer")
+    out = ok("uninstall", "--dsn", legacy, "--sql")
+    assert "SET LOCAL lock_timeout = '2s';" in out
+    assert out.index("DROP SCHEMA outbox;") < out.index("pg_drop_replication_slot")
