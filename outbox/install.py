@@ -975,7 +975,7 @@ def _lock_options(func: Any) -> Any:
         "--lock-wait", type=float, default=lockwait.DEFAULT_LOCK_WAIT, show_default=False, metavar="SECONDS",
         help="Give up, with one line naming the session in the way, after waiting this long in all for one "
              "table's lock (or, on install, for the transactions a new replication slot waits for). "
-             "Nothing half-done is left.")(func)
+             "Each transaction of ours either completes or changes nothing.")(func)
     return click.option(
         "--lock-timeout", type=float, default=lockwait.DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
         help="SET LOCAL lock_timeout of each transaction that locks a legacy table or the outbox's own: the "
