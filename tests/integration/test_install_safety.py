@@ -262,9 +262,10 @@ def test_no_event_is_written_before_the_slot_can_decode_it(legacy: str, topic_pr
                 for name in ("during 1", "during 2", "during 3"):
                     conn.execute("INSERT INTO pos.customers (name) VALUES (%s)", (name,))
                 conn.commit()
+            line = install.wait_for_output(f"waiting for pid {batch_pid}", timeout=10)
+            assert "before creating replication slot" in line, line
             batch.commit()
             assert wait_exit(install) == 0, install.output()
-            output = install.output()
     relays(legacy, "s1", topic_prefix, kafka_bootstrap).start()
     query(legacy, "INSERT INTO pos.customers (name) VALUES ('after')")
     expected = {r[0] for r in query(legacy, "SELECT id::text FROM outbox.events WHERE type <> 'outbox.heartbeat'")}
@@ -276,7 +277,6 @@ def test_no_event_is_written_before_the_slot_can_decode_it(legacy: str, topic_pr
         seen = {r["headers"]["ce_id"] for r in kcat_read(kafka_bootstrap, topic)}
         time.sleep(0.5)
     assert expected <= seen, f"{len(expected - seen)} of {len(expected)} events in outbox.events never reached Kafka"
-    assert f"waiting for pid {batch_pid}" in output, output
 
 
 def test_the_slot_wait_is_bounded_and_leaves_nothing_captured(legacy: str) -> None:
