@@ -240,6 +240,8 @@ class InstallSettings(_Settings):
     slot: str | None = None
     sql: bool = False
     relay_role: str | None = None  # a least-privilege role for the relay, created or granted by install
+    lock_timeout: float = Field(default=2.0, gt=0)  # SET LOCAL lock_timeout per transaction that locks a table
+    lock_wait: float = Field(default=300.0, ge=0)  # total wait per table (or for the slot) before giving up
 
     _dsn = field_validator("dsn")(_check_dsn)
 

@@ -6,18 +6,33 @@ The work is cut in three layers:
   in, SQL text or a one-line error out, unit-tested without a server;
 * ``read_facts``: the one function that asks the database what is there (read-only);
 * ``install_outbox`` / ``uninstall_outbox`` / ``install_sql`` / ``uninstall_sql``: the typed
-  functions the click commands wrap. Schema changes run through Alembic (``migrations/store``)
-  with the version table inside the ``outbox`` schema, in one transaction together with the
-  capture triggers; the replication slot is created after that commit (PostgreSQL refuses to
-  create a logical slot in a transaction that has written).
+  functions the click commands wrap.
+
+Install runs in this order, so that no event can be written before the slot can decode it
+(issue #19.1) and no lock of ours queues the application's statements (issue #21):
+
+1. one transaction through Alembic (``migrations/store``, version table inside the ``outbox``
+   schema): schema, events table, publication, registry, trigger function, role grants; it starts
+   with ``SET LOCAL lock_timeout`` and is retried as a whole when a lock is not granted in time;
+2. the logical replication slot, outside any transaction (PostgreSQL refuses to create one in a
+   transaction that has written); it waits for the transactions running when it starts, watched
+   and bounded by ``--lock-wait``; its consistent point then precedes every capture trigger;
+3. one short transaction per captured table (``SET LOCAL lock_timeout``, the trigger, its
+   ``outbox.captures`` row), each retried with backoff while another session holds the table.
+
+Uninstall removes triggers and schema in one transaction (``SET LOCAL lock_timeout``, retried as
+a whole, so a failure changes nothing) and drops the slot last. ``outbox/lockwait.py`` holds the
+waiting, watching and wording.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +42,7 @@ import psycopg
 
 from outbox import config as cfg
 from outbox import contract
+from outbox import lockwait
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
@@ -208,6 +224,7 @@ class TableFacts:
     relkind: str | None = None
     key_columns: tuple[str, ...] = ()
     can_trigger: bool = True
+    children: tuple[str, ...] = ()  # inheritance children (legacy pre-10 partitioning), not declarative partitions
 
 
 @dataclass(frozen=True)
@@ -306,6 +323,7 @@ def install_problems(facts: Facts, slot: str) -> list[str]:
                         f"{facts.slot.plugin}: choose another name with --slot")
     for t in facts.tables:
         problems.extend(table_problems(t, where))
+    problems.extend(inheritance_problems(facts))
     for role in facts.roles.values():
         if not facts.superuser and not role.can_replicate:
             problems.append(f"only a superuser can {'give' if role.exists else 'create'} role {role.name} "
@@ -330,6 +348,25 @@ def table_problems(t: TableFacts, where: str) -> list[str]:
         return [f"the current user cannot create triggers on {t.name}: GRANT TRIGGER ON {t.name} TO <user>, "
                 "or install as its owner"]
     return []
+
+
+def inheritance_problems(facts: Facts) -> list[str]:
+    """A captured table's inheritance children must be captured too.
+
+    Rows written to a child (legacy partitioning: ``INHERITS``, often filled by a routing trigger
+    on the parent) fire the child's row triggers only, so the parent's trigger alone gives no
+    event for them. Declarative partitions need nothing: a trigger on the parent is cloned onto
+    every partition, present and future.
+    """
+    covered = {t.name for t in facts.tables if t.name} | set(facts.captured) | facts.triggered
+    problems = []
+    for t in facts.tables:
+        missing = [c for c in t.children if c not in covered]
+        if t.name and missing:
+            problems.append(f"{t.name} has inheritance children ({', '.join(missing)}) whose rows its trigger never "
+                            f"sees: capture them too (--capture {missing[0]}=AGGREGATE for each), or partition "
+                            f"{t.name} declaratively")
+    return problems
 
 
 def check_install(facts: Facts, slot: str) -> None:
@@ -409,7 +446,10 @@ SELECT format('%%I.%%I', n.nspname, c.relname), c.relkind,
        ARRAY(SELECT a.attname::text
              FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord), pg_attribute a
              WHERE i.indrelid = c.oid AND i.indisprimary AND a.attrelid = c.oid AND a.attnum = k.attnum
-             ORDER BY k.ord)
+             ORDER BY k.ord),
+       ARRAY(SELECT format('%%I.%%I', cn.nspname, cc.relname)
+             FROM pg_inherits h JOIN pg_class cc ON cc.oid = h.inhrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
+             WHERE h.inhparent = c.oid AND NOT cc.relispartition ORDER BY 1)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = to_regclass(%s)
 """
@@ -462,7 +502,8 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
             captured[name] = (aggregate, tuple(keys))
     triggered = frozenset(r[0] for r in conn.execute(
         "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = %s AND NOT t.tgisinternal",
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = %s AND NOT t.tgisinternal "
+        "AND t.tgparentid = 0",  # a partition's clone of its parent's trigger goes with the parent's
         (contract.CAPTURE_TRIGGER,),
     ))
     slot_row = conn.execute(
@@ -474,7 +515,7 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
         if t is None:
             table_facts.append(TableFacts(requested))
         else:
-            table_facts.append(TableFacts(requested, t[0], t[1], tuple(t[3]), bool(t[2])))
+            table_facts.append(TableFacts(requested, t[0], t[1], tuple(t[3]), bool(t[2]), tuple(t[4])))
     return Facts(
         where=_where(conn), database=database, server_version=version, wal_level=wal_level,
         max_replication_slots=max_slots, slots_used=used, can_create=bool(can_create),
@@ -509,17 +550,18 @@ def store_revisions() -> tuple[str, ...]:
 
 
 def alembic_config(*, before: Sequence[str] = (), after: Sequence[str] = (), connection: Any = None,
-                   output: io.StringIO | None = None) -> Any:
+                   output: io.StringIO | None = None, lock_timeout: float = lockwait.DEFAULT_LOCK_TIMEOUT) -> Any:
     """An Alembic Config for migrations/store, with the statements env.py runs before and after the revisions."""
     from outbox import migrate
 
     return migrate.config(migrate.STORE, connection=connection, output=output,
-                          attributes=_statements(before=before, after=after))
+                          attributes=_statements(before=before, after=after, lock_timeout=lock_timeout))
 
 
-def _statements(*, before: Sequence[str], after: Sequence[str]) -> dict[str, list[str]]:
+def _statements(*, before: Sequence[str], after: Sequence[str],
+                lock_timeout: float = lockwait.DEFAULT_LOCK_TIMEOUT) -> dict[str, Any]:
     """What migrations/store/env.py runs in the migration's transaction, before and after the revisions."""
-    return {"outbox_before": list(before), "outbox_after": list(after)}
+    return {"outbox_before": list(before), "outbox_after": list(after), "outbox_lock_timeout": lock_timeout}
 
 
 def _quiet_alembic() -> None:
@@ -535,18 +577,33 @@ def _engine(dsn: str) -> Any:
     return create_engine("postgresql+psycopg://", creator=lambda: connect(dsn), poolclass=NullPool)
 
 
+def _engine_on(conn: psycopg.Connection[Any]) -> Any:
+    """An engine whose one connection is ``conn`` (so the watcher knows the backend pid); dispose() closes it."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import StaticPool
+
+    return create_engine("postgresql+psycopg://", creator=lambda: conn, poolclass=StaticPool)
+
+
 @contextlib.contextmanager
 def _sql_errors(where: str) -> Iterator[None]:
     """Turn errors raised while changing the schema into one line (the transaction rolls back)."""
     from alembic.util import CommandError
     from sqlalchemy import exc as sa_exc
 
+    def line(e: BaseException) -> str:
+        text = first_line(e)
+        detail = getattr(getattr(e, "diag", None), "message_detail", None)
+        if isinstance(e, psycopg.errors.DependentObjectsStillExist) and detail:  # name the object in the way
+            text += f": {first_line(Exception(detail))}"
+        return text
+
     try:
         yield
     except sa_exc.DBAPIError as e:
-        raise OutboxError(f"{where}: {first_line(e.orig or e)} (nothing was changed)") from None
+        raise OutboxError(f"{where}: {line(e.orig or e)} (nothing was changed)") from None
     except psycopg.Error as e:
-        raise OutboxError(f"{where}: {first_line(e)} (nothing was changed)") from None
+        raise OutboxError(f"{where}: {line(e)} (nothing was changed)") from None
     except CommandError as e:
         raise OutboxError(f"{where}: alembic: {first_line(e)}") from None
 
@@ -569,57 +626,155 @@ class InstallResult:
 
 
 def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> InstallResult:
-    """Install or bring up to date the outbox in one store database; idempotent."""
+    """Install or bring up to date the outbox in one store database; idempotent.
+
+    Schema first, then the slot, then one short transaction per capture trigger (module docstring).
+    """
     _quiet_alembic()
     from alembic import command
 
-    engine = _engine(settings.dsn)
-    try:
-        with _sql_errors(describe(settings.dsn)), engine.begin() as sa_conn:
-            raw: psycopg.Connection[Any] = sa_conn.connection.driver_connection  # type: ignore[assignment]
-            raw.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-            slot = _slot_name(settings.slot, raw)
-            facts = read_facts(raw, slot=slot, tables=[c.table for c in settings.captures], roles=_roles(settings))
-            check_install(facts, slot)
-            plans = plan_captures(facts, settings.captures)
-            where = facts.where
-            after = [s for p in plans for s in p.statements()] + _role_statements(settings, facts)
-            config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after,
-                                    connection=sa_conn)
-            command.upgrade(config, "head")
-            head = store_head()
-            echo(f"outbox schema at revision {head}" + (" (created)" if facts.revision is None else " (up to date)"
-                                                        if facts.revision == head else f" (upgraded from {facts.revision})"))
-            for p in plans:
-                echo(p.describe())
-            for role in facts.roles.values():
-                echo(f"relay role {role.name} {'granted' if role.exists else 'created (LOGIN, no password: set one)'}: "
-                     f"REPLICATION, CONNECT, USAGE on schema {contract.SCHEMA}, SELECT, INSERT (heartbeats) and DELETE (purge) on "
-                     f"{contract.SCHEMA}.{contract.EVENTS_TABLE}")
-    finally:
+    where = describe(settings.dsn)
+    with connect(settings.dsn, autocommit=True) as monitor, connect(settings.dsn) as work:
+        # one install or uninstall at a time per database; a session lock, as install spans transactions
+        monitor.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        engine = _engine_on(work)
+
+        def schema() -> tuple[Facts, str, list[CapturePlan]]:
+            with engine.begin() as sa_conn:
+                raw: psycopg.Connection[Any] = sa_conn.connection.driver_connection  # type: ignore[assignment]
+                slot = _slot_name(settings.slot, raw)
+                facts = read_facts(raw, slot=slot, tables=[c.table for c in settings.captures], roles=_roles(settings))
+                check_install(facts, slot)
+                plans = plan_captures(facts, settings.captures)
+                config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"],
+                                        after=_role_statements(settings, facts), connection=sa_conn,
+                                        lock_timeout=settings.lock_timeout)
+                command.upgrade(config, "head")
+                return facts, slot, plans
+
+        with _sql_errors(where):
+            facts, slot, plans = lockwait.retry_on_lock_timeout(
+                work, monitor, schema, what=f"schema {contract.SCHEMA}", lock_timeout=settings.lock_timeout,
+                lock_wait=settings.lock_wait, echo=echo,
+                give_up=lambda msg: f"{where}: {msg}: commit or end that session, then run install again (nothing was changed)")
+        where = facts.where
+        head = store_head()
+        echo(f"outbox schema at revision {head}" + (" (created)" if facts.revision is None else " (up to date)"
+                                                    if facts.revision == head else f" (upgraded from {facts.revision})"))
+        slot_created = False
+        if facts.slot is None:
+            slot_created = _create_slot(work, monitor, slot, where, lock_wait=settings.lock_wait, echo=echo)
+        _capture(work, monitor, plans, where, settings, echo=echo, slot_created=slot_created)
+        for role in facts.roles.values():
+            echo(f"relay role {role.name} {'granted' if role.exists else 'created (LOGIN, no password: set one)'}: "
+                 f"REPLICATION, CONNECT, USAGE on schema {contract.SCHEMA}, SELECT, INSERT (heartbeats) and DELETE (purge) on "
+                 f"{contract.SCHEMA}.{contract.EVENTS_TABLE}")
         engine.dispose()
-    slot_created = ensure_slot(settings.dsn, slot, echo=echo) if facts.slot is None else False
-    if not slot_created:
+    if slot_created:
+        echo(f"replication slot {slot} created")
+        if facts.triggered:
+            echo(f"warning: replication slot {slot} was missing while {len(facts.triggered)} table"
+                 f"{'s were' if len(facts.triggered) != 1 else ' was'} captured: changes written since it was lost are "
+                 "in outbox.events but will never be relayed; re-snapshot the captured tables with 'outbox backfill'")
+    else:
         echo(f"replication slot {slot} exists (kept)")
     result = InstallResult(where, head, facts.revision is None, tuple(plans), slot, slot_created)
     echo(result.summary())
     return result
 
 
-def ensure_slot(dsn: str, slot: str, *, echo: Echo = _quiet) -> bool:
-    """Create the logical replication slot unless it exists; True when created here."""
-    with connect(dsn, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone():
+def _create_slot(work: psycopg.Connection[Any], monitor: psycopg.Connection[Any], slot: str, where: str, *,
+                 lock_wait: float, echo: Echo) -> bool:
+    """Create the slot before any capture trigger exists; True when created here.
+
+    PostgreSQL makes a new logical slot wait until every transaction running when it starts has
+    ended (its consistent point). It takes no table lock, so nobody queues behind it; install
+    says whom it waits for and cancels after ``lock_wait`` seconds.
+    """
+    started = time.monotonic()
+    last: list[Any] = [None, 0.0]  # blocker pids last reported, when
+
+    def report(waiting: lockwait.Waiting) -> None:
+        pids = tuple(b.pid for b in waiting.blockers)
+        now = time.monotonic()
+        if pids != last[0] or now - last[1] >= 10:
+            last[:] = [pids, now]
+            echo(f"waiting for {lockwait.describe_blockers(waiting.blockers)} before creating replication slot {slot}: "
+                 "a new slot waits for the transactions running when it starts (no lock is taken, nothing queues "
+                 f"behind it); giving up in {max(0, lock_wait - (now - started)):.0f} s (--lock-wait)")
+
+    work.autocommit = True
+    try:
+        # the wait is ours to bound (--lock-wait): a role's own timeouts must not cut it short
+        work.execute("SET lock_timeout = 0")
+        work.execute("SET statement_timeout = 0")
+        if work.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone():
             return False
-        try:
-            conn.execute(create_slot_sql(slot))
-        except psycopg.errors.DuplicateObject:
+        result, seen = lockwait.watched(work, monitor, lambda: work.execute(create_slot_sql(slot)),
+                                        deadline=started + lock_wait, on_wait=report)
+        if isinstance(result, psycopg.errors.DuplicateObject):
             return False
-        except psycopg.Error as e:
+        if isinstance(result, psycopg.errors.QueryCanceled):
+            raise lockwait.LockWaitExceeded(
+                f"gave up after {lockwait.seconds_text(lock_wait)} (--lock-wait) waiting for "
+                f"{lockwait.describe_blockers(seen.blockers)} to end before creating replication slot {slot} on {where}: "
+                "commit or end that transaction, then run install again (the outbox schema is installed; "
+                "no capture trigger was created, so nothing is captured yet)")
+        if isinstance(result, psycopg.Error):
             raise PreconditionFailed(f"the outbox schema is installed but replication slot {slot} could not be created "
-                                     f"on {_where(conn)}: {first_line(e)}; fix it and run install again") from None
-    echo(f"replication slot {slot} created")
-    return True
+                                     f"on {where}: {first_line(result)}; fix it and run install again "
+                                     "(no capture trigger was created)")
+        if isinstance(result, BaseException):
+            raise result
+        return True
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            work.execute("RESET lock_timeout")
+            work.execute("RESET statement_timeout")
+        work.autocommit = False
+
+
+def _capture(work: psycopg.Connection[Any], monitor: psycopg.Connection[Any], plans: Sequence[CapturePlan], where: str,
+             settings: cfg.InstallSettings, *, echo: Echo, slot_created: bool) -> None:
+    """One short transaction per table: lock_timeout, the trigger, its outbox.captures row; retried while blocked."""
+    done: list[str] = []
+
+    def state(table: str) -> str:
+        captured = f"{', '.join(done)} {'is' if len(done) == 1 else 'are'} captured, " if done else ""
+        slot = "the slot is created; " if slot_created else ""
+        return (f"{slot}{captured}{table} is not captured: commit or end that session, then run install again "
+                "(it goes on where it stopped)")
+
+    for p in plans:
+        if p.action != "keep":
+            def attempt(plan: CapturePlan = p) -> None:
+                with work.transaction():
+                    work.execute(lockwait.lock_timeout_sql(settings.lock_timeout))  # type: ignore[arg-type]
+                    for statement in plan.statements():
+                        work.execute(statement)  # type: ignore[arg-type]
+
+            try:
+                lockwait.retry_on_lock_timeout(
+                    work, monitor, attempt, what=p.table, lock_timeout=settings.lock_timeout,
+                    lock_wait=settings.lock_wait, echo=echo,
+                    give_up=functools.partial(_give_up, where, state(p.table)))
+            except psycopg.Error as e:
+                raise OutboxError(f"{where}: {first_line(e)} while capturing {p.table}; {state(p.table)}") from None
+        done.append(p.table)
+        echo(p.describe())
+
+
+def _give_up(where: str, state: str, message: str) -> str:
+    return f"{where}: {message}; {state}"
+
+
+def ensure_slot(dsn: str, slot: str, *, echo: Echo = _quiet, lock_wait: float = lockwait.DEFAULT_LOCK_WAIT) -> bool:
+    """Create the logical replication slot unless it exists; True when created here."""
+    with connect(dsn, autocommit=True) as monitor, connect(dsn) as work:
+        created = _create_slot(work, monitor, slot, describe(dsn), lock_wait=lock_wait, echo=echo)
+    if created:
+        echo(f"replication slot {slot} created")
+    return created
 
 
 def _slot_name(slot: str | None, conn: psycopg.Connection[Any]) -> str:
@@ -665,15 +820,23 @@ def install_sql(settings: cfg.InstallSettings) -> str:
     for p in plans:
         if p.action == "keep":
             out.write(f"-- {p.describe()}\n")
-    after = [s for p in plans for s in p.statements()] + _role_statements(settings, facts)
     start = f"{facts.revision}:head" if facts.revision else "head"
     out.write(migrate.offline_sql(migrate.STORE, start, attributes=_statements(
-        before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after)))
+        before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=_role_statements(settings, facts),
+        lock_timeout=settings.lock_timeout)))
     if facts.slot is None:
-        out.write("\n-- after the COMMIT above, outside any transaction block:\n")
+        out.write("\n-- after the COMMIT above, outside any transaction block, before any capture trigger exists\n"
+                  "-- (it waits for the transactions running when it starts to end; no table lock is taken):\n")
         out.write(create_slot_sql(slot) + ";\n")
     else:
         out.write(f"\n-- replication slot {slot} already exists\n")
+    changes = [p for p in plans if p.action != "keep"]
+    if changes:
+        out.write(f"\n-- one short transaction per table: a lock not granted within {lockwait.seconds_text(settings.lock_timeout)} "
+                  "rolls it back (install then retries it),\n-- so the application's statements never queue behind it\n")
+    for p in changes:
+        out.write("BEGIN;\n" + "".join(f"{s};\n" for s in [lockwait.lock_timeout_sql(settings.lock_timeout), *p.statements()])
+                  + "COMMIT;\n")
     return out.getvalue()
 
 
@@ -692,8 +855,15 @@ def _our_slot(facts: Facts) -> SlotFacts | None:
     return s if s is not None and s.database == facts.database and s.plugin == "pgoutput" else None
 
 
-def uninstall_outbox(dsn: str, *, slot: str | None = None, echo: Echo = _quiet) -> UninstallResult:
-    """Remove what install created: capture triggers, the slot, the schema. Legacy data untouched."""
+def uninstall_outbox(dsn: str, *, slot: str | None = None, echo: Echo = _quiet,
+                     lock_timeout: float = lockwait.DEFAULT_LOCK_TIMEOUT,
+                     lock_wait: float = lockwait.DEFAULT_LOCK_WAIT) -> UninstallResult:
+    """Remove what install created: capture triggers, the schema, then the slot. Legacy data untouched.
+
+    Triggers and schema go in one transaction that starts with ``SET LOCAL lock_timeout`` and is
+    retried as a whole while another session holds a captured table: a failure changes nothing,
+    and the slot, dropped last, is still there for the relay while anything still writes events.
+    """
     _quiet_alembic()
     from alembic import command
 
@@ -708,41 +878,53 @@ def uninstall_outbox(dsn: str, *, slot: str | None = None, echo: Echo = _quiet) 
     if ours is not None and ours.active_pid:
         raise PreconditionFailed(f"replication slot {slot_name} on {facts.where} is active (a relay is connected, "
                                  f"pid {ours.active_pid}): stop the relay, then run uninstall again")
-    slot_dropped = False
-    if ours is not None:
-        with connect(dsn, autocommit=True) as conn:
-            try:
-                conn.execute(drop_slot_sql(slot_name))
-            except psycopg.errors.ObjectInUse:
-                raise PreconditionFailed(f"replication slot {slot_name} on {facts.where} became active (a relay "
-                                         "connected): stop the relay, then run uninstall again") from None
-        slot_dropped = True
-        echo(f"replication slot {slot_name} dropped")
+    # parents only: a partition's cloned trigger goes with its parent's (read_facts skips clones)
     tables = tuple(sorted(set(facts.captured) | facts.triggered)) if facts.revision else ()
-    if facts.schema_exists or facts.publication_exists:
-        before = [uncapture_sql(t) for t in tables]
-        engine = _engine(dsn)
-        try:
-            with _sql_errors(facts.where), engine.begin() as sa_conn:
-                if facts.revision is not None:
-                    command.downgrade(alembic_config(before=before, after=drop_schema_sql(), connection=sa_conn), "base")
-                elif facts.schema_exists:
-                    sa_conn.exec_driver_sql(f"DROP SCHEMA {contract.SCHEMA}")
-        finally:
-            engine.dispose()
-        for t in tables:
-            echo(f"stopped capturing {t}")
-        echo(f"schema {contract.SCHEMA} and publication {contract.PUBLICATION} dropped")
+    where = facts.where
+    slot_dropped = False
+    with connect(dsn, autocommit=True) as monitor, connect(dsn) as work:
+        monitor.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        if facts.schema_exists or facts.publication_exists:
+            engine = _engine_on(work)
+
+            def remove() -> None:
+                with engine.begin() as sa_conn:
+                    if facts.revision is not None:
+                        command.downgrade(alembic_config(before=[uncapture_sql(t) for t in tables], after=drop_schema_sql(),
+                                                         connection=sa_conn, lock_timeout=lock_timeout), "base")
+                    elif facts.schema_exists:
+                        sa_conn.exec_driver_sql(lockwait.lock_timeout_sql(lock_timeout))
+                        sa_conn.exec_driver_sql(f"DROP SCHEMA {contract.SCHEMA}")
+
+            with _sql_errors(where):
+                lockwait.retry_on_lock_timeout(
+                    work, monitor, remove, what=", ".join(tables) or f"schema {contract.SCHEMA}",
+                    lock_timeout=lock_timeout, lock_wait=lock_wait, echo=echo,
+                    give_up=lambda msg: f"{where}: {msg}: commit or end that session, then run uninstall again "
+                                        "(nothing was changed)")
+            for t in tables:
+                echo(f"stopped capturing {t}")
+            echo(f"schema {contract.SCHEMA} and publication {contract.PUBLICATION} dropped")
+        if ours is not None:  # last: while anything may still write events, the slot keeps them for the relay
+            work.autocommit = True
+            try:
+                work.execute(drop_slot_sql(slot_name))  # type: ignore[arg-type]
+            except psycopg.errors.ObjectInUse:
+                raise PreconditionFailed(f"replication slot {slot_name} on {where} became active (a relay connected) "
+                                         f"and was kept{', the rest of the outbox is removed' if facts.schema_exists else ''}"
+                                         ": stop the relay, then run uninstall again") from None
+            slot_dropped = True
+            echo(f"replication slot {slot_name} dropped")
     for role in facts.relay_roles:
         echo(f"role {role} is kept (it may own objects or have privileges elsewhere); to remove it: "
              + drop_role_hint(role, facts.database))
-    result = UninstallResult(facts.where, False, tables, slot_dropped, facts.schema_exists)
-    echo(f"outbox uninstalled from {facts.where}: {len(tables)} capture trigger{'s' if len(tables) != 1 else ''} "
+    result = UninstallResult(where, False, tables, slot_dropped, facts.schema_exists)
+    echo(f"outbox uninstalled from {where}: {len(tables)} capture trigger{'s' if len(tables) != 1 else ''} "
          f"removed, slot {'dropped' if slot_dropped else 'absent'}, legacy tables untouched")
     return result
 
 
-def uninstall_sql(dsn: str, *, slot: str | None = None) -> str:
+def uninstall_sql(dsn: str, *, slot: str | None = None, lock_timeout: float = lockwait.DEFAULT_LOCK_TIMEOUT) -> str:
     """The SQL uninstall would run, for review. Reads the database (read-only), changes nothing."""
     _quiet_alembic()
     from outbox import migrate
@@ -754,16 +936,16 @@ def uninstall_sql(dsn: str, *, slot: str | None = None) -> str:
     if not facts.schema_exists and not facts.publication_exists and ours is None:
         out.write("-- nothing to uninstall\n")
         return out.getvalue()
-    if ours is not None:
-        if ours.active_pid:
-            out.write(f"-- WARNING: slot {slot_name} is active (pid {ours.active_pid}): stop the relay first\n")
-        out.write(drop_slot_sql(slot_name) + ";\n\n")
+    if ours is not None and ours.active_pid:
+        out.write(f"-- WARNING: slot {slot_name} is active (pid {ours.active_pid}): stop the relay first\n")
     if facts.revision is not None:
         tables = sorted(set(facts.captured) | facts.triggered)
         out.write(migrate.offline_sql(migrate.STORE, f"{facts.revision}:base", downgrade=True, attributes=_statements(
-            before=[uncapture_sql(t) for t in tables], after=drop_schema_sql())))
+            before=[uncapture_sql(t) for t in tables], after=drop_schema_sql(), lock_timeout=lock_timeout)))
     elif facts.schema_exists:
-        out.write(f"DROP SCHEMA {contract.SCHEMA};\n")
+        out.write(f"BEGIN;\n{lockwait.lock_timeout_sql(lock_timeout)};\nDROP SCHEMA {contract.SCHEMA};\nCOMMIT;\n")
+    if ours is not None:
+        out.write("\n-- last, after the COMMIT above (outside any transaction block):\n" + drop_slot_sql(slot_name) + ";\n")
     for role in facts.relay_roles:
         out.write(f"\n-- role {role} is kept (it may own objects elsewhere); to remove it:\n"
                   f"-- {drop_role_hint(role, facts.database)}\n")
@@ -788,6 +970,19 @@ def _slot_option(func: Any) -> Any:
                         help="Replication slot name (default: outbox_<database>).")(func)
 
 
+def _lock_options(func: Any) -> Any:
+    func = click.option(
+        "--lock-wait", type=float, default=lockwait.DEFAULT_LOCK_WAIT, show_default=False, metavar="SECONDS",
+        help="Give up, with one line naming the session in the way, after waiting this long in all for one "
+             "table's lock (or, on install, for the transactions a new replication slot waits for). "
+             "Each transaction of ours either completes or changes nothing.")(func)
+    return click.option(
+        "--lock-timeout", type=float, default=lockwait.DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
+        help="SET LOCAL lock_timeout of each transaction that locks a legacy table or the outbox's own: the "
+             "longest the application's statements may queue behind it. When the lock is not granted in time "
+             "the transaction rolls back and is retried with backoff, printing who holds the lock.")(func)
+
+
 @click.command()
 @cfg.dsn_option
 @click.option("--capture", "captures", multiple=True, metavar="SCHEMA.TABLE=AGGREGATE",
@@ -800,17 +995,21 @@ def _slot_option(func: Any) -> Any:
               help="Create (LOGIN, no password) or grant a least-privilege role for the relay: REPLICATION, "
                    "CONNECT, USAGE on schema outbox, SELECT, INSERT (heartbeats) and DELETE (purge) on outbox.events. Needs a superuser "
                    "unless the role already has REPLICATION. Uninstall never drops it.")
-def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None) -> None:
+@_lock_options
+def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None,
+            lock_timeout: float, lock_wait: float) -> None:
     """Install the outbox into a store database (idempotent; run again to add captures).
 
     Creates schema outbox (events table, publication outbox_events, capture registry and
-    trigger function, version table outbox.alembic_version), an outbox_capture trigger on each
-    captured table, and the logical replication slot the relay reads. Checks wal_level,
-    privileges and primary keys before changing anything.
+    trigger function, version table outbox.alembic_version), then the logical replication slot
+    the relay reads, then an outbox_capture trigger on each captured table, one short transaction
+    per table (--lock-timeout, retried up to --lock-wait). Checks wal_level, privileges and
+    primary keys before changing anything.
     """
     settings = cfg.build(cfg.InstallSettings, dsn=dsn, captures=tuple(parse_capture(c) for c in captures),
                          slot=check_slot_name(slot) if slot else None, sql=sql,
-                         relay_role=check_role_name(relay_role) if relay_role else None)
+                         relay_role=check_role_name(relay_role) if relay_role else None,
+                         lock_timeout=lock_timeout, lock_wait=lock_wait)
     if settings.sql:
         click.echo(install_sql(settings), nl=False)
     else:
@@ -822,18 +1021,21 @@ def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, re
 @_slot_option
 @click.option("--sql", is_flag=True, default=False,
               help="Print the SQL for review instead of running it (connects read-only; changes nothing).")
-def uninstall(dsn: str, slot: str | None, sql: bool) -> None:
-    """Remove the outbox from a store database: capture triggers, slot, schema. Legacy data untouched.
+@_lock_options
+def uninstall(dsn: str, slot: str | None, sql: bool, lock_timeout: float, lock_wait: float) -> None:
+    """Remove the outbox from a store database: capture triggers, schema, slot. Legacy data untouched.
 
-    Refuses while a relay is connected to the slot.
+    Refuses while a relay is connected to the slot. Triggers and schema go in one transaction
+    (--lock-timeout, retried up to --lock-wait; a failure changes nothing), the slot last.
     """
-    cfg.build(cfg.InstallSettings, dsn=dsn, slot=slot)
+    settings = cfg.build(cfg.InstallSettings, dsn=dsn, slot=slot, lock_timeout=lock_timeout, lock_wait=lock_wait)
     if slot:
         check_slot_name(slot)
     if sql:
-        click.echo(uninstall_sql(dsn, slot=slot), nl=False)
+        click.echo(uninstall_sql(dsn, slot=slot, lock_timeout=settings.lock_timeout), nl=False)
     else:
-        uninstall_outbox(dsn, slot=slot, echo=click.echo)
+        uninstall_outbox(dsn, slot=slot, echo=click.echo, lock_timeout=settings.lock_timeout,
+                         lock_wait=settings.lock_wait)
 
 
 def grant_sql(dsn: str, *, relay_role: str | None = None, consumer_role: str | None = None,

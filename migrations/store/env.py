@@ -8,8 +8,12 @@ the ``outbox`` schema itself (``outbox.alembic_version``), so the legacy applica
 
 * ``connection``: an open SQLAlchemy Connection, already in the caller's transaction (online);
 * ``outbox_before`` / ``outbox_after``: SQL statements run in the same transaction, before and
-  after the revisions (the schema that holds the version table; the capture triggers), so that
-  ``--sql`` prints exactly what the online run executes.
+  after the revisions (the schema that holds the version table; role grants), so that
+  ``--sql`` prints exactly what the online run executes;
+* ``outbox_lock_timeout``: seconds (default 2). The transaction starts with ``SET LOCAL
+  lock_timeout``, so that no revision (one that alters outbox.events, which every captured write
+  inserts into, or a legacy table) ever waits in a lock queue with the application's statements
+  queued behind it for longer than that: the caller retries the whole transaction instead.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from alembic import context
 from sqlalchemy import DDL
 
 from outbox import contract
+from outbox.lockwait import DEFAULT_LOCK_TIMEOUT, lock_timeout_sql
 
 VERSION_TABLE = "alembic_version"
 
@@ -25,6 +30,7 @@ config = context.config
 
 def _run() -> None:
     with context.begin_transaction():
+        context.execute(_ddl(lock_timeout_sql(config.attributes.get("outbox_lock_timeout", DEFAULT_LOCK_TIMEOUT))))
         for stmt in config.attributes.get("outbox_before", ()):
             context.execute(_ddl(stmt))
         context.run_migrations()
