@@ -51,6 +51,11 @@ _TOPIC_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in microseconds since the Unix epoch
 
 
+def pg_time_to_unix(us_since_2000: int) -> float:
+    """A PostgreSQL timestamp (microseconds since 2000-01-01 UTC, as pgoutput sends it) in Unix seconds."""
+    return us_since_2000 / 1_000_000 + _PG_EPOCH_US // 1_000_000
+
+
 def format_lsn(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 

@@ -24,6 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import start_http_server
 
+from outbox.contract import pg_time_to_unix as pg_time_to_unix  # re-exported for the metrics that read commit times
 from outbox.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -210,10 +211,6 @@ class RelayMetrics:
         for status in WAL_STATUSES:
             RELAY_SLOT_WAL_STATUS.labels(self.source_id, slot, status).set(1 if status == wal_status else 0)
         self.slot_poll_time.set(time.time())
-
-
-def pg_time_to_unix(us_since_2000: int) -> float:
-    return us_since_2000 / 1_000_000 + PG_EPOCH_UNIX
 
 
 @dataclass(slots=True)

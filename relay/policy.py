@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 from outbox import contract
 from outbox.errors import KafkaUnavailable, OutboxError
-from outbox.metrics import pg_time_to_unix
-from outbox.relay.publisher import DeliveryFailed
-from outbox.relay.replication import SlotInUse
+from outbox.contract import pg_time_to_unix
+from outbox.relay.errors import DeliveryFailed, SlotInUse
 
 RECONNECT_INITIAL = 0.5  # seconds before the first reconnect attempt; doubles up to RECONNECT_CAP
 RECONNECT_CAP = 30.0

@@ -22,6 +22,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from outbox.config import KafkaSettings
 from outbox.contract import Record
 from outbox.errors import KafkaUnavailable, OutboxError
+from outbox.relay.errors import DeliveryFailed as DeliveryFailed
 
 log = logging.getLogger(__name__)
 librdkafka_log = logging.getLogger("librdkafka")
@@ -32,19 +33,13 @@ POLL_BUSY = 0.001  # seconds between polls while records are in flight
 POLL_IDLE = 0.005  # ... and while nothing is
 
 
-class DeliveryFailed(Exception):
-    """Kafka did not take an event (after librdkafka's own retries)."""
-
-    def __init__(self, error: KafkaError) -> None:
-        super().__init__(error.str())
-        self.code = error.code()
-        # The relay restarts from its slot with a new producer after these: Kafka (or the way to
-        # it) was away, or the producer's idempotence state is spent; nothing is lost that way.
-        self.outage = bool(error.retriable() or error.fatal() or self.code in _OUTAGE_CODES)
-        self.too_large = self.code == KafkaError.MSG_SIZE_TOO_LARGE
-        self.purged = self.code in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)  # by the relay itself
-        self.fatal = error.fatal()  # a transactional producer fenced by a newer instance, say
-        self.fenced = is_fenced(error)
+def delivery_failed(error: KafkaError) -> DeliveryFailed:
+    """What librdkafka's delivery-report error means, as the plain value the relay's policy reads."""
+    code = error.code()
+    return DeliveryFailed(error.str(), code=code, outage=bool(error.retriable() or error.fatal() or code in _OUTAGE_CODES),
+                          too_large=code == KafkaError.MSG_SIZE_TOO_LARGE,
+                          purged=code in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT),
+                          fatal=bool(error.fatal()), fenced=is_fenced(error))
 
 
 _OUTAGE_CODES = frozenset({KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,

@@ -21,6 +21,7 @@ from outbox.dsn import connect, describe, first_line
 from outbox.errors import DatabaseRefused, DatabaseUnavailable, NotInstalled, PreconditionFailed
 from outbox.config import slot_name_for
 from outbox.relay import pgoutput
+from outbox.relay.errors import SlotInUse as SlotInUse
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,6 @@ log = logging.getLogger(__name__)
 def pg_now_us() -> int:
     """The current time as microseconds since 2000-01-01 UTC: the clock of standby status updates."""
     return pgoutput.pg_time_us(time.time_ns())
-
-
-class SlotInUse(PreconditionFailed):
-    """Another process streams the slot: a second relay, or (just after a reconnect) our own old
-    walsender that PostgreSQL has not noticed is gone yet."""
-
-    def __init__(self, slot: str, pid: int | None, where: str) -> None:
-        super().__init__(f"slot {slot} on {where} is in use by another relay (pid {pid if pid is not None else '?'}): "
-                         "run one relay per store database; stop the other one first")
 
 
 _ACTIVE_PID = re.compile(r"is active for PID (\d+)")

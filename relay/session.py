@@ -24,7 +24,7 @@ from outbox.relay import pgoutput, policy
 from outbox.relay.policy import HEARTBEAT_TYPE, PublishFailed
 from outbox.relay.events import RowReader
 from outbox.relay.positions import PositionTracker, Txn
-from outbox.relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, Report, topic_max_bytes
+from outbox.relay.publisher import DeliveryFailed, Publisher, delivery_failed, RecordTooLarge, Report, topic_max_bytes
 from outbox.relay.replication import ParkedEvent, Parker, ReplicationStream, SlotInfo, pg_now_us
 from outbox.relay.state import RelayState
 from outbox.relay.transactional import ExactlyOnce
@@ -179,7 +179,7 @@ class Session:
             raise pgoutput.ProtocolError(f"Insert for relation {relation_id} before its Relation message")
         row = reader(values)
         if row.type == HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
-            self.state.heartbeat_seen = metrics.pg_time_to_unix(txn.commit_time)
+            self.state.heartbeat_seen = contract.pg_time_to_unix(txn.commit_time)
             return None
         context = self._txn_context
         if context is None:
@@ -218,7 +218,7 @@ class Session:
                 self._txn_acked(txn)
             self._progress.set()
             return
-        exc = DeliveryFailed(err)
+        exc = delivery_failed(err)
         if exc.purged:
             return  # the relay dropped it on purpose (stop, or a new session that replays it)
         self._delivery_failed(txn, exc, msg)
@@ -230,7 +230,7 @@ class Session:
         if txn.commit_time > state.caught_up_to:
             state.caught_up_to = txn.commit_time
         if txn.events:
-            self.metrics.commit_to_ack.observe(max(0.0, time.time() - metrics.pg_time_to_unix(txn.commit_time)))
+            self.metrics.commit_to_ack.observe(max(0.0, time.time() - contract.pg_time_to_unix(txn.commit_time)))
 
     def _delivery_failed(self, txn: Txn, exc: DeliveryFailed, msg: Any) -> None:
         """Kafka gave up on an event: nothing from ``txn`` on is confirmed; the first failure says how

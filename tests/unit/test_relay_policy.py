@@ -14,7 +14,7 @@ from outbox.relay import policy
 from outbox.relay.policy import (SLOT_BUSY_GRACE, STATUS_EVERY, Change, Delivery, KafkaOutage, Next, PublishFailed,
                                  after_preflight, after_session, classify_delivery, delivery_error)
 from outbox.relay.positions import PositionTracker
-from outbox.relay.publisher import DeliveryFailed
+from outbox.relay.publisher import DeliveryFailed, delivery_failed
 from outbox.relay.replication import SlotInUse
 
 
@@ -150,7 +150,7 @@ def test_ends_relay_after_a_drain() -> None:
 # --------------------------------------------------------------------------- delivery reports
 
 def failed(code: int, *, fatal: bool = False, retriable: bool = False) -> DeliveryFailed:
-    return DeliveryFailed(KafkaError(code, "reason", fatal=fatal, retriable=retriable))
+    return delivery_failed(KafkaError(code, "reason", fatal=fatal, retriable=retriable))
 
 
 @pytest.mark.parametrize(("code", "kind"), [
