@@ -5,7 +5,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -16,6 +15,7 @@ from click.testing import CliRunner, Result
 
 import outbox.install as inst
 from outbox.cli import cli
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -305,19 +305,15 @@ def test_uninstall_refuses_while_a_relay_is_connected(legacy: str) -> None:
     try:
         repl.pgconn.send_query(f"START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', "
                                f"publication_names 'outbox_events')".encode())
-        deadline = time.time() + 10
-        while not query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot):
-            assert time.time() < deadline, "slot never became active"
-            time.sleep(0.05)
+        wait_until(lambda: query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot),
+                   timeout=10, interval=0.05, message="the slot to become active")
         line = one_line_error(run("uninstall", "--dsn", legacy))
         assert f"replication slot {slot}" in line and "stop the relay" in line
         assert outbox_objects(legacy)["schema"] == [("outbox",)]
     finally:
         repl.close()
-    deadline = time.time() + 10
-    while query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot):
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: not query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot),
+               timeout=10, interval=0.05, message="the slot to be released")
     ok("uninstall", "--dsn", legacy)
 
 
