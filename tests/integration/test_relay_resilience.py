@@ -61,6 +61,7 @@ def test_kafka_down_pauses_reading_keeps_the_replication_connection_and_resumes(
     assert relay.proc is not None and relay.proc.poll() is None
     wait_until(lambda: slot_state(store)[1] != confirmed_before, timeout=15, interval=0.5,
                message="the slot to move once Kafka acknowledged")
+    relay.wait_for_output("is reachable again", timeout=30)  # the next probe of Kafka (every 10 s) says so
     out = relay.output()
     print(out)
     assert out.count("is unreachable") == 1 and out.count("is reachable again") == 1, out
