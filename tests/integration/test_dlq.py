@@ -112,13 +112,13 @@ def test_periodic_redrive_gives_up_after_the_attempt_limit(
         monkeypatch: pytest.MonkeyPatch) -> None:
     dsn, g = readstore_db, group()
     rounds: list[Redriven] = []  # every periodic re-drive round, as it ended
+    redrive = consumer_loop.redrive
 
     async def counted(*args: Any, **kw: Any) -> Redriven:
         done = await redrive(*args, **kw)
         rounds.append(done)
         return done
 
-    redrive = consumer_loop.redrive
     monkeypatch.setattr(consumer_loop, "redrive", counted)
     group(f"{g}.redrive")
     with psycopg.connect(dsn) as conn:
