@@ -1,26 +1,13 @@
-"""Fixtures of the fault suite: a store streaming through its relay, and the sandbox to break."""
+"""The fault suite's own fixture: a store streaming through its relay (the sandbox to break, and
+every shared fixture, come from tests/support)."""
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from outbox.dev.sandbox import Sandbox
-from tests.conftest import TEST_KAFKA_PORT, TEST_PG_PORT, TEST_SANDBOX_DIR, _unavailable
 from tests.faults.harness import Pipeline, create_topics
-from tests.integration.support import install_pos
-
-
-@pytest.fixture
-def sandbox(servers: dict[str, str]) -> Iterator[Sandbox]:
-    """The test sandbox, for scenarios that stop and start one of its servers; both run afterwards."""
-    if os.environ.get("OUTBOX_TEST_EXTERNAL") == "1":
-        _unavailable("this scenario restarts a server: it needs the test sandbox, not OUTBOX_TEST_EXTERNAL servers")
-    box = Sandbox(TEST_SANDBOX_DIR, pg_port=TEST_PG_PORT, kafka_port=TEST_KAFKA_PORT)
-    yield box
-    box.up()
+from tests.support.db import install_pos
 
 
 @pytest.fixture
@@ -33,7 +20,7 @@ def pipeline(new_database: Callable[..., str], topic_prefix: str, kafka_bootstra
         dsn = new_database("fault")
         install_pos(dsn)
         p = Pipeline(dsn, topic_prefix, kafka_bootstrap, relay_args)
-        asyncio.run(create_topics(kafka_bootstrap, p.topics))
+        create_topics(kafka_bootstrap, p.topics)
         made.append(p)
         return p
 

@@ -2,40 +2,24 @@
 break, the wait for the pipeline to settle, the check and a line in the fault table."""
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
-from outbox import contract
 from outbox.dev.demo import POS_CAPTURES
-from outbox.errors import SandboxError
 from outbox.dev.sandbox import Sandbox
+from outbox.errors import SandboxError
 from tests.faults import report
 from tests.faults.checker import CheckResult, WriterRecord, check, topics_of
-from tests.integration.support import RelayProcess
+from tests.support import kafka
+from tests.support.db import wal_lsn, wait_slot_confirmed
+from tests.support.processes import RelayProcess
+from tests.support.wait import WaitTimeout, wait_until
 
 PARTITIONS = 3  # several partitions per topic: per-key order must hold across them
 SOURCE_ID = "s1"
-
-
-def wal_now(dsn: str, timeout: float = 60) -> int:
-    """pg_current_wal_lsn(), waiting for the server if it is coming back."""
-    return int(_query(dsn, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn", timeout))
-
-
-def _query(dsn: str, sql: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
-                return conn.execute(sql).fetchone()[0]  # type: ignore[index]
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @dataclass
@@ -70,34 +54,19 @@ class Pipeline:
         assert proc is not None and proc.poll() is None, \
             f"the relay exited ({proc.returncode if proc else '-'}) instead of recovering by itself: {self.relay.output()}"
 
-    def confirmed(self) -> int:
-        value = _query(self.dsn, "SELECT coalesce(max(confirmed_flush_lsn - '0/0'::pg_lsn), 0) FROM pg_replication_slots"
-                                 " WHERE database = current_database()", 60)
-        return int(value)
-
     def wait_caught_up(self, since: float, timeout: float = 120) -> float:
         """Seconds from ``since`` (a time.monotonic()) until the slot confirmed everything
         written before now: the time the relay took to recover from a fault that ended at ``since``."""
-        target = wal_now(self.dsn)
-        deadline = time.monotonic() + timeout
-        while self.confirmed() < target:
-            proc = self.relay.proc
-            if proc is not None and proc.poll() is not None:
-                raise AssertionError(f"the relay exited ({proc.returncode}) instead of recovering: {self.relay.output()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the relay did not catch up with {contract.format_lsn(target)} within "
-                                     f"{timeout:.0f} s: {self.relay.output()}")
-            time.sleep(0.1)
+        wait_slot_confirmed(self.dsn, wal_lsn(self.dsn), timeout=timeout, relay=self.relay)
         return time.monotonic() - since
 
     def settle(self, record: WriterRecord, timeout: float = 120) -> CheckResult:
         """Check until nothing committed is missing from Kafka (or ``timeout``); the last check."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = check(self.dsn, self.bootstrap, self.topics, record)
-            if not result.lost or time.monotonic() > deadline:
-                return result
-            time.sleep(1.0)
+        try:
+            return wait_until(lambda: check(self.dsn, self.bootstrap, self.topics, record), timeout=timeout,
+                              interval=1.0, until=lambda result: not result.lost)
+        except WaitTimeout:  # still something lost: the caller records the check and fails with its details
+            return check(self.dsn, self.bootstrap, self.topics, record)
 
 
 def restart(sandbox: Sandbox, server: str, down_for: float) -> float:
@@ -115,15 +84,8 @@ def restart(sandbox: Sandbox, server: str, down_for: float) -> float:
     return time.monotonic()
 
 
-async def create_topics(bootstrap: str, topics: list[str]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(t, num_partitions=PARTITIONS, replication_factor=1) for t in topics])
-    finally:
-        await admin.close()
+def create_topics(bootstrap: str, topics: list[str]) -> None:
+    asyncio.run(kafka.create_topics(bootstrap, topics, partitions=PARTITIONS))
 
 
 def record_outcome(scenario: str, result: CheckResult, record: WriterRecord, recover_s: float | None,

@@ -22,7 +22,8 @@ from outbox.dev.sandbox import Sandbox
 from tests.faults.checker import CheckResult
 from tests.faults.harness import Pipeline, SOURCE_ID, record_outcome, restart, run_with_writer
 from tests.faults.writer import Writer
-from tests.integration.support import ConsumerProcess, wait_converged
+from tests.support.processes import ConsumerProcess, wait_converged
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -107,11 +108,12 @@ def test_relay_sigstop_longer_than_wal_sender_timeout(pipeline: Callable[..., Pi
             proc = p.relay.proc
             assert proc is not None
             proc.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
             try:
-                deadline = time.monotonic() + stopped_s
-                while time.monotonic() < deadline:
-                    dropped = dropped or not slot_active(p.dsn)
-                    time.sleep(0.2)
+                wait_until(lambda: not slot_active(p.dsn), timeout=stopped_s,
+                           message=f"PostgreSQL to drop the stopped relay's connection (wal_sender_timeout {timeout_s} s)")
+                dropped = True
+                time.sleep(max(0.0, stopped_s - (time.monotonic() - stopped)))  # stopped for the scenario's length
             finally:
                 proc.send_signal(signal.SIGCONT)
             resumed = time.monotonic()

@@ -22,6 +22,7 @@ import psycopg
 
 from outbox.dev.demo import NAMES, SKUS
 from tests.faults.checker import XID_MASK, WriterRecord
+from tests.support.wait import wait_until
 
 
 SIZES = (1, 1, 1, 2, 3, 5, 8, 13, 21, 34, 50)  # captured rows per transaction, mostly small
@@ -171,17 +172,13 @@ class Writer:
         """Outcome of every ambiguous transaction, from the commit log (waits for the server)."""
         if not self._ambiguous:
             return {}
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with psycopg.connect(self.dsn, connect_timeout=3, autocommit=True) as conn:
-                    rows = conn.execute("SELECT x::text, pg_xact_status(x::xid8) FROM unnest(%s::text[]) x",
-                                        ([str(x) for x in sorted(self._ambiguous)],)).fetchall()
-                statuses = {int(x): status for x, status in rows}
-                if "in progress" not in statuses.values():
-                    return statuses
-            except psycopg.OperationalError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"could not resolve {len(self._ambiguous)} ambiguous commits within {timeout:.0f} s")
-            time.sleep(0.5)
+
+        def statuses() -> dict[int, str]:
+            with psycopg.connect(self.dsn, connect_timeout=3, autocommit=True) as conn:
+                rows = conn.execute("SELECT x::text, pg_xact_status(x::xid8) FROM unnest(%s::text[]) x",
+                                    ([str(x) for x in sorted(self._ambiguous)],)).fetchall()
+            return {int(x): status for x, status in rows}
+
+        return wait_until(statuses, timeout=timeout, interval=0.5, until=lambda got: "in progress" not in got.values(),
+                          message=f"the outcome of {len(self._ambiguous)} ambiguous commits",
+                          ignore=(psycopg.OperationalError,))

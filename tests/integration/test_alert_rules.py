@@ -5,25 +5,9 @@ Under CI (CI=true) a missing promtool fails the test; elsewhere it skips.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
-
-DASHBOARDS = Path(__file__).resolve().parent.parent.parent / "dashboards"
-
-
-def tool(name: str) -> str:
-    """Path of a Prometheus binary (Debian's ``prometheus`` package); fails under CI, skips elsewhere."""
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
-    if path is None:
-        message = f"{name} not found: install the Debian package 'prometheus' (.ci/setup does)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return path
+from tests.support.prometheus import DASHBOARDS, tool
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,9 @@ import pytest
 
 from outbox.backfill import run_backfill
 from outbox.config import BackfillSettings
-from tests.integration.support import OUTBOX, ConsumerProcess, RelayProcess, install_pos, outbox, wait_converged
+from tests.support.db import install_pos
+from tests.support.processes import OUTBOX, ConsumerProcess, RelayProcess, outbox, wait_converged
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -114,9 +116,8 @@ def test_a_killed_backfill_resumes_after_its_last_chunk(new_database: Callable[.
     args = ["backfill", "--dsn", store, "--source-id", "s1", "--table", "pos.order_lines", "--chunk-size", str(chunk)]
     proc = subprocess.Popen(OUTBOX + args + ["--rate", "2000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and sum(snapshot_counts(store).values()) < 3000:
-            time.sleep(0.05)
+        wait_until(lambda: sum(snapshot_counts(store).values()), timeout=60, interval=0.05, until=lambda n: n >= 3000,
+                   message="3000 snapshot events")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -146,7 +147,12 @@ def test_sigterm_stops_after_the_chunk_and_says_how_to_resume(new_database: Call
     proc = subprocess.Popen(OUTBOX + ["backfill", "--dsn", store, "--source-id", "s1", "--table", "pos.customers",
                                       "--chunk-size", "100", "--rate", "500"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    # mid-run: a first chunk emitted (at 500 rows/s, the 5000 take 10 s)
+    def emitted() -> int:
+        with psycopg.connect(store) as conn:
+            return conn.execute("SELECT count(*) FROM outbox.events WHERE type = 'customer.snapshot'").fetchone()[0]  # type: ignore[index, no-any-return]
+
+    wait_until(emitted, timeout=30, interval=0.05, until=lambda n: n >= 100, message="the backfill's first chunk")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1

@@ -18,7 +18,8 @@ import pytest
 
 from outbox.dev.demo import POS_CAPTURES, POS_SCHEMA
 from outbox.dev.sandbox import find_pg_bindir, pg_os_user
-from tests.integration.support import RelayProcess, kcat_read, outbox, wait_for_records
+from tests.support.kafka import kcat_read, wait_for_records
+from tests.support.processes import RelayProcess, outbox
 
 pytestmark = pytest.mark.integration
 

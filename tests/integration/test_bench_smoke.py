@@ -11,12 +11,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, admin_conn
+from tests.support.db import admin_conn
+from tests.support.servers import ROOT
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +79,6 @@ def test_quick_suite_prints_every_figure_and_cleans_up(servers: dict[str, str], 
         left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench\\_%'").fetchall()
         slots = conn.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE '%bench%'").fetchall()
     assert left == [] and slots == []
-    deadline = time.monotonic() + 15  # a deleted topic may stay listed for a moment
-    while (topics := asyncio.run(_bench_topics(servers["KAFKA_BOOTSTRAP_SERVERS"]))) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert topics == []
+    # a deleted topic may stay listed for a moment
+    wait_until(lambda: asyncio.run(_bench_topics(servers["KAFKA_BOOTSTRAP_SERVERS"])), timeout=15, interval=0.5,
+               until=lambda topics: topics == [], message="the benchmarks' topics to be gone")

@@ -2,9 +2,10 @@
 process), and back: CRM agent edit -> webhook -> Kafka -> writeback -> store, one hop only."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,10 +14,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox.dev import demo_crm
 from outbox.dev.demo import run_workload
-from tests.conftest import admin_conn
-from tests.integration.support import OutboxProcess, RelayProcess, install_pos, kcat_read, outbox
+from tests.support.checksums import crm_differences, crm_expected_records
+from tests.support.kafka import delete_topics, kcat_read
+from tests.support.metrics import scrape
+from tests.support.processes import OutboxProcess, RelayProcess
+from tests.support.wait import WaitTimeout, wait_until
+from tests.support.db import admin_conn
+from tests.support.processes import outbox
 
 pytestmark = pytest.mark.integration
 
@@ -63,13 +68,6 @@ def crm(new_database: Callable[..., str]) -> Iterator[Crm]:
 
 
 @pytest.fixture
-def store(new_database: Callable[..., str]) -> str:
-    dsn = new_database("store")
-    install_pos(dsn)
-    return dsn
-
-
-@pytest.fixture
 def writeback_role(store: str) -> Iterator[str]:
     """A least-privilege role for the write-back, as a DBA would set it up; dropped afterwards (cluster-wide)."""
     name = f"t_wb_{uuid.uuid4().hex[:8]}"
@@ -86,14 +84,6 @@ def writeback_role(store: str) -> Iterator[str]:
         conn.execute(f'DROP ROLE "{name}"')
 
 
-@pytest.fixture
-def processes() -> Iterator[list[OutboxProcess]]:
-    started: list[OutboxProcess] = []
-    yield started
-    for p in started:
-        p.close()
-
-
 def sink_process(crm: Crm, ledger_dsn: str, prefix: str, bootstrap: str, *extra: str) -> OutboxProcess:
     return OutboxProcess("consume", "crm", "--crm-url", crm.url, "--dsn", ledger_dsn, "--kafka-bootstrap", bootstrap,
                          "--topic-prefix", prefix, "--group", f"{prefix}-crm", "--rate", "500", "--burst", "50",
@@ -106,19 +96,18 @@ def crm_records(crm: Crm) -> dict[tuple[str, str], tuple[dict[str, Any], bool]]:
 
 
 def differences(store_dsn: str, crm: Crm) -> list[str]:
-    return demo_crm.differences(demo_crm.expected_records(store_dsn, SOURCE), crm.dsn)
+    return crm_differences(crm_expected_records(store_dsn, SOURCE), crm.dsn)
 
 
 def wait_converged(store_dsn: str, crm: Crm, sink: OutboxProcess, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while True:
-        problems = differences(store_dsn, crm)
-        if not problems:
-            return
-        if time.time() > deadline:
-            raise AssertionError(f"{len(problems)} differences, e.g. {problems[:3]}; sink: {sink.output()}")
-        assert sink.proc is not None and sink.proc.poll() is None, sink.output()
-        time.sleep(0.5)
+    def problems() -> list[str]:
+        found = differences(store_dsn, crm)
+        if found:
+            sink.assert_running()
+        return found
+
+    wait_until(problems, timeout=timeout, interval=0.5, until=lambda found: not found,
+               message=lambda: f"the CRM to hold what the store says (the last problems come first); sink: {sink.output()}")
 
 
 def assert_no_duplicates_and_key_order(crm: Crm) -> int:
@@ -138,14 +127,15 @@ def assert_no_duplicates_and_key_order(crm: Crm) -> int:
 
 
 def sink_metric(sink_port: int, name: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name):
-            labels, value = line.rsplit(" ", 1)
-            out[labels] = float(value)
-    return out
+    return scrape(sink_port, name)
+
+
+def sink_offset(ledger_dsn: str, group: str, topic: str, partition: int) -> int:
+    """The next offset the CRM sink saved in its ledger database for one partition (0 before any)."""
+    with psycopg.connect(ledger_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT next_offset FROM crm_sink.consumer_offsets WHERE group_id = %s AND topic = %s"
+                           " AND partition = %s", (group, topic, partition)).fetchone()
+    return int(row[0]) if row else 0
 
 
 # --------------------------------------------------------------------------- tests
@@ -168,7 +158,7 @@ def test_thirty_percent_failures_end_equal_without_duplicates_in_key_order(
     assert retries > 0  # ...and were retried
     assert sum(sink_metric(port, "outbox_crm_dead_lettered_total").values()) == 0
     assert kcat_read(kafka_bootstrap, f"{topic_prefix}.customer.dlq") == []
-    assert writes >= len(demo_crm.expected_records(store, SOURCE))
+    assert writes >= len(crm_expected_records(store, SOURCE))
     assert sink.terminate() == 0
 
 
@@ -183,12 +173,9 @@ def test_a_poison_record_is_dead_lettered_with_its_reason_while_others_flow(
         poison = conn.execute("INSERT INTO pos.customers (name, email) VALUES ('Bad', 'not-an-email') RETURNING id").fetchone()[0]  # type: ignore[index]
         for n in range(20):
             conn.execute("INSERT INTO pos.customers (name, email) VALUES (%s, %s)", (f"C{n}", f"c{n}@example.com"))
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        letters = kcat_read(kafka_bootstrap, f"{topic_prefix}.customer.dlq")
-        if letters and len(crm_records(crm)) == 21:
-            break
-        time.sleep(0.5)
+    letters = wait_until(lambda: kcat_read(kafka_bootstrap, f"{topic_prefix}.customer.dlq"), timeout=60, interval=0.5,
+                         until=lambda got: bool(got) and len(crm_records(crm)) == 21,
+                         message=lambda: f"a dead letter, and the 21 other records in the CRM: {sink.output()}")
     assert len(letters) == 1, sink.output()
     letter = letters[0]
     assert letter["key"] == f"{SOURCE}:{poison}"
@@ -201,10 +188,8 @@ def test_a_poison_record_is_dead_lettered_with_its_reason_while_others_flow(
     # the stream goes on after the poison record
     with psycopg.connect(store, autocommit=True) as conn:
         late = conn.execute("INSERT INTO pos.customers (name) VALUES ('Late') RETURNING id").fetchone()[0]  # type: ignore[index]
-    deadline = time.time() + 30
-    while ("contacts", f"{SOURCE}:{late}") not in crm_records(crm):
-        assert time.time() < deadline, sink.output()
-        time.sleep(0.2)
+    wait_until(lambda: ("contacts", f"{SOURCE}:{late}") in crm_records(crm), timeout=30,
+               message=lambda: f"the late record in the CRM: {sink.output()}")
 
 
 def test_a_crm_edit_reaches_the_store_once_and_stops_after_one_hop(
@@ -212,7 +197,8 @@ def test_a_crm_edit_reaches_the_store_once_and_stops_after_one_hop(
         processes: list[OutboxProcess], writeback_role: str) -> None:
     topic = f"{topic_prefix}-crm.changes"  # outside the event topics' pattern <prefix>.*
     relay = RelayProcess(store, SOURCE, topic_prefix, kafka_bootstrap).start()
-    sink = sink_process(crm, new_database("ledger"), topic_prefix, kafka_bootstrap).start()
+    ledger = new_database("ledger")
+    sink = sink_process(crm, ledger, topic_prefix, kafka_bootstrap).start()
     receiver = OutboxProcess("consume", "crm-webhook", "--kafka-bootstrap", kafka_bootstrap, "--port", "0",
                              "--topic", topic, name="crm-webhook").start()
     # the write-back runs as its least-privilege role (outbox grant --writeback-role, UPDATE on the mapped table)
@@ -226,21 +212,25 @@ def test_a_crm_edit_reaches_the_store_once_and_stops_after_one_hop(
         with psycopg.connect(store, autocommit=True) as conn:
             cid = conn.execute("INSERT INTO pos.customers (name, phone) VALUES ('Zoë', '+49 1') RETURNING id").fetchone()[0]  # type: ignore[index]
         external = f"{SOURCE}:{cid}"
-        deadline = time.time() + 60
-        while ("contacts", external) not in crm_records(crm):
-            assert time.time() < deadline, sink.output()
-            time.sleep(0.2)
+        wait_until(lambda: ("contacts", external) in crm_records(crm), timeout=60,
+                   message=lambda: f"the new customer in the CRM: {sink.output()}")
         sync_writes_before = crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0]
         # a sales agent empties the name (the store refuses it: parked), then edits the phone
         crm.call("PATCH", f"/v1/contacts/{external}", {"fields": {"name": None}}, {"X-CRM-Actor": "agent"})
         crm.call("PATCH", f"/v1/contacts/{external}", {"fields": {"name": "Zoë", "phone": "+49 30 555"}},
                  {"X-CRM-Actor": "agent"})
-        deadline = time.time() + 60
         with psycopg.connect(store, autocommit=True) as conn:
-            while conn.execute("SELECT phone FROM pos.customers WHERE id = %s", (cid,)).fetchone()[0] != "+49 30 555":  # type: ignore[index]
-                assert time.time() < deadline, writeback.output() + receiver.output()
-                time.sleep(0.2)
-            time.sleep(3)  # time for an echo to travel: store -> relay -> Kafka -> sink -> CRM, if it were sent
+            wait_until(lambda: conn.execute("SELECT phone FROM pos.customers WHERE id = %s", (cid,)).fetchone()[0],  # type: ignore[index]
+                       timeout=60, until=lambda phone: phone == "+49 30 555",
+                       message=lambda: f"the edit in the store: {writeback.output()}{receiver.output()}")
+            # The edit's own event travels back: store -> relay -> Kafka -> sink. Once the sink saved an
+            # offset past it, it has decided on it: an echo, if it were sent, is in the CRM by then.
+            [echo] = wait_until(lambda: [r for r in kcat_read(kafka_bootstrap, f"{topic_prefix}.customer")
+                                         if r["key"] == external and r["headers"].get("ce_origin") == "crm"],
+                                timeout=60, message=lambda: f"the edit's event in Kafka: {relay.output()}")
+            wait_until(lambda: sink_offset(ledger, f"{topic_prefix}-crm", echo["topic"], echo["partition"]), timeout=60,
+                       until=lambda next_offset: next_offset > echo["offset"],
+                       message=lambda: f"the CRM sink to read past offset {echo['offset']}: {sink.output()}")
             events = conn.execute("SELECT type, origin FROM outbox.events WHERE aggregateid = %s ORDER BY created_at",
                                   (str(cid),)).fetchall()
         assert events == [("customer.created", None), ("customer.updated", "crm")]  # the edit reached the store once
@@ -256,9 +246,6 @@ def test_a_crm_edit_reaches_the_store_once_and_stops_after_one_hop(
         assert "NotNullViolation" in parked["headers"]["dlq_error"], parked
     finally:
         crm.call("PUT", "/admin/webhook", {"url": None})
-        from tests.conftest import delete_topics
-        import asyncio
-
         asyncio.run(delete_topics(kafka_bootstrap, f"{topic_prefix}-crm"))
 
 
@@ -286,10 +273,8 @@ def test_sigkill_mid_batch_and_restart_creates_no_duplicates(
         sink = sink_process(crm, ledger, topic_prefix, kafka_bootstrap, "--batch-size", "20").start()
         processes.append(sink)
         target = 60 * (round_ + 1)
-        deadline = time.time() + 60
-        while crm.query("SELECT count(*) FROM crm.writes")[0][0] < target:
-            assert time.time() < deadline, sink.output()
-            time.sleep(0.05)
+        wait_until(lambda: crm.query("SELECT count(*) FROM crm.writes")[0][0], timeout=60, interval=0.05,
+                   until=lambda writes: writes >= target, message=lambda: f"{target} CRM writes: {sink.output()}")
         sink.kill()  # SIGKILL: calls in flight, answers lost, ledger behind the CRM
         with psycopg.connect(ledger, autocommit=True) as conn:
             recorded = conn.execute("SELECT count(*) FROM crm_sink.ledger").fetchone()[0]  # type: ignore[index]
@@ -300,14 +285,14 @@ def test_sigkill_mid_batch_and_restart_creates_no_duplicates(
     wait_converged(store, crm, sink)
     assert_no_duplicates_and_key_order(crm)
     # converged is the CRM's state; a retry of a call the CRM answered 500 after writing may still be
-    # in flight: let the sink record every write before it stops
-    deadline = time.time() + 60
-    while True:
+    # in flight: let the sink record every write before it stops (up to a minute; the check comes after)
+    def ledger_complete() -> bool:
         with psycopg.connect(ledger, autocommit=True) as conn:
             applied = conn.execute("SELECT count(*) FROM crm_sink.ledger WHERE outcome = 'applied'").fetchone()[0]  # type: ignore[index]
-        if applied >= crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0] or time.time() > deadline:
-            break
-        time.sleep(0.2)
+        return bool(applied >= crm.query("SELECT count(*) FROM crm.writes WHERE actor = 'sync'")[0][0])
+
+    with contextlib.suppress(WaitTimeout):
+        wait_until(ledger_complete, timeout=60, message="the ledger to record every CRM write")
     assert sink.terminate() == 0  # its last ledger flush (up to 0.2 s after the last call) is done on stop
     with psycopg.connect(ledger, autocommit=True) as conn:
         applied = conn.execute("SELECT count(*) FROM crm_sink.ledger WHERE outcome = 'applied'").fetchone()[0]  # type: ignore[index]
@@ -325,11 +310,9 @@ def test_a_hanging_crm_times_out_and_is_retried_until_it_answers(
     processes.extend([relay, sink])
     port = int(sink.wait_for_output("/metrics").rsplit(":", 1)[1].split("/")[0])
     run_workload(store, transactions=30, seed=3)
-    deadline = time.time() + 30
-    while sink_metric(port, "outbox_crm_retries_total").get(
-            'outbox_crm_retries_total{group="%s-crm",reason="timeout"}' % topic_prefix, 0) < 3:
-        assert time.time() < deadline, sink.output()
-        time.sleep(0.2)
+    wait_until(lambda: sink_metric(port, "outbox_crm_retries_total").get(
+                   'outbox_crm_retries_total{group="%s-crm",reason="timeout"}' % topic_prefix, 0), timeout=30,
+               until=lambda retries: retries >= 3, message=lambda: f"3 retries after timeouts: {sink.output()}")
     assert crm_records(crm) == {}
     crm.faults(hang=False)
     wait_converged(store, crm, sink, timeout=60)
@@ -348,10 +331,9 @@ def test_a_second_sink_joining_and_the_first_leaving_keeps_order_and_writes_once
     run_workload(store, transactions=300, seed=21)
 
     def wait_writes(n: int) -> None:
-        deadline = time.time() + 60
-        while crm.query("SELECT count(*) FROM crm.writes")[0][0] < n:
-            assert time.time() < deadline, first.output() + "\n---- second\n" + (second.output() if second else "")
-            time.sleep(0.05)
+        wait_until(lambda: crm.query("SELECT count(*) FROM crm.writes")[0][0], timeout=60, interval=0.05,
+                   until=lambda writes: writes >= n, message=lambda: f"{n} CRM writes: " + first.output()
+                   + "\n---- second\n" + (second.output() if second else ""))
 
     second = None
 

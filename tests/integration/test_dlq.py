@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
 
-from outbox.consumers import readstore as rs
 from outbox import contract
-from tests.integration.support import kcat_read
-from tests.integration.test_readstore import caught_up, ev, produce, run_until, settings, wait_for
-from tests.integration.test_replay import outbox
+from outbox.consumers import kafka as consumer_loop
+from outbox.consumers import readstore as rs
+from outbox.consumers.dlq import Redriven
+from tests.support.kafka import committed_offsets, end_offsets, kcat_read
+from tests.support.processes import outbox
+from tests.support.readstore import caught_up, ev, produce, run_until, settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,16 +42,6 @@ BEGIN
     RETURN NEW;
 END $$
 """
-
-
-async def kafka_ends(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(3)]
-        return {tp: o for tp, o in (await consumer.end_offsets(tps)).items() if o}
-    finally:
-        await consumer.stop()
 
 
 def writes(dsn: str, aggregate_id: str) -> list[str]:
@@ -96,7 +88,7 @@ def test_a_dead_letter_fixed_then_redriven_is_applied_once_with_its_id(
     assert len(back) == 2 and back[1]["headers"]["dlq_redrive"] == g and back[1]["headers"][contract.H_ID] == bad_id
     other = group()  # another group of the same topics skips the re-driven copy
     asyncio.run(produce(kafka_bootstrap, [ev(topic_prefix, "customer", "z", "created", 0x40)]))
-    ends_all = asyncio.run(kafka_ends(kafka_bootstrap, f"{topic_prefix}.customer"))
+    ends_all = asyncio.run(end_offsets(kafka_bootstrap, f"{topic_prefix}.customer"))
     assert sum(ends_all.values()) == 5
     totals = asyncio.run(run_until(s, caught_up(dsn, g, ends_all)))
     assert totals["changed"] == 2  # bad, at last, and z
@@ -116,8 +108,18 @@ def sample(name: str, group: str) -> float:
 
 
 def test_periodic_redrive_gives_up_after_the_attempt_limit(
-        readstore_db: str, kafka_bootstrap: str, topic_prefix: str, group: Callable[..., str]) -> None:
+        readstore_db: str, kafka_bootstrap: str, topic_prefix: str, group: Callable[..., str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     dsn, g = readstore_db, group()
+    rounds: list[Redriven] = []  # every periodic re-drive round, as it ended
+    redrive = consumer_loop.redrive
+
+    async def counted(*args: Any, **kw: Any) -> Redriven:
+        done = await redrive(*args, **kw)
+        rounds.append(done)
+        return done
+
+    monkeypatch.setattr(consumer_loop, "redrive", counted)
     group(f"{g}.redrive")
     with psycopg.connect(dsn) as conn:
         conn.execute(REFUSE)  # never fixed
@@ -130,7 +132,16 @@ def test_periodic_redrive_gives_up_after_the_attempt_limit(
         task = asyncio.create_task(rs.run_readstore(s, stop))
         try:
             await wait_for(lambda: sample("outbox_consumer_dead_letters_exhausted_total", g) >= 1, task, timeout=90)
-            await asyncio.sleep(3)  # a few more rounds: nothing more is re-driven
+            exhausted_in = len(rounds)
+            # the cursor is past every dead letter, the consumer past every re-driven copy: nothing is left to
+            # re-drive; two more rounds end without re-driving anything
+            dlq_ends = await end_offsets(kafka_bootstrap, dlq_topic)
+            cursor = await committed_offsets(kafka_bootstrap, f"{g}.redrive")
+            assert {tp: cursor.get(tp) for tp in dlq_ends} == dlq_ends
+            await wait_for(caught_up(dsn, g, await end_offsets(kafka_bootstrap, f"{topic_prefix}.customer")), task)
+            await wait_for(lambda: len(rounds) >= exhausted_in + 2, task, timeout=30,
+                           message="two more re-drive rounds")
+            assert [(r.redriven, r.exhausted) for r in rounds[exhausted_in:]] == [(0, 0)] * (len(rounds) - exhausted_in)
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)

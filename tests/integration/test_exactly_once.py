@@ -2,7 +2,7 @@
 
 Every check reads Kafka with kcat, an independent client, as a ``read_committed`` consumer (the
 read store's isolation level), and compares with what the store database committed. Fixtures
-``store`` and ``relays``: tests/integration/conftest.py.
+``store`` and ``relays``: tests/support/fixtures_processes.py.
 """
 from __future__ import annotations
 
@@ -25,9 +25,13 @@ from outbox import contract
 from outbox.config import KafkaSettings
 from outbox.dev.demo import run_workload
 from outbox.relay.offsets import OffsetsCorrupt, OffsetsTopic, SourcePosition, encode_position
-from tests.integration.support import RelayProcess, install_pos, kcat_read, wait_for_records
-from tests.integration.test_readstore import entities, ev, run_until  # group and readstore_db: tests/conftest.py
-from tests.integration.test_readstore import settings as rs_settings
+from tests.support.db import committed_ids, install_pos
+from tests.support.kafka import kcat_read, wait_for_records
+from tests.support.kafka import wait_for_ids as wait_for_event_ids
+from tests.support.processes import RelayProcess
+from tests.support.readstore import entities, ev, run_until
+from tests.support.readstore import settings as rs_settings
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -48,23 +52,13 @@ def eo(topic_prefix: str, kafka_bootstrap: str, relays: Any) -> Callable[..., Re
     return make
 
 
-def committed_ids(dsn: str) -> set[str]:
-    with psycopg.connect(dsn) as conn:
-        return {r[0] for r in conn.execute(
-            "SELECT id::text FROM outbox.events WHERE type <> %s", (contract.HEARTBEAT_TYPE,)).fetchall()}
-
-
 def read_all(bootstrap: str, prefix: str, isolation: str = "read_committed") -> list[dict[str, Any]]:
     return [r for a in AGGREGATES for r in kcat_read(bootstrap, f"{prefix}.{a}", isolation)]
 
 
 def wait_for_ids(bootstrap: str, prefix: str, ids: set[str], timeout: float = 90) -> list[dict[str, Any]]:
-    deadline = time.time() + timeout
-    while True:
-        records = read_all(bootstrap, prefix)
-        if ids <= {r["headers"]["ce_id"] for r in records} or time.time() > deadline:
-            return records
-        time.sleep(0.5)
+    """Every record a read_committed consumer sees on the POS topics, once ``ids`` are all there."""
+    return wait_for_event_ids(bootstrap, [f"{prefix}.{a}" for a in AGGREGATES], ids, timeout=timeout)
 
 
 def assert_exactly_once(records: list[dict[str, Any]], ids: set[str]) -> None:
@@ -115,10 +109,9 @@ def test_an_aborted_kafka_transaction_stays_invisible_and_is_published_again_onc
     with psycopg.connect(store) as conn:
         conn.execute("INSERT INTO pos.customers (name) SELECT 'c' || g FROM generate_series(1, 50) g")
     ids = committed_ids(store)
-    deadline = time.time() + 30
-    while len(read_all(kafka_bootstrap, topic_prefix, "read_uncommitted")) < 50:  # produced, not committed
-        assert time.time() < deadline, relay.output()
-        time.sleep(0.2)
+    wait_until(lambda: len(read_all(kafka_bootstrap, topic_prefix, "read_uncommitted")), timeout=30,
+               until=lambda produced: produced >= 50,  # produced, not committed
+               message=lambda: f"50 records produced in the open Kafka transaction: {relay.output()}")
     assert read_all(kafka_bootstrap, topic_prefix) == []
     relay.kill()
     relay = eo(store).start()  # init_transactions aborts what the dead one left open
@@ -268,7 +261,8 @@ def test_kafka_down_past_the_message_timeout_ends_the_session_and_nothing_repeat
             for t in range(20):
                 conn.execute("INSERT INTO pos.customers (name) SELECT 'during' || g FROM generate_series(1, 10) g")
                 conn.commit()
-        time.sleep(8)  # deliveries time out: the session ends, the relay waits for Kafka
+        # deliveries time out: the session ends, the relay waits for Kafka, running
+        relay.wait_for_output("reconnecting", timeout=60)
         assert relay.proc is not None and relay.proc.poll() is None, relay.output()
     finally:
         sandbox.up()

@@ -2,39 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
 
 import outbox.install as inst
-from outbox.cli import cli
+from tests.support.install import CAPTURES, LEGACY, dbname, events, ok, one_line_error, query, run
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
-LEGACY = """
-CREATE SCHEMA pos;
-CREATE TABLE pos.customers (id serial PRIMARY KEY, name text, email text, balance numeric,
-                            seen_at timestamptz, prefs json);
-CREATE TABLE pos.orders (id bigserial PRIMARY KEY, customer_id int REFERENCES pos.customers, total numeric(18,4));
-CREATE TABLE pos.order_lines (order_id bigint NOT NULL, line_no int NOT NULL, sku text, qty int,
-                              PRIMARY KEY (order_id, line_no));
-CREATE TABLE pos.audit (happened_at timestamptz, what text);
-CREATE TABLE public.alembic_version (version_num varchar(32) NOT NULL PRIMARY KEY);
-INSERT INTO public.alembic_version VALUES ('legacy_7f3a');
-INSERT INTO pos.customers (name, email, balance) VALUES ('Ada', 'ada@example.com', 10.5);
-INSERT INTO pos.orders (customer_id, total) VALUES (1, 99.9900);
-INSERT INTO pos.order_lines VALUES (1, 1, 'SKU-1', 2);
-INSERT INTO pos.audit VALUES (now(), 'legacy row');
-"""
-CAPTURES = ["--capture", "pos.customers=customer", "--capture", "pos.order_lines=order_line"]
+
 
 
 @pytest.fixture
@@ -43,30 +26,6 @@ def legacy(new_database: Callable[..., str]) -> str:
     with psycopg.connect(dsn) as conn:
         conn.execute(LEGACY)
     return dsn
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-def ok(*args: str) -> str:
-    result = run(*args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def one_line_error(result: Result, exit_code: int = 1) -> str:
-    assert result.exit_code == exit_code, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
-def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(sql, params or None)
-        return cur.fetchall() if cur.description else []
 
 
 def legacy_state(dsn: str) -> dict[str, Any]:
@@ -90,15 +49,6 @@ def outbox_objects(dsn: str) -> dict[str, Any]:
         "functions": query(dsn, "SELECT proname FROM pg_proc WHERE proname = 'capture_change'"),
         "slots": query(dsn, "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"),
     }
-
-
-def events(dsn: str) -> list[tuple[Any, ...]]:
-    rows = query(dsn, "SELECT aggregatetype, aggregateid, type, payload::text, origin FROM outbox.events ORDER BY created_at")
-    return [(a, i, t, json.loads(p, parse_float=Decimal), o) for a, i, t, p, o in rows]
-
-
-def dbname(dsn: str) -> str:
-    return dsn.split("=", 1)[1]
 
 
 # --------------------------------------------------------------------------- install / uninstall
@@ -311,19 +261,15 @@ def test_uninstall_refuses_while_a_relay_is_connected(legacy: str) -> None:
     try:
         repl.pgconn.send_query(f"START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1', "
                                f"publication_names 'outbox_events')".encode())
-        deadline = time.time() + 10
-        while not query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot):
-            assert time.time() < deadline, "slot never became active"
-            time.sleep(0.05)
+        wait_until(lambda: query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot),
+                   timeout=10, interval=0.05, message="the slot to become active")
         line = one_line_error(run("uninstall", "--dsn", legacy))
         assert f"replication slot {slot}" in line and "stop the relay" in line
         assert outbox_objects(legacy)["schema"] == [("outbox",), ("outbox_crm",)]
     finally:
         repl.close()
-    deadline = time.time() + 10
-    while query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot):
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: not query(legacy, "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", slot),
+               timeout=10, interval=0.05, message="the slot to be released")
     ok("uninstall", "--dsn", legacy)
 
 

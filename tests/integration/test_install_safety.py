@@ -15,10 +15,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.integration.support import OutboxProcess, kcat_read
+from tests.support.kafka import kcat_read
+from tests.support.processes import OutboxProcess
 from click.testing import Result
 
-from tests.integration.test_install import LEGACY, dbname, events, ok, query, run
+from tests.support.install import LEGACY, dbname, events, ok, query, run
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -22,9 +21,10 @@ import psycopg
 import pytest
 
 from outbox.dev.demo import run_workload
-from tests.integration.support import RelayProcess, install_pos
-from tests.integration.test_alert_rules import DASHBOARDS, tool
-from tests.integration.test_pipeline import ConsumerProcess
+from tests.support.db import install_pos
+from tests.support.processes import ConsumerProcess, RelayProcess
+from tests.support.prometheus import DASHBOARDS, tool
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -59,17 +59,16 @@ class Prometheus:
             self.proc = subprocess.Popen([binary, f"--config.file={self.dir / 'prometheus.yml'}",
                                           f"--storage.tsdb.path={self.dir / 'data'}",
                                           f"--web.listen-address=127.0.0.1:{self.port}"], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"prometheus exited: {self.log.read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"prometheus not ready after 30 s: {self.log.read_text()[-2000:]}")
+        proc = self.proc
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"prometheus exited: {self.log.read_text()[-2000:]}"
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2) as resp:
+                return bool(resp.status == 200)
+
+        wait_until(ready, timeout=30, message=lambda: f"prometheus to be ready: {self.log.read_text()[-2000:]}",
+                   ignore=(OSError,))
+        return self
 
     def api(self, path: str, **params: str) -> Any:
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
@@ -101,15 +100,6 @@ class Prometheus:
                 self.proc.kill()
                 self.proc.wait(5)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60,
-             detail: Callable[[], str] | None = None) -> None:
-    deadline = time.time() + timeout
-    while not check():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}" + (f": {detail()}" if detail else ""))
-        time.sleep(0.5)
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -196,11 +186,15 @@ def test_prometheus_scrapes_every_hop_and_every_query_has_data(
         def scraped() -> str:
             values = ", ".join(f"{q} = {prometheus.value(q)}" for q in queries)
             return f"{events} events in the store; {values}\nrelay:\n{relay.output()[-3000:]}\nconsumer:\n{consumer.output()[-3000:]}"
-        wait_for("the read store to apply every event, as scraped", caught_up, timeout=90, detail=scraped)
-        wait_for("the relay to be idle", lambda: prometheus.value(f'outbox_relay_behind_source_seconds{{source_id="{SOURCE_ID}"}}') == 0)
+        wait_until(caught_up, timeout=90, interval=0.5,
+                   message=lambda: f"the read store to apply every event, as scraped: {scraped()}")
+        wait_until(lambda: prometheus.value(f'outbox_relay_behind_source_seconds{{source_id="{SOURCE_ID}"}}'), timeout=60,
+                   interval=0.5, until=lambda behind: behind == 0, message="the relay to be idle")
         # rate() needs two samples in its window; give every target a few
-        wait_for("five scrapes of each target", lambda: (prometheus.value("min(count_over_time(up[1m]))") or 0) >= 5)
-        wait_for("a slot sample", lambda: prometheus.value('outbox_relay_slot_wal_status{wal_status="reserved"}') == 1)
+        wait_until(lambda: prometheus.value("min(count_over_time(up[1m]))") or 0, timeout=60, interval=0.5,
+                   until=lambda scrapes: scrapes >= 5, message="five scrapes of each target")
+        wait_until(lambda: prometheus.value('outbox_relay_slot_wal_status{wal_status="reserved"}'), timeout=60,
+                   interval=0.5, until=lambda status: status == 1, message="a slot sample")
 
         assert prometheus.value('min(up{job=~"outbox-relay|outbox-consumer"})') == 1
         for healthy in ("outbox_relay_up", "outbox_relay_replication_connected", "outbox_relay_kafka_connected"):
@@ -228,7 +222,7 @@ def test_prometheus_scrapes_every_hop_and_every_query_has_data(
         def rules_evaluated() -> bool:
             groups = prometheus.api("rules")["data"]["groups"]
             return all(r["health"] == "ok" for g in groups for r in g["rules"]) and bool(groups)
-        wait_for("the alert rules to be evaluated", rules_evaluated, timeout=20)
+        wait_until(rules_evaluated, timeout=20, interval=0.5, message="the alert rules to be evaluated")
         rules = [r for g in prometheus.api("rules")["data"]["groups"] for r in g["rules"]]
         assert len(rules) >= 8
         for rule in rules:

@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from tests.conftest import admin_conn
-from tests.integration.support import RelayProcess, install_pos, outbox, wait_for_records
+from tests.support.db import admin_conn, install_pos
+from tests.support.kafka import wait_for_records
+from tests.support.processes import RelayProcess, outbox
 
 pytestmark = pytest.mark.integration
 

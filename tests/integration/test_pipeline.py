@@ -9,7 +9,9 @@ import psycopg
 import pytest
 
 from outbox.dev.demo import run_workload
-from tests.integration.support import ConsumerProcess, RelayProcess, install_pos, wait_converged
+from tests.support.db import install_pos
+from tests.support.processes import ConsumerProcess, RelayProcess, wait_converged
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +54,11 @@ def test_read_store_converges_through_relay_kills_and_a_full_replay(
         replayer.start()
         with psycopg.connect(readstore, autocommit=True) as conn:
             total = sum(int(r.split()[-1]) for r in end_offsets(kafka_bootstrap, topic_prefix))
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                applied = conn.execute(
+            applied = wait_until(
+                lambda: conn.execute(
                     "SELECT coalesce(sum(next_offset), 0) FROM readstore.consumer_offsets WHERE group_id = %s",
-                    (f"{topic_prefix}-replay",)).fetchone()[0]  # type: ignore[index]
-                if applied >= total:
-                    break
-                time.sleep(0.3)
+                    (f"{topic_prefix}-replay",)).fetchone()[0],  # type: ignore[index]
+                timeout=120, interval=0.3, until=lambda n: n >= total, message=f"the replay to apply {total} records")
             assert total > 0 and applied >= total, f"replay applied {applied} of {total} records"
         assert table_checksum(readstore) == before
         assert replayer.terminate() == 0

@@ -2,102 +2,31 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
-import uuid
-from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from collections.abc import Callable
 
 import psycopg
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import TopicPartition
 
-from outbox.consumers import readstore as rs
-from tests.integration.support import kcat_read
 from outbox import contract
-from outbox.config import KafkaSettings, ReadStoreSettings
+from outbox.consumers import readstore as rs
 from outbox.errors import KafkaUnavailable, NotInstalled
+from tests.support.kafka import committed_offsets, kcat_read
+from tests.support.processes import NO_CONFIG, outbox
+from tests.support.readstore import (caught_up, entities, ev, expected_state, history, produce, run_until, settings,
+                                     stored_offsets, wait_for)
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 CHECKSUM = """
 SELECT count(*), md5(coalesce(string_agg(e::text, '|' ORDER BY source_id, aggregate_type, aggregate_id), ''))
   FROM readstore.entities e
 """
-
-
-# --------------------------------------------------------------------------- helpers
-def ev(prefix: str, aggregate: str, aggregate_id: str, etype: str, lsn: int, seq: int = 0, *,
-       source: str = "s1", payload: dict[str, Any] | None = None, event_id: str | None = None) -> contract.Record:
-    row = contract.OutboxRow(id=event_id or str(uuid.uuid4()), aggregatetype=aggregate, aggregateid=aggregate_id,
-                             type=f"{aggregate}.{etype}", payload=json.dumps(payload or {"id": aggregate_id, "lsn": lsn}))
-    return contract.build_record(row, source_id=source, prefix=prefix, position=contract.Position(lsn, seq),
-                                 commit_time=T0 + timedelta(microseconds=lsn), xid=lsn)
-
-
-def history(prefix: str) -> list[contract.Record]:
-    """Two aggregate types, several keys, increasing positions; some deleted, one re-created."""
-    out = []
-    lsn = 0x100
-    for i in range(6):
-        out.append(ev(prefix, "customer", f"c{i}", "created", lsn, 0, payload={"name": f"n{i}", "v": 1}))
-        out.append(ev(prefix, "order", f"o{i}", "created", lsn, 1, payload={"customer": f"c{i}", "v": 1}))
-        lsn += 0x10
-    for i in range(6):
-        out.append(ev(prefix, "customer", f"c{i}", "updated", lsn, 0, payload={"name": f"n{i}", "v": 2}))
-        lsn += 0x10
-    out.append(ev(prefix, "customer", "c1", "deleted", lsn, 0, payload={"name": "n1", "v": 2}))
-    out.append(ev(prefix, "order", "o2", "deleted", lsn, 1, payload={"customer": "c2", "v": 1}))
-    lsn += 0x10
-    out.append(ev(prefix, "order", "o3", "updated", lsn, 0, payload={"customer": "c3", "v": 2}))
-    out.append(ev(prefix, "customer", "c4", "deleted", lsn + 0x10, 0, payload={"name": "n4", "v": 2}))
-    out.append(ev(prefix, "customer", "c4", "created", lsn + 0x20, 0, payload={"name": "n4", "v": 3}))
-    return out
-
-
-Expected = dict[tuple[str, str], tuple[dict[str, Any], bool]]
-
-
-def expected_state(records: Sequence[contract.Record]) -> Expected:
-    best: dict[tuple[str, str], tuple[tuple[int, int], dict[str, Any], bool]] = {}
-    for r in records:
-        e = contract.parse_record(r.headers, r.value)
-        k = (e.aggregate_type, e.aggregate_id)
-        pos = (e.position.commit_lsn, e.position.seq)
-        if k not in best or pos > best[k][0]:
-            best[k] = (pos, json.loads(e.payload), contract.is_deletion(e.type))
-    return {k: (v[1], v[2]) for k, v in best.items()}
-
-
-async def produce(bootstrap: str, records: Sequence[contract.Record | tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]]
-                  ) -> dict[TopicPartition, int]:
-    """Send records in order; return the next offset of every partition written."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    ends: dict[TopicPartition, int] = {}
-    try:
-        for r in records:
-            topic, key, value, headers = (r.topic, r.key, r.value, r.headers) if isinstance(r, contract.Record) else r
-            md = await producer.send_and_wait(topic, value=value, key=key, headers=headers)
-            tp = TopicPartition(md.topic, md.partition)
-            ends[tp] = max(ends.get(tp, 0), md.offset + 1)
-    finally:
-        await producer.stop()
-    return ends
-
-
-def stored_offsets(dsn: str, group: str) -> dict[TopicPartition, int]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT topic, partition, next_offset FROM readstore.consumer_offsets WHERE group_id = %s",
-                            (group,)).fetchall()
-    return {TopicPartition(t, p): o for t, p, o in rows}
 
 
 def checksum(dsn: str) -> tuple[int, str]:
@@ -105,42 +34,6 @@ def checksum(dsn: str) -> tuple[int, str]:
         row = conn.execute(CHECKSUM).fetchone()
     assert row is not None
     return row[0], row[1]
-
-
-def entities(dsn: str) -> dict[tuple[str, str], tuple[dict[str, Any], bool]]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT aggregate_type, aggregate_id, payload, deleted FROM readstore.entities").fetchall()
-    return {(t, i): (p, d) for t, i, p, d in rows}
-
-
-async def run_until(settings: ReadStoreSettings, done: Callable[[], bool], timeout: float = 60.0) -> dict[str, int]:
-    """Run the consumer in-process until ``done()`` holds, then stop it with the stop event."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(rs.run_readstore(settings, stop))
-    deadline = time.monotonic() + timeout
-    try:
-        while not done():
-            if task.done():
-                await task  # raises what ended it
-                raise AssertionError("the consumer stopped on its own")
-            assert time.monotonic() < deadline, "the consumer did not catch up in time"
-            await asyncio.sleep(0.2)
-    finally:
-        stop.set()
-        totals = await asyncio.wait_for(task, 30)
-    return dict(totals)
-
-
-def caught_up(dsn: str, group: str, ends: dict[TopicPartition, int]) -> Callable[[], bool]:
-    def check() -> bool:
-        stored = stored_offsets(dsn, group)
-        return all(stored.get(tp, 0) >= end for tp, end in ends.items())
-    return check
-
-
-def settings(dsn: str, bootstrap: str, prefix: str, group: str, batch_size: int = 2000) -> ReadStoreSettings:
-    return ReadStoreSettings(dsn=dsn, kafka=KafkaSettings(bootstrap=bootstrap), topic_prefix=prefix,
-                             group=group, batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------- tests
@@ -193,17 +86,8 @@ def test_offsets_live_in_the_database_and_kafka_mirrors_them(
     s = settings(dsn, kafka_bootstrap, topic_prefix, g, batch_size=5)
     asyncio.run(run_until(s, caught_up(dsn, g, ends)))
 
-    async def kafka_committed() -> dict[TopicPartition, int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            got = await admin.list_consumer_group_offsets(g)
-        finally:
-            await admin.close()
-        return {tp: om.offset for tp, om in got.items()}
-
     assert stored_offsets(dsn, g) == ends
-    assert asyncio.run(kafka_committed()) == ends
+    assert asyncio.run(committed_offsets(kafka_bootstrap, g)) == ends
     before = checksum(dsn)
 
     # Restart: nothing new, nothing re-applied.
@@ -295,15 +179,6 @@ def test_new_topics_are_picked_up_and_dlq_topics_ignored(
     assert not any(t.endswith(".dlq") for t, _ in [(tp.topic, 0) for tp in stored_offsets(dsn, g)])
 
 
-async def wait_for(done: Callable[[], bool], task: asyncio.Task[Any], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if task.done():
-            await task
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.2)
-
-
 def test_unreachable_kafka_is_one_line(readstore_db: str) -> None:
     s = settings(readstore_db, "127.0.0.1:1", "x", "g")
     with pytest.raises(KafkaUnavailable, match="cannot reach Kafka at 127.0.0.1:1"):
@@ -311,20 +186,17 @@ def test_unreachable_kafka_is_one_line(readstore_db: str) -> None:
 
 
 # --------------------------------------------------------------------------- the command
-def outbox(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "outbox.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OUTBOX_CONFIG": ""})
-
-
 def test_cli_unreachable_dsn_is_one_line(kafka_bootstrap: str) -> None:
-    res = outbox("consume", "readstore", "--dsn", "host=127.0.0.1 port=1 dbname=x", "--kafka-bootstrap", kafka_bootstrap)
+    res = outbox("consume", "readstore", "--dsn", "host=127.0.0.1 port=1 dbname=x", "--kafka-bootstrap", kafka_bootstrap,
+                 check=False)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert res.stderr.startswith("Error: cannot connect to 127.0.0.1:1/x")
 
 
 def test_cli_rejects_batch_size_zero(kafka_bootstrap: str) -> None:
-    res = outbox("consume", "readstore", "--dsn", "dbname=x", "--kafka-bootstrap", kafka_bootstrap, "--batch-size", "0")
+    res = outbox("consume", "readstore", "--dsn", "dbname=x", "--kafka-bootstrap", kafka_bootstrap, "--batch-size", "0",
+                 check=False)
     assert res.returncode == 2
     assert res.stderr.strip() == "Error: invalid setting 'batch_size': Input should be greater than or equal to 1"
 
@@ -344,19 +216,13 @@ def test_cli_migrates_consumes_and_stops_cleanly_on_sigterm(
     ends = asyncio.run(produce(kafka_bootstrap, history(topic_prefix)))
     proc = subprocess.Popen([sys.executable, "-m", "outbox.cli", "-v", "consume", "readstore", "--dsn", dsn,
                              "--kafka-bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix, "--group", g],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OUTBOX_CONFIG": ""})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **NO_CONFIG})
     try:
-        deadline = time.monotonic() + 60
-        done = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                done = caught_up(dsn, g, ends)()
-            except psycopg.errors.UndefinedTable:
-                done = False
-            if done:
-                break
-            time.sleep(0.2)
-        assert done, proc.stderr.read() if proc.poll() is not None else "not caught up"
+        def done() -> bool:
+            assert proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
+            return caught_up(dsn, g, ends)()
+
+        wait_until(done, timeout=60, message="the consumer to catch up", ignore=(psycopg.errors.UndefinedTable,))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:

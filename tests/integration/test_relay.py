@@ -15,7 +15,11 @@ import pytest
 
 import outbox
 from outbox.dev.demo import run_workload
-from tests.integration.support import kcat_read, outbox as run_outbox, wait_for_records
+from tests.support.db import committed_ids, wait_slot_confirmed, wal_lsn
+from tests.support.kafka import kcat_read, wait_for_ids, wait_for_records
+from tests.support.metrics import scrape
+from tests.support.processes import outbox as run_outbox
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -140,22 +144,18 @@ def test_sigkill_during_a_workload_loses_nothing_and_sigterm_confirms(store: str
         kills += 1
         relay.start()
     writer.join()
-    with psycopg.connect(store) as conn:
-        ids = {r[0] for r in conn.execute("SELECT id::text FROM outbox.events WHERE type <> 'outbox.heartbeat'").fetchall()}
+    ids = committed_ids(store)
     topics = [f"{topic_prefix}.{a}" for a in ("customer", "order", "order_line")]
-    deadline = time.time() + 90
-    while True:
-        got = wait_for_records(kafka_bootstrap, topics, len(ids), timeout=5)
-        seen = {r["headers"]["ce_id"] for rs in got.values() for r in rs}
-        if ids <= seen or time.time() > deadline:
-            break
+    seen = {r["headers"]["ce_id"] for r in wait_for_ids(kafka_bootstrap, topics, ids, timeout=90)}
     assert not ids - seen, f"{len(ids - seen)} committed events missing from Kafka after {kills} kills"
     assert seen <= ids, "events that were never committed reached Kafka"
     # SIGTERM drains and confirms: a restarted relay sends nothing again
     assert relay.terminate() == 0
     published = sum(len(kcat_read(kafka_bootstrap, t)) for t in topics)
-    relays(store, "s1", topic_prefix, kafka_bootstrap).start()
-    time.sleep(3)
+    after_last_write = wal_lsn(store)
+    again_relay = relays(store, "s1", topic_prefix, kafka_bootstrap).start()
+    # once the slot confirmed past every write, whatever the new relay was going to resend is in Kafka
+    wait_slot_confirmed(store, after_last_write, relay=again_relay)
     again = sum(len(kcat_read(kafka_bootstrap, t)) for t in topics)
     assert again == published
 
@@ -185,7 +185,6 @@ def test_relay_says_what_is_wrong_with_its_servers(store: str, kafka_bootstrap: 
 def test_heartbeats_come_back_through_the_wal_and_are_never_published(store: str, topic_prefix: str,
                                                                        kafka_bootstrap: str, relays: Any) -> None:
     import socket
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,23 +193,22 @@ def test_heartbeats_come_back_through_the_wal_and_are_never_published(store: str
         start_lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
     relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--heartbeat-interval", "0.5",
                    "--status-interval", "1", "--metrics-port", str(port)).start()
-    started = time.time()
-    deadline = time.time() + 20
+    started = time.monotonic()
     with psycopg.connect(store, autocommit=True) as conn:
-        while time.time() < deadline:
-            beats, confirmed_past = conn.execute(
+        def beats_and_slot() -> tuple[int, bool]:
+            relay.assert_running()
+            return conn.execute(  # type: ignore[return-value]
                 "SELECT (SELECT count(*) FROM outbox.events WHERE type = 'outbox.heartbeat'),"
                 " (SELECT confirmed_flush_lsn > %s::pg_lsn FROM pg_replication_slots WHERE database = current_database())",
-                (start_lsn,)).fetchone()  # type: ignore[misc]
-            if beats >= 3 and confirmed_past:
-                break
-            time.sleep(0.25)
+                (start_lsn,)).fetchone()
+
+        beats, confirmed_past = wait_until(beats_and_slot, timeout=20, interval=0.25,
+                                           until=lambda got: got[0] >= 3 and bool(got[1]),
+                                           message="3 heartbeats written, and the slot of an idle database past them")
     assert beats >= 3, "no heartbeats written"
     assert confirmed_past, "the slot of an idle database did not advance past its heartbeats"
-    time.sleep(max(0.0, 4.5 - (time.time() - started)))  # the relay runs longer than the age may be
-    scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    age = next(float(line.split()[-1]) for line in scrape.splitlines()
-               if line.startswith('outbox_relay_heartbeat_age_seconds{source_id="s1"}'))
+    time.sleep(max(0.0, 4.5 - (time.monotonic() - started)))  # the relay runs longer than the age may be
+    age = scrape(port, "outbox_relay_heartbeat_age_seconds")['outbox_relay_heartbeat_age_seconds{source_id="s1"}']
     assert 0 <= age < 2.5, f"heartbeat age {age}: heartbeats do not come back through the stream"
     assert not any(t for t in (f"{topic_prefix}.outbox.heartbeat", f"{topic_prefix}.outbox")
                    if kcat_read(kafka_bootstrap, t)), "a heartbeat was published to Kafka"

@@ -9,39 +9,21 @@ from typing import Any, Callable
 import psycopg
 import pytest
 
-from tests.integration.support import kcat_read, outbox as run_outbox
+from tests.support.db import committed_ids, slot_state, wait_relay_received, wait_slot_confirmed, wal_lsn
+from tests.support.kafka import kcat_read, wait_for_ids
+from tests.support.processes import outbox as run_outbox
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
 TOPICS = ("customer", "order", "order_line")
 
 
-def slot_state(dsn: str) -> tuple[int | None, str]:
-    """(active_pid, confirmed_flush_lsn) of the store's slot."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT active_pid, confirmed_flush_lsn::text FROM pg_replication_slots"
-                           " WHERE database = current_database()").fetchone()
-    assert row is not None
-    return row[0], row[1]
-
-
-def committed_ids(dsn: str) -> set[str]:
-    with psycopg.connect(dsn) as conn:
-        return {r[0] for r in conn.execute("SELECT id::text FROM outbox.events WHERE type <> 'outbox.heartbeat'")}
-
-
 def wait_all_arrive(bootstrap: str, prefix: str, ids: set[str], timeout: float = 120) -> list[dict[str, Any]]:
-    """Every record of the POS topics once ``ids`` are all there (or the timeout passed)."""
-    deadline = time.time() + timeout
-    while True:
-        records = [r for a in TOPICS for r in kcat_read(bootstrap, f"{prefix}.{a}")]
-        seen = {r["headers"]["ce_id"] for r in records}
-        if ids <= seen or time.time() > deadline:
-            missing = ids - seen
-            assert not missing, f"{len(missing)} of {len(ids)} committed events never reached Kafka"
-            assert seen <= ids, "events that were never committed reached Kafka"
-            return records
-        time.sleep(1)
+    """Every record of the POS topics once ``ids`` are all there."""
+    records = wait_for_ids(bootstrap, [f"{prefix}.{a}" for a in TOPICS], ids, timeout=timeout)
+    assert {r["headers"]["ce_id"] for r in records} <= ids, "events that were never committed reached Kafka"
+    return records
 
 
 def write_customers(dsn: str, transactions: int, rows: int) -> None:
@@ -77,10 +59,9 @@ def test_kafka_down_pauses_reading_keeps_the_replication_connection_and_resumes(
     records = wait_all_arrive(kafka_bootstrap, topic_prefix, committed_ids(store))
     assert len(records) == 310  # Kafka was down for less than --kafka-message-timeout: nothing repeats
     assert relay.proc is not None and relay.proc.poll() is None
-    deadline = time.time() + 15
-    while slot_state(store)[1] == confirmed_before and time.time() < deadline:
-        time.sleep(0.5)
-    assert slot_state(store)[1] != confirmed_before, "the slot did not move once Kafka acknowledged"
+    wait_until(lambda: slot_state(store)[1] != confirmed_before, timeout=15, interval=0.5,
+               message="the slot to move once Kafka acknowledged")
+    relay.wait_for_output("is reachable again", timeout=30)  # the next probe of Kafka (every 10 s) says so
     out = relay.output()
     print(out)
     assert out.count("is unreachable") == 1 and out.count("is reachable again") == 1, out
@@ -96,7 +77,8 @@ def test_kafka_down_past_the_message_timeout_replays_from_the_slot(
     sandbox.stop_kafka()
     try:
         write_customers(store, 20, 10)
-        time.sleep(8)  # deliveries time out: the relay drops its producer and waits for Kafka
+        # deliveries time out: the relay drops its producer and waits for Kafka, running
+        relay.wait_for_output("reconnecting", timeout=60)
         assert relay.proc is not None and relay.proc.poll() is None, relay.output()
     finally:
         sandbox.up()
@@ -157,7 +139,7 @@ def test_sigterm_while_kafka_is_down_exits_0_within_the_drain_timeout_and_confir
             before_commit = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]  # type: ignore[index]
             conn.commit()
         write_customers(store, 4, 10)
-        time.sleep(1)
+        wait_relay_received(store, wal_lsn(store), relay=relay)  # read, not acknowledged: what SIGTERM must not confirm
         started = time.monotonic()
         assert relay.terminate(timeout=30) == 0, relay.output()
         took = time.monotonic() - started
@@ -183,8 +165,11 @@ def test_sigterm_drains_in_flight_events_and_confirms_them(
     assert relay.terminate(timeout=40) == 0, relay.output()
     records = wait_all_arrive(kafka_bootstrap, topic_prefix, committed_ids(store), timeout=10)
     published = len(records)
-    relays(store, "s1", topic_prefix, kafka_bootstrap).start()
-    time.sleep(3)  # a restarted relay resends only what was not confirmed: nothing, when the drain ended in time
+    after_last_write = wal_lsn(store)
+    again = relays(store, "s1", topic_prefix, kafka_bootstrap).start()
+    # a restarted relay resends only what was not confirmed: nothing, when the drain ended in time. Once
+    # the slot confirmed past every write, whatever it was going to resend is in Kafka.
+    wait_slot_confirmed(store, after_last_write, relay=again)
     assert sum(len(kcat_read(kafka_bootstrap, f"{topic_prefix}.{a}")) for a in TOPICS) == published
 
 
@@ -251,13 +236,13 @@ def test_an_event_too_large_for_kafka_is_parked_not_dropped_and_the_relay_goes_o
                                                    " WHERE type <> 'outbox.heartbeat'")}
     big = {i for i, p in events.items() if len(p) > 100_000}
     assert len(big) == 2
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        published = {r["headers"]["ce_id"] for r in kcat_read(kafka_bootstrap, topic)}
-        markers = kcat_read(kafka_bootstrap, topic + ".dlq")
-        if published >= set(events) - big and {m["headers"]["ce_id"] for m in markers} >= big:
-            break
-        time.sleep(1)
+    def published_and_markers() -> tuple[set[str], list[dict[str, Any]]]:
+        return {r["headers"]["ce_id"] for r in kcat_read(kafka_bootstrap, topic)}, kcat_read(kafka_bootstrap, topic + ".dlq")
+
+    published, markers = wait_until(
+        published_and_markers, timeout=90, interval=1,
+        until=lambda got: got[0] >= set(events) - big and {m["headers"]["ce_id"] for m in got[1]} >= big,
+        message=lambda: f"the small events on {topic} and markers of the big ones on {topic}.dlq: {relay.output()}")
     assert published == set(events) - big
     assert {m["headers"]["ce_id"] for m in markers} == big
     for m in markers:
@@ -286,13 +271,17 @@ def test_a_large_transaction_is_published_only_after_its_commit(
         conn.execute("INSERT INTO outbox.events (aggregatetype, aggregateid, type, payload)"
                      " SELECT 'big', g::text, 'big.created', jsonb_build_object('n', g) FROM generate_series(1, %s) g",
                      (rows,))
-        time.sleep(3)  # open, with its rows in the WAL: pgoutput v1 sends nothing before the commit
+        after_rows = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0]  # type: ignore[index]
+        with psycopg.connect(store, autocommit=True) as other:  # a commit flushes the WAL, the open rows with it
+            other.execute("SELECT txid_current()")
+        # open, with its rows in the WAL: pgoutput v1 sends nothing before the commit. Once the slot
+        # confirmed past the rows, the relay has read that far, and published whatever it got of them.
+        wait_slot_confirmed(store, int(after_rows), relay=relay)
         assert kcat_read(kafka_bootstrap, topic) == []
         before_commit_ms = time.time() * 1000
         conn.commit()
-    deadline = time.time() + 120
-    while len(records := kcat_read(kafka_bootstrap, topic)) < rows and time.time() < deadline:
-        time.sleep(2)
+    records = wait_until(lambda: kcat_read(kafka_bootstrap, topic), timeout=120, interval=2,
+                         until=lambda got: len(got) >= rows, message=f"{rows} records on {topic}")
     assert len({r["headers"]["ce_id"] for r in records}) == rows
     assert min(r["ts"] for r in records) >= before_commit_ms - 5  # created by the relay after the commit
     assert len({r["headers"]["ce_commitlsn"] for r in records}) == 1
@@ -314,10 +303,9 @@ def test_an_idle_stores_slot_does_not_pin_the_wal_of_a_busy_neighbour(
             conn.execute("INSERT INTO filler SELECT repeat(md5(g::text), 30) FROM generate_series(1, 20000) g")
             written = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)::bigint", (start,)).fetchone()[0]  # type: ignore[index]
         conn.execute("CHECKPOINT")  # logs running transactions: a place the slot's restart_lsn may move to
-    deadline = time.time() + 60
     with psycopg.connect(store, autocommit=True) as conn:
-        while (held := conn.execute(retained).fetchone()[0]) > 4 * 2**20 and time.time() < deadline:  # type: ignore[index]
-            time.sleep(1)
+        held = wait_until(lambda: conn.execute(retained).fetchone()[0], timeout=60, interval=1,  # type: ignore[index]
+                          until=lambda at: at <= 4 * 2**20, message="the idle store's slot to retain at most 4 MB of WAL")
     assert written >= 50 * 2**20
     assert held <= 4 * 2**20, f"the idle store's slot retains {held / 2**20:.1f} MB of WAL"
     assert relay.terminate() == 0

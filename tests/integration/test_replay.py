@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -13,7 +11,10 @@ import pytest
 from aiokafka import TopicPartition
 
 from outbox.consumers import readstore as rs
-from tests.integration.test_readstore import caught_up, history, produce, run_until, settings, stored_offsets, wait_for
+from outbox.consumers.kafka import REPLAY_MARK
+from tests.support.kafka import committed_offsets
+from tests.support.processes import OutboxProcess, outbox
+from tests.support.readstore import caught_up, history, produce, run_until, settings, stored_offsets, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +23,6 @@ SELECT count(*), md5(string_agg(format('%s|%s|%s|%s|%s|%s|%s|%s', source_id, agg
                                        event_id, commit_lsn, txseq, deleted), ',' ORDER BY 1))
   FROM readstore.entities
 """
-
-
-def outbox(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "outbox.cli", *args], capture_output=True, text=True, timeout=180,
-                          input=stdin if stdin is not None else "", env={**os.environ, "OUTBOX_CONFIG": ""})
 
 
 def snapshot(dsn: str) -> tuple[int, str]:
@@ -84,12 +80,12 @@ def test_replay_refuses_an_active_group_an_unknown_group_and_no_terminal(
     topic = sorted({tp.topic for tp in ends})[0]
     common = ["--topic", topic, "--from", "earliest", "--kafka-bootstrap", kafka_bootstrap]
 
-    unknown = outbox("replay", "--group", f"{g}-nope", *common, "--yes")
+    unknown = outbox("replay", "--group", f"{g}-nope", *common, "--yes", check=False)
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == (f"Error: consumer group {g}-nope does not exist on Kafka at {kafka_bootstrap} "
                                       "(check --group; kafka-consumer-groups.sh --list shows them)")
     no_topic = outbox("replay", "--group", g, "--topic", f"{topic_prefix}.nope", "--from", "earliest",
-                      "--kafka-bootstrap", kafka_bootstrap, "--yes")
+                      "--kafka-bootstrap", kafka_bootstrap, "--yes", check=False)
     assert no_topic.returncode == 1 and "does not exist" in no_topic.stderr
 
     async def scenario() -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
@@ -97,11 +93,11 @@ def test_replay_refuses_an_active_group_an_unknown_group_and_no_terminal(
         task = asyncio.create_task(rs.run_readstore(settings(dsn, kafka_bootstrap, topic_prefix, g), stop))
         try:
             await wait_for(caught_up(dsn, g, ends), task)
-            active = await asyncio.to_thread(outbox, "replay", "--group", g, *common, "--yes")
+            active = await asyncio.to_thread(outbox, "replay", "--group", g, *common, "--yes", check=False)
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
-        unconfirmed = await asyncio.to_thread(outbox, "replay", "--group", g, *common)  # no terminal, no --yes
+        unconfirmed = await asyncio.to_thread(outbox, "replay", "--group", g, *common, check=False)  # no terminal, no --yes
         return active, unconfirmed
 
     active, unconfirmed = asyncio.run(scenario())
@@ -112,7 +108,8 @@ def test_replay_refuses_an_active_group_an_unknown_group_and_no_terminal(
     assert unconfirmed.returncode == 1
     assert unconfirmed.stderr.strip().splitlines()[-1] == "Error: not confirmed: no terminal to ask on; run again with --yes"
     assert "re-delivered in all" in unconfirmed.stderr  # the plan is shown before asking
-    bad_from = outbox("replay", "--group", g, "--topic", topic, "--from", "yesterday", "--kafka-bootstrap", kafka_bootstrap)
+    bad_from = outbox("replay", "--group", g, "--topic", topic, "--from", "yesterday", "--kafka-bootstrap", kafka_bootstrap,
+                      check=False)
     assert bad_from.returncode == 2 and bad_from.stderr.startswith("Error: invalid --from 'yesterday'")
 
 
@@ -138,22 +135,33 @@ def test_force_waits_for_the_members_to_leave_then_rewinds(
     topics = sorted({tp.topic for tp in ends})
     args = [a for t in topics for a in ("--topic", t)] + ["--from", "earliest", "--kafka-bootstrap", kafka_bootstrap]
 
-    async def scenario() -> subprocess.CompletedProcess[str]:
+    forced = OutboxProcess("replay", "--group", g, *args, "--yes", "--force", name="replay")
+
+    async def scenario() -> int:
         stop = asyncio.Event()
         task = asyncio.create_task(rs.run_readstore(settings(dsn, kafka_bootstrap, topic_prefix, g), stop))
         try:
             await wait_for(caught_up(dsn, g, ends), task)
-            forced = asyncio.create_task(asyncio.to_thread(outbox, "replay", "--group", g, *args, "--yes", "--force"))
-            await asyncio.sleep(4)
-            assert not forced.done()  # still waiting: the member is there
+            forced.start()
+            # it planned, saw the member and waits (the consumer runs meanwhile: wait in a thread)
+            await asyncio.to_thread(forced.wait_for_output, "--force: waiting up to 90 s for 1 member(s) to leave the group",
+                                    60)
+            # still waiting: the member is there, so the offsets are not rewound (no marker yet)
+            committed = await committed_offsets(kafka_bootstrap, g, metadata=True)
+            assert not [tp for tp, (_, meta) in committed.items() if (meta or "").startswith(REPLAY_MARK)], committed
+            forced.assert_running()
         finally:
             stop.set()  # the consumer leaves the group
             await asyncio.wait_for(task, 30)
-        return await asyncio.wait_for(forced, 120)
+        assert forced.proc is not None
+        return await asyncio.to_thread(forced.proc.wait, 120)
 
-    res = asyncio.run(scenario())
-    assert res.returncode == 0, res.stderr
-    assert "--force: waiting up to 90 s for 1 member(s) to leave the group" in res.stderr
-    assert f"{sum(ends.values())} records re-delivered in all" in res.stderr
+    try:
+        returncode = asyncio.run(scenario())
+        output = forced.log.read_text()
+    finally:
+        forced.close()
+    assert returncode == 0, output
+    assert f"{sum(ends.values())} records re-delivered in all" in output
     replayed = asyncio.run(run_until(settings(dsn, kafka_bootstrap, topic_prefix, g), rewritten(dsn, g, ends)))
     assert replayed["records"] == sum(ends.values())

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 from outbox.consumers import dlq
 from outbox import contract
-from tests.unit.test_readstore_apply import Rec
+from tests.support.records import Rec
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
 

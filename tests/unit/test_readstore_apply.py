@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pytest
@@ -11,18 +10,9 @@ import pytest
 from outbox.consumers.kafka import topic_pattern
 from outbox.consumers.readstore import Rejected, Row, check_payload, classify, plan_batch, row_columns
 from outbox import contract
+from tests.support.records import Rec
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
-
-
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 def event(aggregate_id: str, etype: str, lsn: int, seq: int = 0, *, offset: int = 0, partition: int = 0,
