@@ -66,7 +66,7 @@ def readstore(**params: Any) -> None:
 
 
 def _secret(env: str, path: str | None, what: str) -> str | None:
-    from outbox.dev.crm_reference import read_secret
+    from outbox.secret import read_secret
 
     return read_secret(env, path, what)
 

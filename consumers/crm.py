@@ -32,9 +32,10 @@ from outbox.consumers.crm_logic import (AUTH, OK, ORIGIN_CRM, PERMANENT, KeySche
                                  TokenBucket, backoff, classify_status, load_mappings, parse_retry_after)
 from outbox.consumers import sink_offsets
 from outbox.consumers.dlq import DeadLetter, DeadLetters, DeadLetterUnavailable, for_group
-from outbox.consumers.kafka import Progress, run_pipelined, stop_on_signals, topic_pattern
+from outbox.consumers.kafka import Progress, run_pipelined, topic_pattern
 from outbox import contract, dsn as dsnmod, metrics
 from outbox.config import CrmSinkSettings
+from outbox.signals import stop_on_signals
 from outbox.errors import DatabaseUnavailable, OutboxError
 
 log = logging.getLogger(__name__)

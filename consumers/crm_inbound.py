@@ -32,10 +32,11 @@ from psycopg import sql
 from outbox.consumers.crm_logic import ORIGIN_CRM, Mapping, load_mappings
 from outbox.consumers import sink_offsets
 from outbox.consumers.dlq import Batch, DeadLetter
-from outbox.consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals
+from outbox.consumers.kafka import Progress, SinkUnavailable, run_consumer
 from outbox import contract, dsn as dsnmod
 from outbox.config import CrmWebhookSettings, CrmWritebackSettings
-from outbox.dev.crm_reference import SIGNATURE_HEADER, sign
+from outbox.secret import SIGNATURE_HEADER, sign
+from outbox.signals import stop_on_signals
 from outbox.errors import ConfigError, DatabaseUnavailable, KafkaUnavailable
 
 log = logging.getLogger(__name__)

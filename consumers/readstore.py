@@ -28,9 +28,10 @@ from aiokafka import TopicPartition
 
 from outbox.consumers import sink_offsets
 from outbox.consumers.dlq import Batch, DeadLetter, DeadLetters, RecordLike
-from outbox.consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals, topic_pattern
+from outbox.consumers.kafka import Progress, SinkUnavailable, run_consumer, topic_pattern
 from outbox import contract, dsn as dsnmod
 from outbox.config import ReadStoreSettings
+from outbox.signals import stop_on_signals
 from outbox.errors import DatabaseUnavailable, NotInstalled
 
 log = logging.getLogger(__name__)
