@@ -765,23 +765,8 @@ def parse_capture(text: str) -> cfg.Capture:
                           "e.g. pos.customers=customer)") from None
 
 
-def _slot_option(func: Any) -> Any:
-    return click.option("--slot", default=None, metavar="NAME",
-                        help="Replication slot name (default: outbox_<database>).")(func)
-
-
 @click.command()
-@cfg.dsn_option
-@click.option("--capture", "captures", multiple=True, metavar="SCHEMA.TABLE=AGGREGATE",
-              help="Capture a legacy table's changes as events of AGGREGATE (repeatable), e.g. pos.customers=customer.")
-@click.option("--sql", is_flag=True, default=False,
-              help="Print the SQL for review instead of running it. Connects read-only to read primary keys "
-                   "and what is already installed; changes nothing.")
-@_slot_option
-@click.option("--relay-role", default=None, metavar="NAME",
-              help="Create (LOGIN, no password) or grant a least-privilege role for the relay: REPLICATION, "
-                   "CONNECT, USAGE on schema outbox, SELECT, INSERT (heartbeats) and DELETE (purge) on outbox.events. Needs a superuser "
-                   "unless the role already has REPLICATION. Uninstall never drops it.")
+@cfg.options_for(cfg.InstallSettings)
 def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None) -> None:
     """Install the outbox into a store database (idempotent; run again to add captures).
 
@@ -800,16 +785,13 @@ def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, re
 
 
 @click.command()
-@cfg.dsn_option
-@_slot_option
-@click.option("--sql", is_flag=True, default=False,
-              help="Print the SQL for review instead of running it (connects read-only; changes nothing).")
+@cfg.options_for(cfg.UninstallSettings)
 def uninstall(dsn: str, slot: str | None, sql: bool) -> None:
     """Remove the outbox from a store database: capture triggers, slot, schema. Legacy data untouched.
 
     Refuses while a relay is connected to the slot.
     """
-    cfg.build(cfg.InstallSettings, dsn=dsn, slot=slot)
+    cfg.build(cfg.UninstallSettings, dsn=dsn, slot=slot, sql=sql)
     if slot:
         check_slot_name(slot)
     if sql:

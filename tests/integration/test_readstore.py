@@ -21,7 +21,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from outbox.consumers import readstore as rs
 from tests.integration.support import kcat_read
 from outbox import contract
-from outbox.config import KafkaSettings, ReadStoreSettings
+from outbox.config import KafkaSettings
+from outbox.consumers.readstore import ReadStoreSettings
 from outbox.errors import KafkaUnavailable, NotInstalled
 
 pytestmark = pytest.mark.integration
