@@ -6,7 +6,8 @@ field (its flag, metavar, a file path, bounds checked by click), in a :class:`Cl
 it. :func:`options_for` turns a model into click options and :func:`settings_from` turns the
 parsed parameters back into the model. Shared parts are declared once too: the :data:`Dsn` type
 and its validator, :class:`KafkaSettings` (options ``--kafka-*``, a nested model),
-:class:`MetricsSettings` (``--metrics-port``, ``--metrics-host``), :class:`RedriveSettings`.
+:class:`MetricsSettings` (``--metrics-port``, ``--metrics-host``), :class:`RedriveSettings`. A sink's
+settings model lives in the sink's module, on :class:`SinkSettings` (consumers/sink.py).
 
 Precedence, highest first: command-line option, environment variable (click's
 ``auto_envvar_prefix="OUTBOX"`` convention: ``OUTBOX_RELAY_DSN``, ``OUTBOX_CONSUME_READSTORE_GROUP``),
@@ -212,17 +213,13 @@ def _option(name: str, info: FieldInfo, prefix: str) -> Decorator | None:
     return click.option(flag, param, **kw)
 
 
-def options_for(model: type[BaseModel], *, prefix: str = "", only: Sequence[str] | None = None,
+def options_for(model: type[BaseModel], *, prefix: str = "",
                 after: Mapping[str, Sequence[Decorator]] | None = None) -> Decorator:
-    """A decorator adding one click option per field of ``model`` (nested models expanded).
-
-    ``only`` limits it to some fields; ``after`` places options that are not settings (``--sql``)
-    after a field's option.
+    """A decorator adding one click option per field of ``model`` (nested models expanded), in the
+    model's order; ``after`` places options that are not settings (``--sql``) after a field's option.
     """
     decorators: list[Decorator] = []
     for name, info in _fields(model):
-        if only is not None and name not in only:
-            continue
         nested = _nested(info)
         if nested is not None:
             decorators.append(options_for(nested, prefix=f"{prefix}{name}_"))
