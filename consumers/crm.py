@@ -5,9 +5,9 @@ this module holds the I/O edges and their wiring:
 
 - :class:`CrmClient`: the CRM's HTTP API (the reference CRM's contract; an adapter for a real CRM
   replaces this class): batch or single upserts, each record with its idempotency key.
-- :class:`Ledger`: the sink's small PostgreSQL database: applied event ids and Kafka offsets,
-  written in one transaction, so a re-delivered event is a no-op.
-- :class:`CrmSink`: a :class:`consumers.kafka.PipelinedSink`. Records are taken as they are
+- :class:`Ledger`: the sink's small PostgreSQL database (a ``SinkDatabase``, consumers/sink_offsets.py):
+  applied event ids and Kafka offsets, written in one transaction, so a re-delivered event is a no-op.
+- :class:`CrmSink`: a :class:`consumers.kafka.PipelinedSink` (``outbox consume crm``). Records are taken as they are
   fetched; a dispatcher sends the oldest event of each key (a later event of a key waits behind
   one being retried), a flusher writes the ledger and the offsets. Calls never block polling.
 """
@@ -18,24 +18,31 @@ import contextlib
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Mapping as MappingABC, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 from urllib.parse import quote
 
 import psycopg
-from aiohttp import ClientConnectionError, ClientError, ClientSession, ClientTimeout, TCPConnector
 from aiokafka import TopicPartition
+from prometheus_client import Counter, Histogram
+from pydantic import Field, SecretStr, field_validator
 
 from outbox.consumers.crm_logic import (AUTH, OK, ORIGIN_CRM, PERMANENT, KeyScheduler, Mapping, MappingError, Pending,
                                  TokenBucket, backoff, classify_status, load_mappings, parse_retry_after)
 from outbox.consumers import sink_offsets
 from outbox.consumers.dlq import DeadLetter, DeadLetters, DeadLetterUnavailable, for_group
-from outbox.consumers.kafka import Progress, run_pipelined, stop_on_signals, topic_pattern
-from outbox import contract, dsn as dsnmod, metrics
-from outbox.config import CrmSinkSettings
+from outbox.consumers.kafka import Progress, SinkUnavailable, run_pipelined, topic_pattern
+from outbox.consumers.sink import Sink, run_sink
+from outbox import contract, metrics
+from outbox import dsn as dsnmod
+from outbox.config import Cli, Dsn, KafkaSettings, Secret, SinkSettings
 from outbox.errors import DatabaseUnavailable, OutboxError
+
+if TYPE_CHECKING:  # aiohttp is imported when the sink starts: outbox consume --help does not need it
+    from aiohttp import ClientSession
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,96 @@ class CrmRefused(OutboxError):
     """The CRM refused the sink's credentials (401/403): never retried, the sink stops."""
 
     exit_code = 1
+
+
+# --------------------------------------------------------------------------- settings
+class CrmSinkSettings(SinkSettings):
+    """``outbox consume crm``: Kafka -> the CRM's HTTP API, with a ledger in a small database of its own."""
+
+    crm_url: Annotated[str, Field(description=(
+        "Base URL of the CRM API (the reference CRM: http://127.0.0.1:8480).")), Cli(metavar="URL")]
+    dsn: Annotated[Dsn, Field(description=(  # the sink's ledger database
+        "The sink's own small database for its ledger (applied event ids) and Kafka offsets; PGHOST, PGPORT, "
+        "PGUSER... fill what it leaves out."))]
+    kafka: KafkaSettings
+    crm_token: Annotated[SecretStr | None, Field(description=(
+        "File whose first line is the CRM bearer token [default: $OUTBOX_CRM_TOKEN, else none]. Never on the "
+        "command line.")), Secret(env="OUTBOX_CRM_TOKEN", file_flag="--crm-token-file", what="CRM token")] = None
+    topic_prefix: Annotated[str, Field(description="Consume every topic <prefix>.<aggregate_type> (not *.dlq).")] = \
+        contract.DEFAULT_TOPIC_PREFIX
+    group: Annotated[str, Field(description="Kafka consumer group id (and ledger scope).")] = "outbox-crm"
+    mapping: Annotated[str | None, Field(description=(  # None: the POS demo's customer and order mappings
+        "TOML file: one table per aggregate type (kind, fields, references) [default: the POS demo's customer -> "
+        "contacts, order -> orders]. Unmapped aggregate types are skipped.")), Cli(file=True)] = None
+    batch_size: Annotated[int, Field(ge=1, le=100, description=(
+        "Records per CRM call (batch upsert); 1 sends single upserts.")), Cli(checked=True)] = 50
+    concurrency: Annotated[int, Field(ge=1, le=64, description="CRM calls in flight."), Cli(checked=True)] = 4
+    rate: Annotated[float, Field(gt=0, description="CRM calls per second on average (token bucket)."),
+                    Cli(checked=True)] = 10.0
+    burst: Annotated[int | None, Field(ge=1, description="Calls allowed at once [default: the rate]."),
+                     Cli(checked=True)] = None  # None: max(1, rate)
+    max_attempts: Annotated[int, Field(ge=1, description=(
+        "Attempts per record before it is dead-lettered to <topic>.dlq.")), Cli(checked=True)] = 10
+    retry_base: Annotated[float, Field(gt=0, description=(
+        "First retry delay in seconds; doubles per attempt, with jitter.")), Cli(checked=True)] = 0.5
+    retry_max: Annotated[float, Field(gt=0, description="Longest retry delay in seconds."), Cli(checked=True)] = 60.0
+    timeout: Annotated[float, Field(gt=0, description=(
+        "Seconds a CRM call may take before it counts as failed (and is retried).")), Cli(checked=True)] = 10.0
+    max_buffered: Annotated[int, Field(ge=1, description=(  # records per partition held before it is paused
+        "Records of one partition held while the CRM is slow; above it the partition is paused.")),
+        Cli(checked=True)] = 5000
+
+    @field_validator("crm_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+# --------------------------------------------------------------------------- metrics (docs/operations.md)
+CRM_CALLS = metrics.sink_metric(Counter, "outbox_crm_calls_total",
+                    "Calls to the CRM API by outcome: the HTTP status class (2xx, 4xx), 429, or timeout/connection.",
+                    ["group", "outcome"])
+CRM_CALL_SECONDS = metrics.sink_metric(Histogram, "outbox_crm_call_seconds", "Duration of one CRM API call (a batch or a single upsert).",
+                             ["group"], buckets=metrics.APPLY_BUCKETS)
+CRM_RECORDS_SENT = metrics.sink_metric(Counter, "outbox_crm_records_sent_total", "Records sent to the CRM (a batch counts each record).",
+                           ["group"])
+CRM_RETRIES = metrics.sink_metric(Counter, "outbox_crm_retries_total",
+                      "Records scheduled for another attempt, by reason: rate_limited (429), server_error (5xx, 408), "
+                      "timeout, connection, bad_response, split (a refused batch retried record by record).",
+                      ["group", "reason"])
+CRM_DEAD_LETTERED = metrics.sink_metric(Counter, "outbox_crm_dead_lettered_total",
+                            "Records sent to the dead-letter topic, by reason: permanent (a 4xx), attempts (past "
+                            "--max-attempts), invalid (breaks the event contract or the mapping).", ["group", "reason"])
+CRM_SKIPPED = metrics.sink_metric(Counter, "outbox_crm_skipped_total",
+                      "Records not sent, by reason: echo (the change came from the CRM), unmapped (no mapping for "
+                      "its aggregate type), applied (already in the ledger: a re-delivery).", ["group", "reason"])
+CRM_THROTTLED = metrics.sink_metric(Counter, "outbox_crm_throttled_seconds_total",
+                        "Seconds the sink held all calls back because the CRM answered 429 with Retry-After.", ["group"])
+
+
+
+class CrmMetrics:
+    """The CRM sink's metrics with ``group`` bound once."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.call_seconds = CRM_CALL_SECONDS.labels(group)
+        self.records_sent = CRM_RECORDS_SENT.labels(group)
+        self.throttled = CRM_THROTTLED.labels(group)
+
+    def call(self, outcome: str) -> None:
+        CRM_CALLS.labels(self.group, outcome).inc()
+
+    def retried(self, reason: str, n: int = 1) -> None:
+        CRM_RETRIES.labels(self.group, reason).inc(n)
+
+    def dead_lettered(self, reason: str, n: int = 1) -> None:
+        CRM_DEAD_LETTERED.labels(self.group, reason).inc(n)
+
+    def skipped(self, reason: str, n: int = 1) -> None:
+        CRM_SKIPPED.labels(self.group, reason).inc(n)
 
 
 # --------------------------------------------------------------------------- I/O: the CRM
@@ -64,6 +161,8 @@ class CallResult:
 
 
 class CrmApi(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
     async def upsert(self, kind: str, items: Sequence[dict[str, Any]]) -> CallResult: ...
 
 
@@ -79,6 +178,8 @@ class CrmClient:
         self._http: ClientSession | None = None
 
     async def start(self) -> None:
+        from aiohttp import ClientSession, ClientTimeout, TCPConnector
+
         headers = {"User-Agent": "outbox-relay-crm-sink"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
@@ -90,6 +191,8 @@ class CrmClient:
             await self._http.close()
 
     async def upsert(self, kind: str, items: Sequence[dict[str, Any]]) -> CallResult:
+        from aiohttp import ClientConnectionError, ClientError
+
         assert self._http is not None
         try:
             if self.batch:
@@ -150,72 +253,52 @@ INSERT INTO crm_sink.ledger (group_id, event_id, external_id, outcome)
 SELECT %s, u.event_id, u.external_id, u.outcome FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(event_id, external_id, outcome)
 ON CONFLICT DO NOTHING
 """
-SAVE_OFFSETS = sink_offsets.save_sql("crm_sink")
-LOAD_OFFSETS = sink_offsets.load_sql("crm_sink")
 
 
-class Ledger:
+class Ledger(sink_offsets.SinkDatabase):
     """Applied (and dead-lettered) event ids plus Kafka offsets, in the sink's own database."""
 
+    schema = "crm_sink"
+    application_name = "outbox-crm-sink"
+    what = "ledger database"
+    described_as = "the ledger database "
+    setup_sql = LEDGER_SCHEMA
+
     def __init__(self, dsn: str, group: str) -> None:
-        self.dsn = dsn
-        self.group = group
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        super().__init__(dsn, group)
         self._lock = asyncio.Lock()  # the poll loop (seen) and the flusher (record) share the connection
-
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        try:
-            return await psycopg.AsyncConnection.connect(self.dsn, application_name="outbox-crm-sink")
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailable(f"cannot connect to the ledger database {dsnmod.describe(self.dsn)}: "
-                                      f"{dsnmod.first_line(exc)} (check --dsn and the PG* environment variables)") from None
-
-    async def start(self) -> None:
-        self._conn = await self._connect()
-        await self._conn.execute("SELECT pg_advisory_xact_lock(hashtext('outbox-crm-sink schema'))")
-        await self._conn.execute(LEDGER_SCHEMA)
-        await self._conn.commit()
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = await self._connect()
-        return self._conn
 
     async def seen(self, event_ids: list[str]) -> set[str]:
         async with self._lock:
-            conn = await self._connection()
+            conn = await self.connection()
             async with conn.transaction():
                 rows = await (await conn.execute(SEEN, (self.group, event_ids))).fetchall()
         return {r[0] for r in rows}
 
     async def record(self, rows: list[tuple[str, str | None, str]], offsets: MappingABC[tuple[str, int], int]) -> None:
-        async with self._lock:
-            await self._record(await self._connection(), rows, offsets)
-
-    async def _record(self, conn: psycopg.AsyncConnection[Any], rows: list[tuple[str, str | None, str]],
-                      offsets: MappingABC[tuple[str, int], int]) -> None:
-        async with conn.transaction():
+        """The ledger rows and the offsets they make safe, in one transaction."""
+        async with self._lock, self.transaction(offsets) as conn:
             if rows:
                 await conn.execute(RECORD, (self.group, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
-            await sink_offsets.save(conn, SAVE_OFFSETS, self.group, offsets)
-
-    async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        conn = await self._connect()  # its own connection: this runs in Kafka's rebalance callback
-        try:
-            return await sink_offsets.load(conn, LOAD_OFFSETS, self.group, partitions)
-        finally:
-            await conn.close()
 
 
 # --------------------------------------------------------------------------- the sink
-class CrmSink:
+class CrmSink(Sink):
     """Kafka records -> CRM upserts, retried per key without blocking the poll loop (see module doc)."""
 
     name = "crm"
+    Settings = CrmSinkSettings
+    client_id = "outbox-crm"
+    help = """Keep a CRM current: upsert by external id <source_id>:<aggregate_id>, one mapping per aggregate type.
+
+    Each record is sent with its event id as idempotency key; transient failures (timeouts,
+    connection errors, 5xx, 408, 429 with Retry-After) are retried with exponential backoff and
+    jitter while polling goes on; a later event of a key waits behind an earlier one being retried.
+    Permanent failures (other 4xx) and records past --max-attempts are parked in <topic>.dlq.
+    A ledger of applied event ids makes re-delivery a no-op. Changes that came from the CRM
+    (origin crm) are not sent back. SIGTERM or SIGINT ends the calls in flight and exits 0.
+    See docs/crm.md.
+    """
 
     def __init__(self, settings: CrmSinkSettings, client: CrmApi, ledger: Ledger, mappings: dict[str, Mapping], *,
                  seed: int | None = None) -> None:
@@ -224,7 +307,8 @@ class CrmSink:
         self.ledger = ledger
         self.dlq: DeadLetters | None = None  # the loop's, handed over with every batch
         self.mappings = mappings
-        self.m = metrics.CrmMetrics(settings.group)
+        self.group = settings.group
+        self.m = CrmMetrics(settings.group)
         self.sched = KeyScheduler()
         self.bucket = TokenBucket(settings.rate, settings.burst or max(1, int(settings.rate)), time.monotonic())
         self.rng = random.Random(seed)
@@ -245,7 +329,17 @@ class CrmSink:
         self._closing = False
 
     # -- lifecycle
+    @classmethod
+    def create(cls, settings: CrmSinkSettings) -> CrmSink:
+        token = settings.crm_token.get_secret_value() if settings.crm_token else None
+        client = CrmClient(settings.crm_url, token, timeout=settings.timeout, concurrency=settings.concurrency,
+                           batch=settings.batch_size > 1)
+        return cls(settings, client, Ledger(settings.dsn, settings.group), load_mappings(settings.mapping))
+
     async def start(self) -> None:
+        """Open the ledger (creating its schema) and the CRM client, then start sending."""
+        await self.ledger.start()
+        await self.client.start()
         self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._flush_loop())]
         for task in self._tasks:
             task.add_done_callback(self._task_ended)
@@ -259,9 +353,16 @@ class CrmSink:
         self._failure = self._failure or OutboxError(f"CRM sink failed: {type(exc).__name__}: {exc}")
 
     async def close(self) -> None:
-        """Stop sending, let calls in flight end (bounded by --timeout), save what is done."""
+        """Stop sending, let calls in flight end (bounded by --timeout), save what is done, close."""
         if self._closing:
             return
+        try:
+            await self._stop_sending()
+        finally:
+            await self.client.close()
+            await self.ledger.close()
+
+    async def _stop_sending(self) -> None:
         self._closing = True
         self._wake.set()
         if self._inflight:
@@ -276,6 +377,11 @@ class CrmSink:
                 await asyncio.wait_for(self._flush(), CLOSE_FLUSH_TIMEOUT)
             except asyncio.TimeoutError:  # nothing is lost: what the ledger lacks is sent again, same keys
                 log.warning("could not save the CRM sink's last progress within %.0f s", CLOSE_FLUSH_TIMEOUT)
+
+    async def consume(self, settings: CrmSinkSettings, stop: asyncio.Event, progress: Progress) -> None:
+        await run_pipelined(settings.kafka, group=self.group, pattern=topic_pattern(settings.topic_prefix), sink=self,
+                            stop=stop, batch_size=500, max_buffered=settings.max_buffered, client_id=self.client_id,
+                            progress=progress)
 
     # -- PipelinedSink
     async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
@@ -493,7 +599,7 @@ class CrmSink:
         while True:
             try:
                 return await write()
-            except (psycopg.OperationalError, DatabaseUnavailable, DeadLetterUnavailable, OSError) as exc:
+            except (psycopg.OperationalError, DatabaseUnavailable, SinkUnavailable, DeadLetterUnavailable, OSError) as exc:
                 log.warning("cannot save the CRM sink's progress (%s); retrying in %.0f s",
                             dsnmod.first_line(exc), STORE_RETRY)
             await asyncio.sleep(STORE_RETRY)
@@ -507,25 +613,4 @@ def _coordinates(record: Any) -> str:
 # --------------------------------------------------------------------------- wiring
 async def run_crm(settings: CrmSinkSettings, stop: asyncio.Event | None = None) -> MappingABC[str, int]:
     """Send events to the CRM until ``stop`` is set (or SIGTERM/SIGINT when stop is None)."""
-    own_stop = stop is None
-    stop = stop or asyncio.Event()
-    mappings = load_mappings(settings.mapping)
-    progress = Progress(f"crm[{settings.group}]")
-    token = settings.crm_token.get_secret_value() if settings.crm_token else None
-    client = CrmClient(settings.crm_url, token, timeout=settings.timeout, concurrency=settings.concurrency,
-                       batch=settings.batch_size > 1)
-    ledger = Ledger(settings.dsn, settings.group)
-    await ledger.start()
-    await client.start()
-    sink = CrmSink(settings, client, ledger, mappings)
-    try:
-        await sink.start()
-        with stop_on_signals(stop) if own_stop else contextlib.nullcontext():
-            await run_pipelined(settings.kafka, group=settings.group, pattern=topic_pattern(settings.topic_prefix),
-                                sink=sink, stop=stop, batch_size=500, max_buffered=settings.max_buffered,
-                                client_id="outbox-crm", progress=progress)
-    finally:
-        await sink.close()
-        await client.close()
-        await ledger.close()
-    return progress.totals
+    return await run_sink(CrmSink.create(settings), settings, stop)

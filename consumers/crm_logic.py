@@ -3,6 +3,8 @@
 - :class:`Mapping` turns an event into a CRM upsert item (and a CRM change back into columns).
 - :func:`parse_retry_after`, :func:`backoff`, :func:`classify_status`: what to do after a call.
 - :class:`TokenBucket`: the configured request rate.
+- :func:`parse_change`: a CRM change notification (the way back, consumers/crm_inbound.py and
+  consumers/crm_writeback.py).
 - :class:`KeyScheduler`: per-key order (a later event of a key waits behind an earlier one
   being retried, other keys flow), and per-partition "done up to" offsets.
 
@@ -336,3 +338,39 @@ class KeyScheduler:
 
     def idle(self) -> bool:
         return not self._queues
+
+
+H_DELIVERY = "crm_delivery_id"  # the Kafka header of a notification's delivery id
+
+
+# --------------------------------------------------------------------------- the way back: a CRM change
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One CRM change notification, as the writeback applies it."""
+
+    delivery_id: str
+    kind: str
+    source_id: str
+    aggregate_id: str
+    fields: dict[str, Any]
+
+
+def parse_change(value: bytes | None) -> Change:
+    """Read a notification (the reference CRM's webhook body); ValueError says why it is unusable."""
+    body = json.loads(value or b"")
+    if not isinstance(body, dict):
+        raise ValueError("the notification is not a JSON object")
+    delivery, kind, external_id, fields = (body.get(k) for k in ("id", "kind", "external_id", "fields"))
+    if not all(isinstance(v, str) and v for v in (delivery, kind, external_id)) or not isinstance(fields, dict):
+        raise ValueError("the notification needs id, kind, external_id (strings) and fields (an object)")
+    source_id, sep, aggregate_id = str(external_id).partition(":")
+    if not sep or not source_id or not aggregate_id:
+        raise ValueError(f"external id {external_id!r} is not <source_id>:<aggregate_id>")
+    return Change(str(delivery), str(kind), source_id, aggregate_id, fields)
+
+
+def mapping_for_kind(mappings: MappingABC[str, Mapping], kind: str) -> Mapping | None:
+    for m in mappings.values():
+        if m.kind == kind and m.table:
+            return m
+    return None

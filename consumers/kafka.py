@@ -31,7 +31,7 @@ import re
 import signal
 import time
 from datetime import datetime
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -93,30 +93,6 @@ def topic_pattern(prefix: str) -> str:
     if not prefix:
         return rf"^(?!__)(?!.*{dlq}$).+$"
     return rf"^{re.escape(prefix)}\.(?!.*{dlq}$).+$"
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    """Set ``stop`` on SIGTERM and SIGINT while inside the block (main thread only)."""
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, _on_signal, stop, sig)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no support
-            pass
-    try:
-        yield
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-
-def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
-    if not stop.is_set():
-        log.info("%s received: finishing the current batch, then stopping", sig.name)
-    stop.set()
 
 
 class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -4,9 +4,10 @@ Pure part (no I/O): :func:`classify` turns one Kafka record into a row to upsert
 (a record that breaks the event contract); :func:`plan_batch` reduces a batch to at most one
 row per key, the one with the greatest source position, plus the next offset per partition.
 
-I/O edge: :class:`ReadStore` parks the rejections in ``<topic>.dlq`` (consumers/dlq.py), then
-writes a plan in one transaction (one set-based upsert guarded by the source position, the offsets); :func:`migrate` / :func:`migration_sql`
-run or print the schema migrations; :func:`run_readstore` wires it to the Kafka loop.
+I/O edge: :class:`ReadStore` (a ``DatabaseSink``, consumers/sink_offsets.py) parks the rejections in
+``<topic>.dlq`` (consumers/dlq.py), then writes a plan in one transaction (one set-based upsert
+guarded by the source position, the offsets); :func:`migrate` / :func:`migration_sql` run or
+print the schema migrations; :func:`run_readstore` runs it (``outbox consume readstore``).
 See docs/readstore.md.
 """
 from __future__ import annotations
@@ -20,17 +21,18 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
+import click
 import psycopg
-from aiokafka import TopicPartition
+from pydantic import Field
 
-from outbox.consumers import sink_offsets
 from outbox.consumers.dlq import Batch, DeadLetter, DeadLetters, RecordLike
-from outbox.consumers.kafka import Progress, SinkUnavailable, run_consumer, stop_on_signals, topic_pattern
+from outbox.consumers.sink import run_sink
+from outbox.consumers.sink_offsets import RETRIABLE, DatabaseSink
 from outbox import contract, dsn as dsnmod
-from outbox.config import ReadStoreSettings
-from outbox.errors import DatabaseUnavailable, NotInstalled
+from outbox.config import Cli, Dsn, KafkaSettings, RedriveSettings, SinkSettings
+from outbox.errors import NotInstalled
 
 log = logging.getLogger(__name__)
 logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at INFO: noise
@@ -203,55 +205,67 @@ ON CONFLICT (source_id, aggregate_type, aggregate_id) DO UPDATE SET
  WHERE (e.commit_lsn, e.txseq) < (EXCLUDED.commit_lsn, EXCLUDED.txseq)
 """
 
-SAVE_OFFSETS = sink_offsets.save_sql("readstore")
-LOAD_OFFSETS = sink_offsets.load_sql("readstore")
+# --------------------------------------------------------------------------- settings and command
+class ReadStoreSettings(RedriveSettings, SinkSettings):
+    """``outbox consume readstore``."""
 
-# What can heal by itself: a lost connection, a failover, a serialization failure or deadlock.
-_RETRIABLE = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+    dsn: Annotated[Dsn, Field(description=(
+        "Read store database: a libpq string ('dbname=readstore host=...') or a postgresql:// URL; PGHOST, PGPORT, "
+        "PGUSER, PGPASSWORD... fill what it leaves out, as with psql."))]
+    kafka: KafkaSettings
+    topic_prefix: Annotated[str, Field(description=(
+        "Consume every topic <prefix>.<aggregate_type> (not *.dlq); new topics are picked up within 5 s."))] = \
+        contract.DEFAULT_TOPIC_PREFIX
+    group: Annotated[str, Field(description="Kafka consumer group id.")] = "outbox-readstore"
+    batch_size: Annotated[int, Field(ge=1, description="Records fetched and applied per database transaction.")] = 2000
+    migrate: Annotated[bool, Field(description="Bring the readstore schema up to date before consuming."),
+                       Cli(flag="--migrate/--no-migrate")] = True
+
+
+def _print_sql(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(migration_sql(), nl=False)
+    ctx.exit(0)
+
+
+_SQL_OPTION = click.option("--sql", is_flag=True, is_eager=True, expose_value=False, callback=_print_sql,
+                           help="Print the schema migration SQL for review and exit (needs no server, touches nothing).")
 
 
 # --------------------------------------------------------------------------- I/O: the database
-async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
-    """Open an async connection with the same one-line errors as outbox.dsn.connect."""
-    dsnmod.parse(dsn)
-    try:
-        return await psycopg.AsyncConnection.connect(dsn, application_name="outbox-readstore")
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to {dsnmod.describe(dsn)}: {dsnmod.first_line(exc)} "
-                                  "(check --dsn and the PG* environment variables)") from None
-
-
-class ReadStore:
+class ReadStore(DatabaseSink[Plan]):
     """The read store database, as a sink for the Kafka loop. ``async with`` opens and closes it."""
 
     name = "readstore"  # the ``sink`` label of its metrics
+    Settings = ReadStoreSettings
+    client_id = "outbox-readstore"
+    cli_options: ClassVar[dict[str, list[Any]]] = {"migrate": [_SQL_OPTION]}
+    help = """Keep a central PostgreSQL read store current: one row per aggregate, in source order.
 
-    def __init__(self, dsn: str, group: str) -> None:
-        self.dsn = dsn
-        self.group = group
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+    Each batch is applied in one transaction together with its Kafka offsets; duplicates and
+    older events change nothing; deletes leave tombstones (view readstore.current_entities
+    hides them). Records that break the event contract are parked in <topic>.dlq. SIGTERM or
+    SIGINT finishes the current batch and exits 0. See docs/readstore.md.
+    """
+    schema = SCHEMA
+    application_name = "outbox-readstore"
+    what = "read store"
 
-    async def __aenter__(self) -> ReadStore:
-        await self.start()
-        return self
+    @classmethod
+    def create(cls, settings: ReadStoreSettings) -> ReadStore:
+        return cls(settings.dsn, settings.group)
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    @classmethod
+    def prepare(cls, settings: ReadStoreSettings) -> None:
+        if settings.migrate:
+            migrate(settings.dsn)
 
-    async def start(self) -> None:
-        self._conn = await connect(self.dsn)
-        try:
-            await self._preflight(self._conn)
-        except BaseException:
-            await self.close()
-            raise
+    @classmethod
+    def stopped(cls, totals: Mapping[str, int]) -> str:
+        return f"stopped: {totals.get('records', 0)} records applied, {totals.get('rejected', 0)} rejected"
 
-    async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
-
-    async def _preflight(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def preflight(self, conn: psycopg.AsyncConnection[Any]) -> None:
         head = _script_head()
         cur = await conn.execute("SELECT to_regclass('readstore.alembic_version') IS NOT NULL")
         row = await cur.fetchone()
@@ -267,39 +281,26 @@ class ReadStore:
             raise NotInstalled(f"the read store schema in {where} {state}: run outbox consume readstore "
                                "--migrate (the default), or review the SQL with --sql")
 
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            if self._conn is not None:
-                await self._conn.close()
-                self._conn = None
-            try:
-                self._conn = await connect(self.dsn)
-            except DatabaseUnavailable as exc:
-                raise SinkUnavailable(exc.message) from None
-        return self._conn
-
-    # -- Sink protocol
-    async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        """Read on a connection of its own: it runs in Kafka's rebalance callback, which may come
-        while a batch is being written on the main connection."""
-        try:
-            conn = await connect(self.dsn)
-        except DatabaseUnavailable as exc:
-            raise SinkUnavailable(exc.message) from None
-        try:
-            cur = await conn.execute(LOAD_OFFSETS, (self.group, [tp.topic for tp in partitions],
-                                                    [tp.partition for tp in partitions]))
-            rows = await cur.fetchall()
-        except _RETRIABLE as exc:
-            raise SinkUnavailable(f"read store: {dsnmod.first_line(exc)}") from None
-        finally:
-            await conn.close()
-        return {TopicPartition(topic, partition): offset for topic, partition, offset in rows}
-
-    async def apply(self, batch: Batch) -> dict[str, int]:
+    # -- DatabaseSink
+    async def plan(self, batch: Batch) -> Plan:
         plan = plan_batch(batch.records)
         for (topic, partition), offset in batch.offsets.items():  # the fetch may hold records not for us
             plan.offsets[(topic, partition)] = max(offset, plan.offsets.get((topic, partition), 0))
+        return plan
+
+    def offsets(self, plan: Plan, batch: Batch) -> Mapping[tuple[str, int], int]:
+        return plan.offsets
+
+    async def effect(self, conn: psycopg.AsyncConnection[Any], plan: Plan) -> Mapping[str, int]:
+        changed = 0
+        async with conn.cursor() as cur:
+            if plan.rows:
+                await cur.execute(UPSERT, row_columns(plan.rows))
+                changed = cur.rowcount
+        return {"changed": changed}
+
+    async def apply(self, batch: Batch) -> dict[str, int]:
+        plan = await self.plan(batch)
         checked = len(plan.rejected)
         changed = await self.write(plan, batch.dead_letters)
         # skipped: rows the guarded upsert left alone (duplicates, replays, events older than the stored row);
@@ -313,41 +314,34 @@ class ReadStore:
         A row PostgreSQL refuses (a DataError the checks did not foresee) is found row by row,
         parked too (``plan`` is updated), and the batch goes through."""
         await dead_letters.park(plan.rejected)  # acknowledged by Kafka before the offsets pass them
-        conn = await self._connection()
         try:
-            try:
-                async with conn.transaction():
-                    return await self._write(conn, plan)
-            except psycopg.DataError:
-                isolated = await self._isolate(conn, plan)
-                await dead_letters.park(isolated.rejected[len(plan.rejected):])
-                plan.rows, plan.rejected = isolated.rows, isolated.rejected
-                async with conn.transaction():
-                    return await self._write(conn, plan)
-        except _RETRIABLE as exc:
-            raise SinkUnavailable(f"read store: {dsnmod.first_line(exc)}") from None
+            async with self.transaction(plan.offsets) as conn:
+                return (await self.effect(conn, plan))["changed"]
+        except psycopg.DataError:
+            isolated = await self._isolate(plan)
+            await dead_letters.park(isolated.rejected[len(plan.rejected):])
+            plan.rows, plan.rejected = isolated.rows, isolated.rejected
+            async with self.transaction(plan.offsets) as conn:
+                return (await self.effect(conn, plan))["changed"]
 
-    async def _write(self, conn: psycopg.AsyncConnection[Any], plan: Plan) -> int:
-        changed = 0
-        async with conn.cursor() as cur:
-            if plan.rows:
-                await cur.execute(UPSERT, row_columns(plan.rows))
-                changed = cur.rowcount
-            await sink_offsets.save(cur, SAVE_OFFSETS, self.group, plan.offsets)
-        return changed
-
-    async def _isolate(self, conn: psycopg.AsyncConnection[Any], plan: Plan) -> Plan:
+    async def _isolate(self, plan: Plan) -> Plan:
         """Slow path: try each row alone (rolled back) to find the ones PostgreSQL refuses."""
+        from outbox.consumers.kafka import SinkUnavailable
+
         good: list[Row] = []
         rejected = list(plan.rejected)
-        async with conn.transaction(force_rollback=True):
-            for row in plan.rows:
-                try:
-                    async with conn.transaction():
-                        await conn.execute(UPSERT, row_columns([row]))
-                    good.append(row)
-                except psycopg.DataError as exc:
-                    rejected.append(DeadLetter.of(plan.records[row.key], f"DataError: {dsnmod.first_line(exc)}"))
+        conn = await self.connection()
+        try:
+            async with conn.transaction(force_rollback=True):
+                for row in plan.rows:
+                    try:
+                        async with conn.transaction():
+                            await conn.execute(UPSERT, row_columns([row]))
+                        good.append(row)
+                    except psycopg.DataError as exc:
+                        rejected.append(DeadLetter.of(plan.records[row.key], f"DataError: {dsnmod.first_line(exc)}"))
+        except RETRIABLE as exc:
+            raise SinkUnavailable(f"{self.what}: {dsnmod.first_line(exc)}") from None
         return Plan(rows=good, rejected=rejected, offsets=plan.offsets, received=plan.received, records=plan.records)
 
 
@@ -396,19 +390,4 @@ async def run_readstore(settings: ReadStoreSettings, stop: asyncio.Event | None 
 
     The schema must be migrated first (``migrate``). Returns the totals (records, changed, rejected).
     """
-    own_stop = stop is None
-    stop = stop or asyncio.Event()
-    progress = Progress(f"readstore[{settings.group}]")
-    async with ReadStore(settings.dsn, settings.group) as store:
-        if own_stop:
-            with stop_on_signals(stop):
-                await _consume(settings, store, stop, progress)
-        else:
-            await _consume(settings, store, stop, progress)
-    return progress.totals
-
-
-async def _consume(settings: ReadStoreSettings, store: ReadStore, stop: asyncio.Event, progress: Progress) -> None:
-    await run_consumer(settings.kafka, group=settings.group, pattern=topic_pattern(settings.topic_prefix), sink=store,
-                       stop=stop, batch_size=settings.batch_size, client_id="outbox-readstore", progress=progress,
-                       redrive_every=settings.redrive_every, redrive_max_attempts=settings.redrive_max_attempts)
+    return await run_sink(ReadStore.create(settings), settings, stop)

@@ -3,13 +3,33 @@
 Every sink that owns a database (read store, CRM ledger, CRM write-back) stores the next offset
 to read per (group, topic, partition) in a ``<schema>.consumer_offsets`` table and saves it
 with each batch, so its database is the truth the consumer loop seeks to on assignment.
+
+:class:`SinkDatabase` is that database: one connection (reopened when lost), the stored offsets
+(read on a connection of their own), and :meth:`SinkDatabase.transaction`, which commits an
+effect together with the offsets it covers. :class:`DatabaseSink` is a batch sink on it:
+``plan`` (pure, dead letters parked), then ``effect`` and the offsets in one transaction.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import contextlib
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+import psycopg
 from aiokafka import TopicPartition
+
+from outbox import dsn as dsnmod
+from outbox.consumers.sink import BatchSink
+from outbox.errors import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from outbox.consumers.dlq import Batch
+
+P = TypeVar("P")
+
+# What can heal by itself: a lost connection, a failover, a serialization failure or deadlock.
+RETRIABLE = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 
 
 def table_sql(schema: str) -> str:
@@ -54,3 +74,131 @@ async def load(conn: Any, sql: str, group: str, partitions: Sequence[TopicPartit
     """The stored next offsets of ``partitions`` (those the sink knows), with ``load_sql``."""
     cur = await conn.execute(sql, (group, [tp.topic for tp in partitions], [tp.partition for tp in partitions]))
     return {TopicPartition(t, p): o for t, p, o in await cur.fetchall()}
+
+
+class SinkDatabase:
+    """A sink's own PostgreSQL database: connection, offsets table ``<schema>.consumer_offsets``, and
+    transactions that write an effect with its offsets. ``async with`` or ``start``/``close``."""
+
+    schema: ClassVar[str]  # holds consumer_offsets
+    application_name: ClassVar[str]
+    what: ClassVar[str] = "database"  # names it in retriable errors: "read store: <reason>"
+    described_as: ClassVar[str] = ""  # prefix of the database in "cannot connect to ..." ("the ledger database ")
+    setup_sql: ClassVar[str | None] = None  # DDL run at start (one migrator at a time: an advisory lock)
+
+    def __init__(self, dsn: str, group: str) -> None:
+        self.dsn = dsn
+        self.group = group
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._save = save_sql(self.schema)
+        self._load = load_sql(self.schema)
+
+    async def __aenter__(self) -> Any:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> psycopg.AsyncConnection[Any]:
+        """A new connection; one line naming the database when it cannot be reached (DatabaseUnavailable)."""
+        dsnmod.parse(self.dsn)
+        try:
+            return await psycopg.AsyncConnection.connect(self.dsn, application_name=self.application_name)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"cannot connect to {self.described_as}{dsnmod.describe(self.dsn)}: "
+                                      f"{dsnmod.first_line(exc)} (check --dsn and the PG* environment variables)") from None
+
+    async def start(self) -> None:
+        self._conn = await self.connect()
+        try:
+            await self.preflight(self._conn)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def preflight(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Check or create what the sink needs; by default run ``setup_sql`` (idempotent DDL)."""
+        if self.setup_sql:
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{self.application_name} schema",))
+            await conn.execute(self.setup_sql)  # type: ignore[arg-type]  # our own constant DDL
+            await conn.commit()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def connection(self) -> psycopg.AsyncConnection[Any]:
+        """The sink's connection, reopened when lost; SinkUnavailable (retriable) while it cannot be."""
+        from outbox.consumers.kafka import SinkUnavailable
+
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
+            try:
+                self._conn = await self.connect()
+            except DatabaseUnavailable as exc:
+                raise SinkUnavailable(exc.message) from None
+        return self._conn
+
+    async def stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """Read on a connection of its own: it runs in Kafka's rebalance callback, which may come
+        while a batch is being written on the main connection."""
+        from outbox.consumers.kafka import SinkUnavailable
+
+        try:
+            conn = await self.connect()
+        except DatabaseUnavailable as exc:
+            raise SinkUnavailable(exc.message) from None
+        try:
+            return await load(conn, self._load, self.group, partitions)
+        except RETRIABLE as exc:
+            raise SinkUnavailable(f"{self.what}: {dsnmod.first_line(exc)}") from None
+        finally:
+            await conn.close()
+
+    async def save_offsets(self, conn: Any, offsets: Mapping[tuple[str, int], int]) -> None:
+        """Write ``offsets`` inside the current transaction (the last step before its commit)."""
+        await save(conn, self._save, self.group, offsets)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, offsets: Mapping[tuple[str, int], int]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """``async with db.transaction(offsets) as conn:`` write the effect; the offsets are saved after it
+        and both commit together, or neither does. Retriable failures raise SinkUnavailable."""
+        from outbox.consumers.kafka import SinkUnavailable
+
+        conn = await self.connection()
+        try:
+            async with conn.transaction():
+                yield conn
+                await self.save_offsets(conn, offsets)
+        except RETRIABLE as exc:
+            raise SinkUnavailable(f"{self.what}: {dsnmod.first_line(exc)}") from None
+
+
+class DatabaseSink(SinkDatabase, BatchSink, Generic[P]):
+    """A batch sink whose effect lives in its own database (the read store, the CRM write-back).
+
+    ``apply`` = ``plan`` (no writes; parks the records it cannot apply) + one transaction holding
+    ``effect`` and the batch's offsets. A duplicate or an older event must change nothing in
+    ``effect`` (a guard by position, or a tracking row): that is what makes re-delivery safe.
+    """
+
+    @abstractmethod
+    async def plan(self, batch: Batch) -> P:
+        """Decide what the batch does; park what can never be applied (before anything commits)."""
+
+    @abstractmethod
+    async def effect(self, conn: psycopg.AsyncConnection[Any], plan: P) -> Mapping[str, int]:
+        """Write the plan inside the open transaction; return the counters (``changed``, ``skipped``...)."""
+
+    def offsets(self, plan: P, batch: Batch) -> Mapping[tuple[str, int], int]:
+        """The offsets the transaction records: by default, the whole fetch's."""
+        return batch.offsets
+
+    async def apply(self, batch: Batch) -> Mapping[str, int]:
+        plan = await self.plan(batch)
+        async with self.transaction(self.offsets(plan, batch)) as conn:
+            return await self.effect(conn, plan)

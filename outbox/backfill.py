@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import click
 import psycopg
 from outbox import contract
-from outbox.config import BackfillSettings, build, dsn_option
+from outbox.config import BackfillSettings, options_for, settings_from
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import NotInstalled, OutboxError, PreconditionFailed
 from outbox.install import quote_ident, quote_literal
@@ -354,19 +354,7 @@ def _chunks(conn: psycopg.Connection[Any], s: BackfillSettings, t: Target, run_i
 
 # --------------------------------------------------------------------------- the command
 @click.command()
-@dsn_option
-@click.option("--source-id", required=True, metavar="ID",
-              help="The store's source id (as given to its relay); recorded in the audit table.")
-@click.option("--table", required=True, metavar="SCHEMA.TABLE", help="A captured table (see outbox install --capture).")
-@click.option("--where", default=None, metavar="SQL",
-              help="Only rows matching this SQL condition (on the table's columns, alias t), e.g. \"region = 'north'\".")
-@click.option("--chunk-size", type=int, default=2000, show_default=True,
-              help="Rows per chunk: one short transaction that locks them FOR SHARE and writes their snapshot events.")
-@click.option("--rate", type=int, default=None, metavar="N", help="At most N rows per second [default: no limit].")
-@click.option("--dry-run", is_flag=True, help="Check the table and the WHERE clause, count the rows, write no events.")
-@click.option("--resume", is_flag=True,
-              help="Go on after the last finished chunk of the latest unfinished run with the same table, "
-                   "--where and --source-id (killed, failed or interrupted).")
+@options_for(BackfillSettings)
 def backfill(**params: Any) -> None:
     """Emit <aggregate>.snapshot events for the existing rows of a captured table.
 
@@ -376,7 +364,7 @@ def backfill(**params: Any) -> None:
     a terminal); every run is recorded in outbox.backfills. SIGINT/SIGTERM stop after the current
     chunk; --resume goes on from there. See docs/backfill.md.
     """
-    settings = build(BackfillSettings, **params)
+    settings = settings_from(BackfillSettings, params)
     outcome = run_backfill(settings)
     if outcome.result == "interrupted":
         raise BackfillError(f"backfill run {outcome.run_id} interrupted after {outcome.rows:,} rows: "

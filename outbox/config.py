@@ -1,5 +1,14 @@
 """One typed settings object per command, from command line, environment and a TOML file.
 
+Each option is declared once, as a field of a settings model: its type, default, bounds and help
+(``Field(description=...)``); how it looks on the command line, where that differs from the
+field (its flag, metavar, a file path, bounds checked by click), in a :class:`Cli` marker next to
+it. :func:`options_for` turns a model into click options and :func:`settings_from` turns the
+parsed parameters back into the model. Shared parts are declared once too: the :data:`Dsn` type
+and its validator, :class:`KafkaSettings` (options ``--kafka-*``, a nested model),
+:class:`MetricsSettings` (``--metrics-port``, ``--metrics-host``), :class:`RedriveSettings`. A sink's
+settings model lives in the sink's module, on :class:`SinkSettings` (consumers/sink.py).
+
 Precedence, highest first: command-line option, environment variable (click's
 ``auto_envvar_prefix="OUTBOX"`` convention: ``OUTBOX_RELAY_DSN``, ``OUTBOX_CONSUME_READSTORE_GROUP``),
 the ``--config`` TOML file (one table per command: ``[relay]``, ``[consume.readstore]``), then
@@ -10,11 +19,17 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from outbox import contract
 from outbox.dsn import parse as parse_dsn
@@ -24,6 +39,7 @@ _IDENT = re.compile(r"^[A-Za-z0-9_.-]+$")
 _QUALIFIED = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$")
 
 F = TypeVar("F", bound=Callable[..., Any])
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -82,6 +98,170 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# --------------------------------------------------------------------------- declaring an option
+@dataclass(frozen=True, slots=True)
+class Cli:
+    """How a settings field appears on the command line, where that is not derived from the field.
+
+    By default a field ``batch_size: int`` becomes ``--batch-size INTEGER`` with the field's default
+    (shown) and its description as help; ``bool`` becomes a flag, ``tuple[str, ...]`` a repeatable
+    option, a ``Literal`` a choice, a nested settings model its own options with the field name as
+    prefix (``kafka`` -> ``--kafka-bootstrap``).
+    """
+
+    flag: str | None = None  # e.g. "--capture" or "--migrate/--no-migrate"; default --<field-name>
+    param: str | None = None  # click parameter name (env var and TOML key follow it); default the field name
+    metavar: str | None = None
+    file: bool = False  # a file path (click.Path(dir_okay=False), shown as FILE)
+    checked: bool = False  # bounds checked by click while parsing (and shown in --help) instead of at validation
+    default: Any = None  # a command-line default other than the field's (a callable: computed when parsed)
+    required: bool | None = None  # default: the field has no default
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret setting: from the environment variable ``env``, or (with ``file_flag``) the first line
+    of a file named on the command line; never from argv itself (outbox/secret.py)."""
+
+    env: str
+    file_flag: str | None = None
+    what: str = "secret"
+
+    @property
+    def param(self) -> str | None:
+        return self.file_flag[2:].replace("-", "_") if self.file_flag else None
+
+
+def _marker(info: FieldInfo, kind: type[Any]) -> Any:
+    return next((m for m in info.metadata if isinstance(m, kind)), None)
+
+
+def _fields(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
+    """The model's fields in command-line order: its own first, then each base's (mixins last)."""
+    names: list[str] = []
+    for klass in model.__mro__:
+        for name in vars(klass).get("__annotations__", {}):
+            if name in model.model_fields and name not in names:
+                names.append(name)
+    return [(name, model.model_fields[name]) for name in names]
+
+
+def _nested(info: FieldInfo) -> type[BaseModel] | None:
+    ann = info.annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _bounds(info: FieldInfo, base: type[Any]) -> click.ParamType:
+    lo: Any = None
+    hi: Any = None
+    lo_open = hi_open = False
+    for m in info.metadata:
+        if isinstance(m, Ge):
+            lo = m.ge
+        elif isinstance(m, Gt):
+            lo, lo_open = m.gt, True
+        elif isinstance(m, Le):
+            hi = m.le
+        elif isinstance(m, Lt):
+            hi, hi_open = m.lt, True
+    if base is int:
+        return click.IntRange(lo, hi, min_open=lo_open, max_open=hi_open)
+    return click.FloatRange(lo, hi, min_open=lo_open, max_open=hi_open)
+
+
+def _option(name: str, info: FieldInfo, prefix: str) -> Decorator | None:
+    secret = _marker(info, Secret)
+    if secret is not None:
+        if secret.file_flag is None:
+            return None  # from the environment only
+        return click.option(secret.file_flag, secret.param, type=click.Path(dir_okay=False), default=None,
+                            help=info.description)
+    cli: Cli = _marker(info, Cli) or Cli()
+    param = cli.param or prefix + name
+    flag = cli.flag or "--" + param.replace("_", "-")
+    base = _unwrap(info.annotation)
+    kw: dict[str, Any] = {"help": info.description, "show_default": True}
+    if cli.metavar:
+        kw["metavar"] = cli.metavar
+    if base is bool:
+        kw["is_flag"] = True
+    elif typing.get_origin(base) is tuple:
+        kw["multiple"] = True
+    elif typing.get_origin(base) is Literal:
+        kw["type"] = click.Choice([str(a) for a in typing.get_args(base)])
+    elif cli.file:
+        kw["type"] = click.Path(dir_okay=False)
+    elif base in (int, float):
+        kw["type"] = _bounds(info, base) if cli.checked else base
+    required = info.is_required() if cli.required is None else cli.required
+    if required:
+        kw["required"] = True
+    default = cli.default if cli.default is not None else (None if info.is_required() else info.default)
+    if not kw.get("multiple") or default:
+        kw["default"] = default
+    if callable(default):
+        kw["show_default"] = False  # the help says where it comes from
+    return click.option(flag, param, **kw)
+
+
+def options_for(model: type[BaseModel], *, prefix: str = "",
+                after: Mapping[str, Sequence[Decorator]] | None = None) -> Decorator:
+    """A decorator adding one click option per field of ``model`` (nested models expanded), in the
+    model's order; ``after`` places options that are not settings (``--sql``) after a field's option.
+    """
+    decorators: list[Decorator] = []
+    for name, info in _fields(model):
+        nested = _nested(info)
+        if nested is not None:
+            decorators.append(options_for(nested, prefix=f"{prefix}{name}_"))
+        elif (option := _option(name, info, prefix)) is not None:
+            decorators.append(option)
+        decorators.extend((after or {}).get(name, ()))
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return decorate
+
+
+def settings_values(model: type[BaseModel], params: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """Pop ``model``'s click parameters from ``params`` into the values it validates. Nested models are
+    validated on their own first (an error names their key: ``'security_protocol'``); secrets are
+    read from their file or environment variable."""
+    from outbox.secret import read_secret
+
+    values: dict[str, Any] = {}
+    for name, info in _fields(model):
+        nested = _nested(info)
+        secret = _marker(info, Secret)
+        cli: Cli = _marker(info, Cli) or Cli()
+        if nested is not None:
+            values[name] = build(nested, **settings_values(nested, params, prefix=f"{prefix}{name}_"))
+        elif secret is not None:
+            path = params.pop(secret.param) if secret.param else None
+            values[name] = read_secret(secret.env, path, secret.what) if secret.file_flag else os.environ.get(secret.env)
+        elif (param := cli.param or prefix + name) in params:
+            values[name] = params.pop(param)
+    return values
+
+
+def settings_from(model: type[M], params: dict[str, Any]) -> M:
+    """The settings object of a command from its click parameters (see :func:`options_for`)."""
+    return build(model, **settings_values(model, params))
+
+
+# --------------------------------------------------------------------------- shared parts
 def _check_table(value: str) -> str:
     if not _QUALIFIED.match(value):
         raise ValueError("must be SCHEMA.TABLE (unquoted identifiers)")
@@ -93,17 +273,28 @@ def _check_dsn(value: str) -> str:
     return value
 
 
+#: A PostgreSQL connection string, checked when the settings are built (never connects).
+Dsn = Annotated[str, AfterValidator(_check_dsn), Cli(metavar="DSN")]
+StoreDsn = Annotated[Dsn, Field(description=(
+    "Store database: a libpq string ('dbname=store1 host=...') or a postgresql:// URL; PGHOST, PGPORT, PGUSER, "
+    "PGPASSWORD... fill what it leaves out, as with psql."))]
+Table = Annotated[str, AfterValidator(_check_table)]
+
+
 class KafkaSettings(_Settings):
     """How to reach Kafka. Passwords come from the environment only, never from argv."""
 
-    bootstrap: str = Field(min_length=1)
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
+    bootstrap: Annotated[str, Field(min_length=1, description=(
+        "Kafka bootstrap servers, comma separated [default: $KAFKA_BOOTSTRAP_SERVERS].")),
+        Cli(metavar="HOST:PORT", required=True, default=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))]
+    security_protocol: Annotated[str, Field(description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")] = "PLAINTEXT"
+    sasl_mechanism: Annotated[str | None, Field(description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")] = None
+    sasl_username: Annotated[str | None, Field(
+        description="SASL user; the password is read from OUTBOX_KAFKA_SASL_PASSWORD.")] = None
+    sasl_password: Annotated[SecretStr | None, Secret(env="OUTBOX_KAFKA_SASL_PASSWORD")] = None
+    ssl_cafile: Annotated[str | None, Field(description="CA bundle for TLS."), Cli(file=True)] = None
+    ssl_certfile: Annotated[str | None, Field(description="Client certificate for TLS."), Cli(file=True)] = None
+    ssl_keyfile: Annotated[str | None, Field(description="Client key for TLS."), Cli(file=True)] = None
 
     @field_validator("security_protocol")
     @classmethod
@@ -143,82 +334,51 @@ class KafkaSettings(_Settings):
         return kw
 
 
-def kafka_options(func: F) -> F:
-    """The Kafka connection options, shared by every command that talks to Kafka."""
-    options = [
-        click.option("--kafka-bootstrap", "kafka_bootstrap", metavar="HOST:PORT", required=True,
-                     default=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
-                     help="Kafka bootstrap servers, comma separated [default: $KAFKA_BOOTSTRAP_SERVERS]."),
-        click.option("--kafka-security-protocol", default="PLAINTEXT", show_default=True,
-                     help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."),
-        click.option("--kafka-sasl-mechanism", default=None, help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."),
-        click.option("--kafka-sasl-username", default=None, help="SASL user; the password is read from OUTBOX_KAFKA_SASL_PASSWORD."),
-        click.option("--kafka-ssl-cafile", default=None, type=click.Path(dir_okay=False), help="CA bundle for TLS."),
-        click.option("--kafka-ssl-certfile", default=None, type=click.Path(dir_okay=False), help="Client certificate for TLS."),
-        click.option("--kafka-ssl-keyfile", default=None, type=click.Path(dir_okay=False), help="Client key for TLS."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def kafka_from_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Pop the kafka_* click parameters into the dict KafkaSettings wants."""
-    return {
-        "bootstrap": params.pop("kafka_bootstrap"),
-        "security_protocol": params.pop("kafka_security_protocol"),
-        "sasl_mechanism": params.pop("kafka_sasl_mechanism"),
-        "sasl_username": params.pop("kafka_sasl_username"),
-        "sasl_password": os.environ.get("OUTBOX_KAFKA_SASL_PASSWORD"),
-        "ssl_cafile": params.pop("kafka_ssl_cafile"),
-        "ssl_certfile": params.pop("kafka_ssl_certfile"),
-        "ssl_keyfile": params.pop("kafka_ssl_keyfile"),
-    }
-
-
-def metrics_options(func: F) -> F:
+class MetricsSettings(_Settings):
     """Where a long-running command serves Prometheus metrics (off unless --metrics-port is given)."""
-    options = [
-        click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
-                     help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port, logged) "
-                          "[default: off]."),
-        click.option("--metrics-host", default="127.0.0.1", show_default=True, metavar="HOST",
-                     help="Address the metrics endpoint binds to; 0.0.0.0 (or ::) to let a remote Prometheus scrape."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+
+    metrics_port: Annotated[int | None, Field(ge=0, le=65535, description=(
+        "Serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port, logged) [default: off].")),
+        Cli(metavar="PORT", checked=True)] = None
+    metrics_host: Annotated[str, Field(description=(
+        "Address the metrics endpoint binds to; 0.0.0.0 (or ::) to let a remote Prometheus scrape.")),
+        Cli(metavar="HOST")] = "127.0.0.1"
 
 
-def redrive_options(func: F) -> F:
+class RedriveSettings(_Settings):
     """A consumer's periodic re-drive of its own dead letters (consumers/dlq.py)."""
-    options = [
-        click.option("--redrive-every", type=float, default=None, metavar="MINUTES",
-                     help="Every MINUTES, send the records this group parked in <topic>.dlq back to their topic "
-                          "[default: never; outbox replay --dlq does it by hand]."),
-        click.option("--redrive-max-attempts", type=int, default=5, show_default=True, metavar="N",
-                     help="A dead letter tried N times stays parked (counted in "
-                          "outbox_consumer_dead_letters_exhausted_total)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+
+    redrive_every: Annotated[float | None, Field(gt=0, description=(
+        "Every MINUTES, send the records this group parked in <topic>.dlq back to their topic "
+        "[default: never; outbox replay --dlq does it by hand].")), Cli(metavar="MINUTES")] = None
+    redrive_max_attempts: Annotated[int, Field(ge=1, description=(
+        "A dead letter tried N times stays parked (counted in outbox_consumer_dead_letters_exhausted_total).")),
+        Cli(metavar="N")] = 5
 
 
-def dsn_option(func: F) -> F:
-    return click.option(
-        "--dsn", required=True, metavar="DSN",
-        help="Store database: a libpq string ('dbname=store1 host=...') or a postgresql:// URL; "
-             "PGHOST, PGPORT, PGUSER, PGPASSWORD... fill what it leaves out, as with psql.",
-    )(func)
+class SinkSettings(MetricsSettings):
+    """The base of every ``outbox consume <sink>``'s settings (consumers/sink.py): metrics, and a field
+    ``kafka: KafkaSettings`` declared by each where its ``--kafka-*`` options go."""
+
+    kafka: KafkaSettings
 
 
 # --------------------------------------------------------------------------- the settings
-class Capture(_Settings):
-    table: str  # schema.table
-    aggregate: str
+Slot = Annotated[str | None, Field(description="Replication slot name (default: outbox_<database>)."), Cli(metavar="NAME")]
+# install and uninstall: how long our DDL may hold the application's statements (outbox/lockwait.py)
+LockTimeout = Annotated[float, Field(gt=0, description=(
+    "SET LOCAL lock_timeout of each transaction that locks a legacy table or the outbox's own: the longest the "
+    "application's statements may queue behind it. When the lock is not granted in time the transaction rolls "
+    "back and is retried with backoff, printing who holds the lock.")), Cli(metavar="SECONDS")]
+LockWait = Annotated[float, Field(ge=0, description=(
+    "Give up, with one line naming the session in the way, after waiting this long in all for one table's lock "
+    "(or, on install, for the transactions a new replication slot waits for). Each transaction of ours either "
+    "completes or changes nothing.")), Cli(metavar="SECONDS")]
 
-    _table = field_validator("table")(_check_table)
+
+class Capture(_Settings):
+    table: Table  # schema.table
+    aggregate: str
 
     @field_validator("aggregate")
     @classmethod
@@ -235,38 +395,83 @@ class Capture(_Settings):
 
 
 class InstallSettings(_Settings):
-    dsn: str
-    captures: tuple[Capture, ...] = ()
-    slot: str | None = None
-    sql: bool = False
-    relay_role: str | None = None  # a least-privilege role for the relay, created or granted by install
-    lock_timeout: float = Field(default=2.0, gt=0)  # SET LOCAL lock_timeout per transaction that locks a table
-    lock_wait: float = Field(default=300.0, ge=0)  # total wait per table (or for the slot) before giving up
+    """``outbox install`` (outbox/install.py); on the command line a capture is SCHEMA.TABLE=AGGREGATE."""
 
-    _dsn = field_validator("dsn")(_check_dsn)
+    dsn: StoreDsn
+    captures: Annotated[tuple[Capture, ...], Field(description=(
+        "Capture a legacy table's changes as events of AGGREGATE (repeatable), e.g. pos.customers=customer.")),
+        Cli(flag="--capture", metavar="SCHEMA.TABLE=AGGREGATE")] = ()
+    sql: Annotated[bool, Field(description=(
+        "Print the SQL for review instead of running it. Connects read-only to read primary keys and what is "
+        "already installed; changes nothing."))] = False
+    slot: Slot = None
+    relay_role: Annotated[str | None, Field(description=(  # a least-privilege role for the relay
+        "Create (LOGIN, no password) or grant a least-privilege role for the relay: REPLICATION, CONNECT, USAGE on "
+        "schema outbox, SELECT, INSERT (heartbeats) and DELETE (purge) on outbox.events. Needs a superuser unless "
+        "the role already has REPLICATION. Uninstall never drops it.")), Cli(metavar="NAME")] = None
+    lock_timeout: LockTimeout = 2.0
+    lock_wait: LockWait = 300.0
 
 
-class RelaySettings(_Settings):
-    dsn: str
-    source_id: str
+class UninstallSettings(_Settings):
+    """``outbox uninstall`` (outbox/install.py)."""
+
+    dsn: StoreDsn
+    slot: Slot = None
+    sql: Annotated[bool, Field(description=(
+        "Print the SQL for review instead of running it (connects read-only; changes nothing)."))] = False
+    lock_timeout: LockTimeout = 2.0
+    lock_wait: LockWait = 300.0
+
+
+class RelaySettings(MetricsSettings):
+    """``outbox relay`` (relay/cli.py)."""
+
+    dsn: StoreDsn
+    source_id: Annotated[str, Field(description=(
+        "Name of this store in the event stream: keys are '<ID>:<aggregate id>', ce_source is /stores/<ID>.")),
+        Cli(metavar="ID")]
     kafka: KafkaSettings
-    topic_prefix: str = contract.DEFAULT_TOPIC_PREFIX
-    slot: str | None = None
-    max_in_flight: int = Field(default=20_000, ge=1)
-    status_interval: float = Field(default=10.0, gt=0)
-    retention: float = Field(default=3600.0, ge=0)
-    heartbeat_interval: float = Field(default=10.0, ge=0)  # 0: no heartbeat
-    drain_timeout: float = Field(default=30.0, ge=0)  # SIGTERM: seconds to wait for in-flight events
-    kafka_message_timeout: float = Field(default=300.0, gt=0)  # librdkafka message.timeout.ms, in seconds
-    delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
-    transactional_id: str | None = None  # exactly-once; None: outbox-relay.<source_id>
-    offsets_topic: str = contract.DEFAULT_OFFSETS_TOPIC  # exactly-once
-    transaction_interval: float = Field(default=0.1, gt=0)  # exactly-once: seconds per Kafka transaction
-    transaction_max_events: int = Field(default=10_000, ge=1)  # exactly-once: events per Kafka transaction
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
-
-    _dsn = field_validator("dsn")(_check_dsn)
+    topic_prefix: Annotated[str, Field(description="Events go to '<prefix>.<aggregate type>'.")] = \
+        contract.DEFAULT_TOPIC_PREFIX
+    slot: Annotated[str | None, Field(description=(
+        "Replication slot (default: outbox_<database name>, as created by 'outbox install').")),
+        Cli(metavar="NAME")] = None
+    max_in_flight: Annotated[int, Field(ge=1, description=(
+        "Events sent and not yet acknowledged before the relay stops reading the WAL."))] = 20_000
+    status_interval: Annotated[float, Field(gt=0, description=(
+        "Seconds between standby status updates to PostgreSQL when nothing moves."))] = 10.0
+    retention: Annotated[float, Field(ge=0, description=(
+        "Seconds to keep published rows in outbox.events as an audit trail (0: keep forever). Events travel "
+        "through the WAL, so purging never loses one."))] = 3600.0
+    heartbeat_interval: Annotated[float, Field(ge=0, description=(  # 0: no heartbeat
+        "Seconds between heartbeat rows written into outbox.events (0: none). A heartbeat goes through the WAL "
+        "like an event, is never published, proves the path end to end (metric outbox_relay_heartbeat_age_seconds) "
+        "and lets an idle database's slot advance."))] = 10.0
+    drain_timeout: Annotated[float, Field(ge=0, description=(
+        "On SIGTERM, seconds to wait for Kafka to acknowledge in-flight events before exiting anyway "
+        "(unacknowledged events are not confirmed: a restarted relay sends them again).")), Cli(checked=True)] = 30.0
+    kafka_message_timeout: Annotated[float, Field(ge=0.001, description=(  # librdkafka message.timeout.ms, in seconds
+        "Seconds the producer keeps retrying an event while Kafka is unreachable (librdkafka message.timeout.ms). "
+        "Past it the relay drops its producer and replays from its slot's confirmed position once Kafka is back: "
+        "nothing is lost or skipped, some events repeat.")), Cli(checked=True)] = 300.0
+    delivery: Annotated[Literal["at-least-once", "exactly-once"], Field(description=(
+        "at-least-once: idempotent producer, acks=all, a crash may publish events again. exactly-once: Kafka "
+        "transactions that also record the source position in --offsets-topic; read_committed consumers see each "
+        "event once across crashes (docs/delivery.md)."))] = "at-least-once"
+    transactional_id: Annotated[str | None, Field(description=(  # None: outbox-relay.<source_id>
+        "exactly-once: the producer's transactional.id; a newer relay with the same id fences this one "
+        "[default: outbox-relay.<source id>].")), Cli(metavar="ID")] = None
+    offsets_topic: Annotated[str, Field(description=(
+        "exactly-once: compacted topic holding each source's published position, keyed by source id (created if "
+        "missing; keep it outside consumers' topic patterns).")), Cli(metavar="TOPIC")] = contract.DEFAULT_OFFSETS_TOPIC
+    transaction_interval: Annotated[float, Field(gt=0, description=(
+        "exactly-once: commit the open Kafka transaction this often (at a source transaction boundary). Longer: "
+        "more throughput, more latency.")), Cli(metavar="SECONDS")] = 0.1
+    transaction_max_events: Annotated[int, Field(ge=1, description=(
+        "exactly-once: start committing the open Kafka transaction once it holds this many events. A trigger, not "
+        "a cap: whole source transactions only, and what is read while a commit runs goes into the next "
+        "transaction.")), Cli(metavar="N")] = 10_000
 
     @field_validator("source_id", "topic_prefix", "offsets_topic")
     @classmethod
@@ -287,106 +492,66 @@ class RelaySettings(_Settings):
         return self.delivery == "exactly-once"
 
 
-class ReadStoreSettings(_Settings):
-    dsn: str
-    kafka: KafkaSettings
-    topic_prefix: str = contract.DEFAULT_TOPIC_PREFIX
-    group: str = "outbox-readstore"
-    batch_size: int = Field(default=2000, ge=1)
-    redrive_every: float | None = Field(default=None, gt=0)  # minutes; None: no periodic re-drive
-    redrive_max_attempts: int = Field(default=5, ge=1)
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
-
-    _dsn = field_validator("dsn")(_check_dsn)
-
-
-class CrmSinkSettings(_Settings):
-    """``outbox consume crm``: Kafka -> the CRM's HTTP API, with a ledger in a small database of its own."""
-
-    crm_url: str
-    dsn: str  # the sink's ledger database
-    kafka: KafkaSettings
-    crm_token: SecretStr | None = None  # from OUTBOX_CRM_TOKEN or --crm-token-file, never argv
-    topic_prefix: str = contract.DEFAULT_TOPIC_PREFIX
-    group: str = "outbox-crm"
-    mapping: str | None = None  # TOML file; None: the POS demo's customer and order mappings
-    batch_size: int = Field(default=50, ge=1, le=100)  # records per CRM call (1: single upserts only)
-    concurrency: int = Field(default=4, ge=1, le=64)  # CRM calls in flight
-    rate: float = Field(default=10.0, gt=0)  # CRM calls per second (token bucket)
-    burst: int | None = Field(default=None, ge=1)  # None: max(1, rate)
-    max_attempts: int = Field(default=10, ge=1)
-    retry_base: float = Field(default=0.5, gt=0)
-    retry_max: float = Field(default=60.0, gt=0)
-    timeout: float = Field(default=10.0, gt=0)
-    max_buffered: int = Field(default=5000, ge=1)  # records per partition held before it is paused
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
-
-    _dsn = field_validator("dsn")(_check_dsn)
-
-    @field_validator("crm_url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError("must be an http:// or https:// URL")
-        return v.rstrip("/")
-
-
 class CrmWebhookSettings(_Settings):
     """``outbox consume crm-webhook``: the CRM's change notifications -> a Kafka topic."""
 
     kafka: KafkaSettings
-    topic: str = "crm.changes"
-    port: int = Field(default=8481, ge=0, le=65535)
-    host: str = "127.0.0.1"
-    secret: SecretStr | None = None  # OUTBOX_CRM_WEBHOOK_SECRET or --secret-file
+    port: Annotated[int, Field(ge=0, le=65535, description=(
+        "Port of the webhook endpoint POST /webhook (0: any free port, logged).")), Cli(checked=True)] = 8481
+    host: Annotated[str, Field(description="Address to listen on.")] = "127.0.0.1"
+    topic: Annotated[str, Field(description=(
+        "Kafka topic the notifications go to (key: the record's external id). Keep it outside the event topics' "
+        "prefix."))] = "crm.changes"
+    secret: Annotated[SecretStr | None, Field(description=(
+        "Verify X-CRM-Signature (HMAC-SHA256) with this secret [default: $OUTBOX_CRM_WEBHOOK_SECRET, else "
+        "unchecked].")), Secret(env="OUTBOX_CRM_WEBHOOK_SECRET", file_flag="--secret-file", what="webhook secret")] = None
 
-
-class CrmWritebackSettings(_Settings):
-    """``outbox consume crm-writeback``: CRM changes from Kafka -> one store database's legacy tables."""
-
-    dsn: str  # the store database
-    source_id: str
-    kafka: KafkaSettings
-    topic: str = "crm.changes"
-    group: str | None = None  # None: outbox-crm-writeback-<source_id>
-    mapping: str | None = None
-    batch_size: int = Field(default=500, ge=1)
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
-
-    _dsn = field_validator("dsn")(_check_dsn)
 
 class BackfillSettings(_Settings):
     """``outbox backfill`` (outbox/backfill.py)."""
 
-    dsn: str
-    source_id: str
-    table: str
-    where: str | None = None
-    chunk_size: int = Field(default=2000, ge=1, le=1_000_000)
-    rate: int | None = Field(default=None, ge=1)  # rows per second; None: as fast as it goes
-    dry_run: bool = False
-    resume: bool = False
-
-    _dsn = field_validator("dsn")(_check_dsn)
-
-    _table = field_validator("table")(_check_table)
+    dsn: StoreDsn
+    source_id: Annotated[str, Field(description=(
+        "The store's source id (as given to its relay); recorded in the audit table.")), Cli(metavar="ID")]
+    table: Annotated[Table, Field(description="A captured table (see outbox install --capture)."),
+                     Cli(metavar="SCHEMA.TABLE")]
+    where: Annotated[str | None, Field(description=(
+        "Only rows matching this SQL condition (on the table's columns, alias t), e.g. \"region = 'north'\".")),
+        Cli(metavar="SQL")] = None
+    chunk_size: Annotated[int, Field(ge=1, le=1_000_000, description=(
+        "Rows per chunk: one short transaction that locks them FOR SHARE and writes their snapshot events."))] = 2000
+    rate: Annotated[int | None, Field(ge=1, description="At most N rows per second [default: no limit]."),
+                    Cli(metavar="N")] = None  # None: as fast as it goes
+    dry_run: Annotated[bool, Field(description=(
+        "Check the table and the WHERE clause, count the rows, write no events."))] = False
+    resume: Annotated[bool, Field(description=(
+        "Go on after the last finished chunk of the latest unfinished run with the same table, --where and "
+        "--source-id (killed, failed or interrupted)."))] = False
 
 
 class ReplaySettings(_Settings):
     """``outbox replay`` (consumers/replay.py, consumers/dlq.py)."""
 
+    group: Annotated[str | None, Field(description=(
+        "The consumer group to rewind (with --dlq: only its dead letters).")), Cli(metavar="G")] = None
+    topics: Annotated[tuple[str, ...], Field(description="A topic to rewind (repeat for several)."),
+                      Cli(flag="--topic", metavar="T")] = ()
+    from_: Annotated[str | None, Field(description=(
+        "earliest, an offset (every partition), or a time (2026-01-31T12:00:00Z; the first record at or after it). "
+        "With --dlq: earliest re-scans the whole dead-letter topic.")), Cli(flag="--from", metavar="WHEN")] = None
+    dlq_topics: Annotated[tuple[str, ...], Field(description=(
+        "Re-drive the records parked in this dead-letter topic (<topic>.dlq) back to the group that parked them, "
+        "with their original ids (repeat for several).")), Cli(flag="--dlq", metavar="TOPIC")] = ()
+    filters: Annotated[tuple[str, ...], Field(description=(
+        "With --dlq, only matching records: group=G, error=TEXT (in dlq_error), type=PATTERN (ce_type, e.g. "
+        "'customer.*'), key=PATTERN, id=CE_ID (repeatable), attempts-below=N.")),
+        Cli(flag="--filter", metavar="NAME=VALUE")] = ()
+    yes: Annotated[bool, Field(description="Do not ask for confirmation (needed without a terminal).")] = False
+    force: Annotated[bool, Field(description=(
+        "Rewind even though the group lists active members: wait (up to 90 s) for them to leave, as a killed "
+        "consumer does when its session times out."))] = False
+    dry_run: Annotated[bool, Field(description="Show what would be rewound or re-driven; change nothing.")] = False
     kafka: KafkaSettings
-    group: str | None = None
-    topics: tuple[str, ...] = ()
-    from_: str | None = None
-    dlq_topics: tuple[str, ...] = ()
-    filters: tuple[str, ...] = ()
-    yes: bool = False
-    force: bool = False
-    dry_run: bool = False
 
 
 def slot_name_for(dbname: str) -> str:

@@ -965,37 +965,8 @@ def parse_capture(text: str) -> cfg.Capture:
                           "e.g. pos.customers=customer)") from None
 
 
-def _slot_option(func: Any) -> Any:
-    return click.option("--slot", default=None, metavar="NAME",
-                        help="Replication slot name (default: outbox_<database>).")(func)
-
-
-def _lock_options(func: Any) -> Any:
-    func = click.option(
-        "--lock-wait", type=float, default=lockwait.DEFAULT_LOCK_WAIT, show_default=False, metavar="SECONDS",
-        help="Give up, with one line naming the session in the way, after waiting this long in all for one "
-             "table's lock (or, on install, for the transactions a new replication slot waits for). "
-             "Each transaction of ours either completes or changes nothing.")(func)
-    return click.option(
-        "--lock-timeout", type=float, default=lockwait.DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
-        help="SET LOCAL lock_timeout of each transaction that locks a legacy table or the outbox's own: the "
-             "longest the application's statements may queue behind it. When the lock is not granted in time "
-             "the transaction rolls back and is retried with backoff, printing who holds the lock.")(func)
-
-
 @click.command()
-@cfg.dsn_option
-@click.option("--capture", "captures", multiple=True, metavar="SCHEMA.TABLE=AGGREGATE",
-              help="Capture a legacy table's changes as events of AGGREGATE (repeatable), e.g. pos.customers=customer.")
-@click.option("--sql", is_flag=True, default=False,
-              help="Print the SQL for review instead of running it. Connects read-only to read primary keys "
-                   "and what is already installed; changes nothing.")
-@_slot_option
-@click.option("--relay-role", default=None, metavar="NAME",
-              help="Create (LOGIN, no password) or grant a least-privilege role for the relay: REPLICATION, "
-                   "CONNECT, USAGE on schema outbox, SELECT, INSERT (heartbeats) and DELETE (purge) on outbox.events. Needs a superuser "
-                   "unless the role already has REPLICATION. Uninstall never drops it.")
-@_lock_options
+@cfg.options_for(cfg.InstallSettings)
 def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None,
             lock_timeout: float, lock_wait: float) -> None:
     """Install the outbox into a store database (idempotent; run again to add captures).
@@ -1017,18 +988,15 @@ def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, re
 
 
 @click.command()
-@cfg.dsn_option
-@_slot_option
-@click.option("--sql", is_flag=True, default=False,
-              help="Print the SQL for review instead of running it (connects read-only; changes nothing).")
-@_lock_options
+@cfg.options_for(cfg.UninstallSettings)
 def uninstall(dsn: str, slot: str | None, sql: bool, lock_timeout: float, lock_wait: float) -> None:
     """Remove the outbox from a store database: capture triggers, schema, slot. Legacy data untouched.
 
     Refuses while a relay is connected to the slot. Triggers and schema go in one transaction
     (--lock-timeout, retried up to --lock-wait; a failure changes nothing), the slot last.
     """
-    settings = cfg.build(cfg.InstallSettings, dsn=dsn, slot=slot, lock_timeout=lock_timeout, lock_wait=lock_wait)
+    settings = cfg.build(cfg.UninstallSettings, dsn=dsn, slot=slot, sql=sql, lock_timeout=lock_timeout,
+                         lock_wait=lock_wait)
     if slot:
         check_slot_name(slot)
     if sql:

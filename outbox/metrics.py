@@ -1,4 +1,5 @@
-"""Every Prometheus metric of outbox-relay, declared here and nowhere else.
+"""Every Prometheus metric of outbox-relay is declared here, or by a sink in its own module through
+:func:`sink_metric`, which holds it to the same rules.
 
 Names follow Prometheus conventions: base units (``_seconds``, ``_bytes``), ``_total`` for
 counters. Labels are bounded: ``source_id`` (one per store database), ``slot``, ``topic``
@@ -17,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import start_http_server
@@ -45,6 +47,29 @@ PG_EPOCH_UNIX = 946_684_800
 # No `<name>_created` series next to every counter and histogram: a third fewer series per
 # store, and nothing here reads them (rate() and increase() handle restarts).
 disable_created_metrics()
+
+#: Label names a metric may carry: each has a bounded set of values (never an aggregate or event id).
+BOUNDED_LABELS = frozenset({"source_id", "slot", "database", "version", "wal_status", "topic", "group", "sink",
+                            "partition", "outcome", "reason"})
+_UNITS = ("_seconds", "_bytes", "_events", "_messages", "_records")
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+def sink_metric(kind: type[M], name: str, documentation: str, labels: Sequence[str], **kwargs: Any) -> M:
+    """Declare a sink's own metric (in the sink's module, at import): ``outbox_<sink>_...``, counters
+    ending in ``_total``, histograms in a unit, bounded labels only."""
+    if not name.startswith("outbox_"):
+        raise ValueError(f"metric {name}: names start with outbox_")
+    if kind is Counter and not name.endswith("_total"):
+        raise ValueError(f"counter {name}: names end with _total")
+    if kind is Histogram and not name.endswith(_UNITS):
+        raise ValueError(f"histogram {name}: names end with a unit ({', '.join(_UNITS)})")
+    unbounded = set(labels) - BOUNDED_LABELS
+    if unbounded:
+        raise ValueError(f"metric {name}: labels {sorted(unbounded)} are not bounded (allowed: {sorted(BOUNDED_LABELS)})")
+    return kind(name, documentation, list(labels), **kwargs)
+
 
 # --------------------------------------------------------------------------- relay
 RELAY_INFO = Gauge("outbox_relay_info", "Always 1; the labels describe the relay.",
@@ -142,28 +167,6 @@ CONSUMER_APPLY = Histogram("outbox_consumer_apply_seconds", "Time the sink took 
 CONSUMER_END_TO_END = Histogram("outbox_consumer_end_to_end_seconds",
                                 "From the source commit (ce_time) to applied in the sink; observed once per source "
                                 "transaction per partition and batch.", ["group", "sink"], buckets=LATENCY_BUCKETS)
-
-# --------------------------------------------------------------------------- the CRM sink
-CRM_CALLS = Counter("outbox_crm_calls_total",
-                    "Calls to the CRM API by outcome: the HTTP status class (2xx, 4xx), 429, or timeout/connection.",
-                    ["group", "outcome"])
-CRM_CALL_SECONDS = Histogram("outbox_crm_call_seconds", "Duration of one CRM API call (a batch or a single upsert).",
-                             ["group"], buckets=APPLY_BUCKETS)
-CRM_RECORDS_SENT = Counter("outbox_crm_records_sent_total", "Records sent to the CRM (a batch counts each record).",
-                           ["group"])
-CRM_RETRIES = Counter("outbox_crm_retries_total",
-                      "Records scheduled for another attempt, by reason: rate_limited (429), server_error (5xx, 408), "
-                      "timeout, connection, bad_response, split (a refused batch retried record by record).",
-                      ["group", "reason"])
-CRM_DEAD_LETTERED = Counter("outbox_crm_dead_lettered_total",
-                            "Records sent to the dead-letter topic, by reason: permanent (a 4xx), attempts (past "
-                            "--max-attempts), invalid (breaks the event contract or the mapping).", ["group", "reason"])
-CRM_SKIPPED = Counter("outbox_crm_skipped_total",
-                      "Records not sent, by reason: echo (the change came from the CRM), unmapped (no mapping for "
-                      "its aggregate type), applied (already in the ledger: a re-delivery).", ["group", "reason"])
-CRM_THROTTLED = Counter("outbox_crm_throttled_seconds_total",
-                        "Seconds the sink held all calls back because the CRM answered 429 with Retry-After.", ["group"])
-
 
 # --------------------------------------------------------------------------- bound children
 class RelayMetrics:
@@ -315,25 +318,3 @@ def serve(host: str, port: int | None) -> Iterator[MetricsServer | None]:
         yield server
     finally:
         server.close()
-
-
-class CrmMetrics:
-    """The CRM sink's metrics with ``group`` bound once."""
-
-    def __init__(self, group: str) -> None:
-        self.group = group
-        self.call_seconds = CRM_CALL_SECONDS.labels(group)
-        self.records_sent = CRM_RECORDS_SENT.labels(group)
-        self.throttled = CRM_THROTTLED.labels(group)
-
-    def call(self, outcome: str) -> None:
-        CRM_CALLS.labels(self.group, outcome).inc()
-
-    def retried(self, reason: str, n: int = 1) -> None:
-        CRM_RETRIES.labels(self.group, reason).inc(n)
-
-    def dead_lettered(self, reason: str, n: int = 1) -> None:
-        CRM_DEAD_LETTERED.labels(self.group, reason).inc(n)
-
-    def skipped(self, reason: str, n: int = 1) -> None:
-        CRM_SKIPPED.labels(self.group, reason).inc(n)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import json
 import logging
-import os
 import random
 import signal
 import time
@@ -31,6 +29,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from outbox import dsn as dsnmod
 from outbox.errors import ConfigError, DatabaseUnavailable
+from outbox.secret import SIGNATURE_HEADER, read_secret, sign
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 KINDS = ("contacts", "orders")
 MAX_BATCH = 100
 ACTOR_HEADER = "X-CRM-Actor"  # "agent": an edit made by a person in the CRM (notified); absent or "sync": an upsert
-SIGNATURE_HEADER = "X-CRM-Signature"  # sha256=<hex HMAC of the body> when a webhook secret is set
 TOKEN_ENV = "OUTBOX_CRM_TOKEN"
 WEBHOOK_SECRET_ENV = "OUTBOX_CRM_WEBHOOK_SECRET"
 POOL_SIZE = 4
@@ -200,10 +198,6 @@ def parse_items(body: Any, single_external_id: str | None = None, header_key: st
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate idempotency_key in one batch")
     return items
-
-
-def sign(secret: bytes, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
 # --------------------------------------------------------------------------- I/O: the database
@@ -571,20 +565,6 @@ async def ensure_database(dsn: str) -> None:
         with contextlib.suppress(psycopg.errors.DuplicateDatabase):
             await conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(info["dbname"])))
     log.info("created database %s", info["dbname"])
-
-
-def read_secret(env: str, path: str | None, what: str) -> str | None:
-    """A secret from a file (first line) or the environment; never from argv."""
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                value = fh.readline().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from None
-        if not value:
-            raise ConfigError(f"the {what} file {path} is empty")
-        return value
-    return os.environ.get(env) or None
 
 
 # --------------------------------------------------------------------------- the CLI

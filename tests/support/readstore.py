@@ -13,7 +13,8 @@ import psycopg
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from outbox import contract
-from outbox.config import KafkaSettings, ReadStoreSettings
+from outbox.config import KafkaSettings
+from outbox.consumers.readstore import ReadStoreSettings
 from outbox.consumers import readstore as rs
 from tests.support.wait import wait_until
 

@@ -8,7 +8,8 @@ import pytest
 
 from outbox.consumers.crm import CallResult, CrmRefused, CrmSink
 from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, Pending
-from outbox.config import CrmSinkSettings, KafkaSettings
+from outbox.config import KafkaSettings
+from outbox.consumers.crm import CrmSinkSettings
 
 
 def sink(**settings: Any) -> CrmSink:
