@@ -240,6 +240,7 @@ class InstallSettings(_Settings):
     slot: str | None = None
     sql: bool = False
     relay_role: str | None = None  # a least-privilege role for the relay, created or granted by install
+    capture_always: bool = False  # ENABLE ALWAYS: capture also in session_replication_role = replica
 
     _dsn = field_validator("dsn")(_check_dsn)
 

@@ -72,10 +72,12 @@ def qualified(schema: str, table: str) -> str:
     return f"{quote_ident(schema)}.{quote_ident(table)}"
 
 
-def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, replace: bool = False) -> list[str]:
+def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, replace: bool = False,
+                always: bool = False) -> list[str]:
     """The statements that start capturing ``table`` (already quoted, ``schema.table``).
 
     ``replace`` drops an existing outbox_capture trigger first (aggregate or key changed).
+    ``always``: ENABLE ALWAYS, so sessions with session_replication_role = replica are captured too.
     The same statements run online and are printed by ``--sql``.
     """
     if not key_columns:
@@ -86,10 +88,16 @@ def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, repla
     statements = []
     if replace:
         statements.append(f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRIGGER} ON {table}")
+        statements.append(f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRUNCATE_TRIGGER} ON {table}")
     statements.append(
         f"CREATE TRIGGER {contract.CAPTURE_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {table} "
         f"FOR EACH ROW EXECUTE FUNCTION {CAPTURE_FUNCTION}({args})"
     )
+    statements.append(f"CREATE TRIGGER {contract.CAPTURE_TRUNCATE_TRIGGER} AFTER TRUNCATE ON {table} "
+                      f"FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_FUNCTION}({quote_literal(aggregate)})")
+    if always:
+        statements.append(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {contract.CAPTURE_TRIGGER}, "
+                          f"ENABLE ALWAYS TRIGGER {contract.CAPTURE_TRUNCATE_TRIGGER}")
     statements.append(
         f"INSERT INTO {contract.SCHEMA}.captures (table_name, aggregate_type, key_columns) "
         f"VALUES ({quote_literal(table)}, {quote_literal(aggregate)}, ARRAY[{keys}]::text[]) "
@@ -168,7 +176,8 @@ def writeback_role_sql(role: str, database: str) -> list[str]:
         f"GRANT SELECT, INSERT ON {schema}.applied TO {r}",
         f"GRANT SELECT, INSERT, UPDATE ON {schema}.consumer_offsets TO {r}",
         f"GRANT USAGE ON SCHEMA {contract.SCHEMA} TO {r}",
-        f"GRANT INSERT ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",  # the capture trigger's insert
+        f"GRANT INSERT ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",  # the capture trigger's insert (before 0005)
+        f"GRANT {contract.ORIGIN_ROLE} TO {r}",  # its SET LOCAL outbox.origin = 'crm' is honoured (0005)
     ]
 
 
@@ -257,6 +266,7 @@ class Facts:
     slot: SlotFacts | None
     captured: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # table -> (aggregate, keys)
     triggered: frozenset[str] = frozenset()  # tables that carry an outbox_capture trigger
+    always: frozenset[str] = frozenset()  # of those, the ones whose capture triggers are ENABLE ALWAYS (and complete)
     tables: tuple[TableFacts, ...] = ()
     superuser: bool = False  # the current user
     roles: dict[str, RoleFacts] = field(default_factory=dict)  # the roles asked about (--relay-role ...)
@@ -346,11 +356,13 @@ class CapturePlan:
     key_columns: tuple[str, ...]
     action: str  # "create", "replace" or "keep"
     previous: str | None = None  # the aggregate it had, when replaced
+    always: bool = False  # --capture-always
 
     def statements(self) -> list[str]:
         if self.action == "keep":
             return []
-        return capture_sql(self.table, self.aggregate, self.key_columns, replace=self.action == "replace")
+        return capture_sql(self.table, self.aggregate, self.key_columns, replace=self.action == "replace",
+                           always=self.always)
 
     def describe(self) -> str:
         keys = ", ".join(self.key_columns)
@@ -361,8 +373,11 @@ class CapturePlan:
         return f"capturing {self.table} as {self.aggregate} (key: {keys})"
 
 
-def plan_captures(facts: Facts, captures: Iterable[cfg.Capture]) -> list[CapturePlan]:
-    """Decide, per requested capture, whether to create, replace or keep its trigger."""
+def plan_captures(facts: Facts, captures: Iterable[cfg.Capture], *, always: bool = False) -> list[CapturePlan]:
+    """Decide, per requested capture, whether to create, replace or keep its trigger.
+
+    ``always`` (--capture-always) replaces a trigger that is not ENABLE ALWAYS yet; without it, the
+    mode a trigger has is kept."""
     by_request = {t.requested: t for t in facts.tables}
     plans: list[CapturePlan] = []
     seen: dict[str, str] = {}
@@ -373,13 +388,15 @@ def plan_captures(facts: Facts, captures: Iterable[cfg.Capture]) -> list[Capture
             raise ConfigError(f"--capture names {t.name} twice ({seen[t.name]} and {c.table})")
         seen[t.name] = c.table
         before = facts.captured.get(t.name)
-        if before == (c.aggregate, t.key_columns) and t.name in facts.triggered:
+        if before == (c.aggregate, t.key_columns) and t.name in facts.triggered and (
+                not always or t.name in facts.always):
             action = "keep"
         elif t.name in facts.triggered:
             action = "replace"
         else:
             action = "create"
-        plans.append(CapturePlan(t.name, c.aggregate, t.key_columns, action, before[0] if before else None))
+        plans.append(CapturePlan(t.name, c.aggregate, t.key_columns, action, before[0] if before else None,
+                                 always=always))
     return plans
 
 
@@ -465,6 +482,12 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = %s AND NOT t.tgisinternal",
         (contract.CAPTURE_TRIGGER,),
     ))
+    always = frozenset(r[0] for r in conn.execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = ANY(%s) AND NOT t.tgisinternal "
+        "GROUP BY 1 HAVING bool_and(t.tgenabled = 'A') AND count(*) = 2",
+        ([contract.CAPTURE_TRIGGER, contract.CAPTURE_TRUNCATE_TRIGGER],),
+    ))
     slot_row = conn.execute(
         "SELECT slot_name, database, plugin, active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
     ).fetchone()
@@ -481,7 +504,7 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
         can_replicate=bool(can_replicate), schema_exists=schema_exists, schema_empty=bool(schema_empty),
         publication_exists=pub_exists, revision=revision,
         slot=SlotFacts(*slot_row) if slot_row else None,
-        captured=captured, triggered=triggered, tables=tuple(table_facts), superuser=bool(superuser),
+        captured=captured, triggered=triggered, always=always, tables=tuple(table_facts), superuser=bool(superuser),
         roles={r: read_role(conn, r) for r in roles},
         relay_roles=tuple(r[0] for r in conn.execute(_RELAY_ROLES_SQL, (f"{contract.SCHEMA}.{contract.EVENTS_TABLE}",))),
     )
@@ -581,7 +604,7 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
             slot = _slot_name(settings.slot, raw)
             facts = read_facts(raw, slot=slot, tables=[c.table for c in settings.captures], roles=_roles(settings))
             check_install(facts, slot)
-            plans = plan_captures(facts, settings.captures)
+            plans = plan_captures(facts, settings.captures, always=settings.capture_always)
             where = facts.where
             after = [s for p in plans for s in p.statements()] + _role_statements(settings, facts)
             config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=after,
@@ -657,7 +680,7 @@ def install_sql(settings: cfg.InstallSettings) -> str:
         problems = table_problems(dataclasses.replace(t, can_trigger=True), facts.where)
         if problems:
             raise PreconditionFailed(problems[0])
-    plans = plan_captures(facts, settings.captures)
+    plans = plan_captures(facts, settings.captures, always=settings.capture_always)
     out = io.StringIO()
     out.write(f"-- outbox install for {facts.where} (outbox-relay revision {store_head()})\n")
     for problem in install_problems(facts, slot):
@@ -800,7 +823,12 @@ def _slot_option(func: Any) -> Any:
               help="Create (LOGIN, no password) or grant a least-privilege role for the relay: REPLICATION, "
                    "CONNECT, USAGE on schema outbox, SELECT, INSERT (heartbeats) and DELETE (purge) on outbox.events. Needs a superuser "
                    "unless the role already has REPLICATION. Uninstall never drops it.")
-def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None) -> None:
+@click.option("--capture-always", is_flag=True, default=False,
+              help="ENABLE ALWAYS the capture triggers of these captures: changes made with session_replication_role = "
+                   "replica (logical-replication subscribers, pg_restore, some ETL tools) are captured too, so a data "
+                   "restore or a replicated copy emits events. Without it, the mode a trigger has is kept.")
+def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None,
+            capture_always: bool) -> None:
     """Install the outbox into a store database (idempotent; run again to add captures).
 
     Creates schema outbox (events table, publication outbox_events, capture registry and
@@ -810,7 +838,8 @@ def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, re
     """
     settings = cfg.build(cfg.InstallSettings, dsn=dsn, captures=tuple(parse_capture(c) for c in captures),
                          slot=check_slot_name(slot) if slot else None, sql=sql,
-                         relay_role=check_role_name(relay_role) if relay_role else None)
+                         relay_role=check_role_name(relay_role) if relay_role else None,
+                         capture_always=capture_always)
     if settings.sql:
         click.echo(install_sql(settings), nl=False)
     else:

@@ -73,7 +73,7 @@ def query(dsn: str, sql: str, *params: Any, user: str | None = None) -> list[tup
 
 def events(dsn: str) -> list[tuple[str, str, dict[str, Any], str | None]]:
     rows = query(dsn, "SELECT aggregateid, type, payload::text, origin FROM outbox.events "
-                      "WHERE type <> %s ORDER BY created_at", contract.HEARTBEAT_TYPE)
+                      "WHERE type <> %s ORDER BY created_at, ctid", contract.HEARTBEAT_TYPE)
     return [(i, t, json.loads(p), o) for i, t, p, o in rows]
 
 
