@@ -269,7 +269,7 @@ def _capture_safety_checks(f: DoctorFacts) -> list[Check]:
     b = f.base
     out = []
     for table, (_aggregate, keys) in sorted(b.captured.items()):
-        if table in f.missing_tables or not f.triggers.get(table):
+        if table in f.missing_tables or not f.triggers.get(table) or table not in f.primary_keys:
             continue
         name = f"key {table}"
         pk = f.primary_keys.get(table, ())

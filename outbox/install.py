@@ -72,12 +72,10 @@ def qualified(schema: str, table: str) -> str:
     return f"{quote_ident(schema)}.{quote_ident(table)}"
 
 
-def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, replace: bool = False,
-                always: bool = False) -> list[str]:
+def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, replace: bool = False) -> list[str]:
     """The statements that start capturing ``table`` (already quoted, ``schema.table``).
 
     ``replace`` drops an existing outbox_capture trigger first (aggregate or key changed).
-    ``always``: ENABLE ALWAYS, so sessions with session_replication_role = replica are captured too.
     The same statements run online and are printed by ``--sql``.
     """
     if not key_columns:
@@ -88,22 +86,28 @@ def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, repla
     statements = []
     if replace:
         statements.append(f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRIGGER} ON {table}")
-        statements.append(f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRUNCATE_TRIGGER} ON {table}")
     statements.append(
         f"CREATE TRIGGER {contract.CAPTURE_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {table} "
         f"FOR EACH ROW EXECUTE FUNCTION {CAPTURE_FUNCTION}({args})"
     )
-    statements.append(f"CREATE TRIGGER {contract.CAPTURE_TRUNCATE_TRIGGER} AFTER TRUNCATE ON {table} "
-                      f"FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_FUNCTION}({quote_literal(aggregate)})")
-    if always:
-        statements.append(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {contract.CAPTURE_TRIGGER}, "
-                          f"ENABLE ALWAYS TRIGGER {contract.CAPTURE_TRUNCATE_TRIGGER}")
     statements.append(
         f"INSERT INTO {contract.SCHEMA}.captures (table_name, aggregate_type, key_columns) "
         f"VALUES ({quote_literal(table)}, {quote_literal(aggregate)}, ARRAY[{keys}]::text[]) "
         "ON CONFLICT (table_name) DO UPDATE SET aggregate_type = EXCLUDED.aggregate_type, "
         "key_columns = EXCLUDED.key_columns, installed_at = now()"
     )
+    return statements
+
+
+def truncate_capture_sql(table: str, aggregate: str, *, replace: bool = False, always: bool = False) -> list[str]:
+    """After capture_sql: the statement-level trigger that turns TRUNCATE into ``<aggregate>.truncated``
+    (store revision 0005); ``always``: ENABLE ALWAYS both triggers (session_replication_role = replica)."""
+    statements = [f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRUNCATE_TRIGGER} ON {table}"] if replace else []
+    statements.append(f"CREATE TRIGGER {contract.CAPTURE_TRUNCATE_TRIGGER} AFTER TRUNCATE ON {table} "
+                      f"FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_FUNCTION}({quote_literal(aggregate)})")
+    if always:
+        statements.append(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {contract.CAPTURE_TRIGGER}, "
+                          f"ENABLE ALWAYS TRIGGER {contract.CAPTURE_TRUNCATE_TRIGGER}")
     return statements
 
 
@@ -361,8 +365,9 @@ class CapturePlan:
     def statements(self) -> list[str]:
         if self.action == "keep":
             return []
-        return capture_sql(self.table, self.aggregate, self.key_columns, replace=self.action == "replace",
-                           always=self.always)
+        replace = self.action == "replace"
+        return (capture_sql(self.table, self.aggregate, self.key_columns, replace=replace)
+                + truncate_capture_sql(self.table, self.aggregate, replace=replace, always=self.always))
 
     def describe(self) -> str:
         keys = ", ".join(self.key_columns)
