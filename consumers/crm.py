@@ -405,6 +405,9 @@ class CrmSink(Sink):
                 plan.append(("dead", p, f"{type(exc).__name__}: {exc}"))
                 continue
             mapping = self.mappings.get(event.aggregate_type)
+            if contract.is_truncation(event.type):  # a store's TRUNCATE does not deactivate CRM records wholesale
+                plan.append(("skip", r, "truncated"))
+                continue
             if event.origin == ORIGIN_CRM or mapping is None:
                 plan.append(("skip", r, "echo" if event.origin == ORIGIN_CRM else "unmapped"))
                 continue

@@ -132,6 +132,7 @@ class Plan:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> next offset
     received: int = 0
     records: dict[tuple[str, str, str], RecordLike] = field(default_factory=dict)  # the record behind each row
+    truncations: list[Row] = field(default_factory=list)  # <aggregate>.truncated events, applied after the rows
 
 
 def plan_batch(records: Iterable[RecordLike]) -> Plan:
@@ -151,6 +152,9 @@ def plan_batch(records: Iterable[RecordLike]) -> Plan:
         item = classify(record)
         if isinstance(item, Rejected):
             plan.rejected.append(item)
+            continue
+        if contract.is_truncation(item.event_type):  # tombstones every older row of its source and type (TRUNCATE)
+            plan.truncations.append(item)
             continue
         current = best.get(item.key)
         if current is None or item.position >= current.position:
@@ -203,6 +207,14 @@ ON CONFLICT (source_id, aggregate_type, aggregate_id) DO UPDATE SET
        applied_at = EXCLUDED.applied_at,
        deleted = EXCLUDED.deleted
  WHERE (e.commit_lsn, e.txseq) < (EXCLUDED.commit_lsn, EXCLUDED.txseq)
+"""
+
+# <aggregate>.truncated: every row of that source and aggregate type older than the event becomes
+# a tombstone (its last image kept). Rows of the same batch were upserted first: newer ones stay.
+TRUNCATE = """
+UPDATE readstore.entities SET deleted = true, event_id = %s::uuid, event_type = %s, commit_lsn = %s::pg_lsn,
+       txseq = %s, source_committed_at = %s, applied_at = clock_timestamp()
+ WHERE source_id = %s AND aggregate_type = %s AND (commit_lsn, txseq) < (%s::pg_lsn, %s)
 """
 
 # --------------------------------------------------------------------------- settings and command
@@ -297,6 +309,11 @@ class ReadStore(DatabaseSink[Plan]):
             if plan.rows:
                 await cur.execute(UPSERT, row_columns(plan.rows))
                 changed = cur.rowcount
+            for t in plan.truncations:
+                lsn = contract.format_lsn(t.commit_lsn)
+                await cur.execute(TRUNCATE, (t.event_id, t.event_type, lsn, t.txseq, t.committed_at, t.source_id,
+                                             t.aggregate_type, lsn, t.txseq))
+                changed += cur.rowcount
         return {"changed": changed}
 
     async def apply(self, batch: Batch) -> dict[str, int]:
@@ -305,7 +322,7 @@ class ReadStore(DatabaseSink[Plan]):
         changed = await self.write(plan, batch.dead_letters)
         # skipped: rows the guarded upsert left alone (duplicates, replays, events older than the stored row);
         # rejected: by the contract checks; refused: rows PostgreSQL refused (see write); both parked in <topic>.dlq
-        return {"changed": changed, "skipped": len(plan.rows) - changed, "rejected": checked,
+        return {"changed": changed, "skipped": max(0, len(plan.rows) - changed), "rejected": checked,
                 "refused": len(plan.rejected) - checked}
 
     async def write(self, plan: Plan, dead_letters: DeadLetters) -> int:
@@ -342,7 +359,8 @@ class ReadStore(DatabaseSink[Plan]):
                         rejected.append(DeadLetter.of(plan.records[row.key], f"DataError: {dsnmod.first_line(exc)}"))
         except RETRIABLE as exc:
             raise SinkUnavailable(f"{self.what}: {dsnmod.first_line(exc)}") from None
-        return Plan(rows=good, rejected=rejected, offsets=plan.offsets, received=plan.received, records=plan.records)
+        return Plan(rows=good, rejected=rejected, offsets=plan.offsets, received=plan.received, records=plan.records,
+                    truncations=plan.truncations)
 
 
 # --------------------------------------------------------------------------- migrations

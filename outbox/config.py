@@ -411,6 +411,10 @@ class InstallSettings(_Settings):
         "the role already has REPLICATION. Uninstall never drops it.")), Cli(metavar="NAME")] = None
     lock_timeout: LockTimeout = 2.0
     lock_wait: LockWait = 300.0
+    capture_always: Annotated[bool, Field(description=(  # ENABLE ALWAYS: capture also in session_replication_role = replica
+        "ENABLE ALWAYS the capture triggers of these captures: changes made with session_replication_role = replica "
+        "(logical-replication subscribers, pg_restore, some ETL tools) are captured too, so a data restore or a "
+        "replicated copy emits events. Without it, the mode a trigger has is kept."))] = False
 
 
 class UninstallSettings(_Settings):

@@ -26,10 +26,17 @@ EVENTS_TABLE = "events"
 PARKED_TABLE = "parked"  # events too large for Kafka: the whole row, the reason, the position
 PUBLICATION = "outbox_events"
 CAPTURE_TRIGGER = "outbox_capture"
+CAPTURE_TRUNCATE_TRIGGER = "outbox_capture_truncate"  # statement level: <aggregate>.truncated
+ORIGIN_ROLE = "outbox_origin"  # members may set outbox.origin (store revision 0005): the CRM write-back
 ORIGIN_SETTING = "outbox.origin"  # transaction-local: SET LOCAL outbox.origin = 'crm'
 # The relay's heartbeat: a row of this type goes through the WAL like any event, proves the path
 # end to end, lets the slot advance on an idle database, and is never published to Kafka.
 HEARTBEAT_TYPE = "outbox.heartbeat"
+# Written by the capture trigger next to a change it parked in outbox.parked (no primary key):
+# counted by the relay (outbox_relay_capture_parked_total), never published.
+CAPTURE_PARKED_TYPE = "outbox.capture_parked"
+RESERVED_TYPES = frozenset({HEARTBEAT_TYPE, CAPTURE_PARKED_TYPE})  # outbox.emit() refuses them
+TRUNCATED_AGGREGATE_ID = "*"  # the aggregate id of <aggregate>.truncated: every aggregate of its table
 
 # Kafka header names (CloudEvents 1.0, Kafka protocol binding, binary mode).
 H_SPECVERSION = "ce_specversion"
@@ -290,3 +297,8 @@ def parse_record(headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...
 
 def is_deletion(event_type: str) -> bool:
     return event_type.endswith(".deleted")
+
+
+def is_truncation(event_type: str) -> bool:
+    """``<aggregate>.truncated``: every aggregate of that type from that source, older than this event, is gone."""
+    return event_type.endswith(".truncated")

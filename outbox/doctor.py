@@ -69,6 +69,10 @@ class DoctorFacts:
     publication: PublicationFacts | None
     triggers: dict[str, str] = field(default_factory=dict)  # captured table -> pg_trigger.tgenabled ('' : missing)
     missing_tables: frozenset[str] = frozenset()  # rows of outbox.captures whose table is gone
+    primary_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)  # captured table -> its primary key now
+    truncate_triggers: dict[str, str] = field(default_factory=dict)  # captured table -> TRUNCATE trigger's tgenabled
+    capture_parked: int | None = None  # changes the capture trigger parked (None: before revision 0005)
+    replica_defaults: tuple[str, ...] = ()  # where session_replication_role defaults to replica ("database x", ...)
 
 
 # =========================================================================== pure: facts -> checks
@@ -106,6 +110,7 @@ def diagnose(f: DoctorFacts) -> list[Check]:
     checks.append(_slot_check(f))
     checks.append(_publication_check(f))
     checks += _trigger_checks(f)
+    checks += _capture_safety_checks(f)
     return checks
 
 
@@ -259,6 +264,51 @@ def _trigger_checks(f: DoctorFacts) -> list[Check]:
     return out
 
 
+def _capture_safety_checks(f: DoctorFacts) -> list[Check]:
+    """Registered keys against the primary keys, TRUNCATE capture, parked changes, replica mode."""
+    b = f.base
+    out = []
+    for table, (_aggregate, keys) in sorted(b.captured.items()):
+        if table in f.missing_tables or not f.triggers.get(table) or table not in f.primary_keys:
+            continue
+        name = f"key {table}"
+        pk = f.primary_keys.get(table, ())
+        if not pk:
+            out.append(Check(name, "fail", f"{table} has no primary key: its changes are parked in "
+                             f"{contract.SCHEMA}.{contract.PARKED_TABLE}, not published",
+                             f"ALTER TABLE {table} ADD PRIMARY KEY (...), then SELECT outbox.redrive_parked(id) "
+                             f"FROM {contract.SCHEMA}.{contract.PARKED_TABLE} WHERE table_name = {inst.quote_literal(table)}"))
+        elif pk != keys:
+            out.append(Check(name, "warn", f"registered key ({', '.join(keys)}), primary key now ({', '.join(pk)}): "
+                             "events carry the new key, so aggregate ids changed meaning for the sinks",
+                             f"tell the consumer teams; outbox install --dsn ... --capture {table}=... registers it"))
+        else:
+            out.append(Check(name, "pass", f"({', '.join(pk)}), the primary key"))
+        if f.capture_parked is not None and f.triggers.get(table) in ("O", "A"):
+            if not f.truncate_triggers.get(table):
+                out.append(Check(f"truncate {table}", "warn", f"no {contract.CAPTURE_TRUNCATE_TRIGGER} trigger: a "
+                                 "TRUNCATE empties the table and every sink keeps its rows",
+                                 f"outbox install --dsn ... --capture {table}=... adds it"))
+            elif f.truncate_triggers[table] != f.triggers[table]:
+                out.append(Check(f"truncate {table}", "warn", f"{contract.CAPTURE_TRUNCATE_TRIGGER} is "
+                                 f"{_ENABLED.get(f.truncate_triggers[table], '?')}, unlike {contract.CAPTURE_TRIGGER}",
+                                 f"ALTER TABLE {table} ENABLE {'ALWAYS ' if f.triggers[table] == 'A' else ''}TRIGGER "
+                                 f"{contract.CAPTURE_TRUNCATE_TRIGGER}"))
+    if f.capture_parked:
+        out.append(Check("parked changes", "warn", f"{f.capture_parked} change{'s' if f.capture_parked != 1 else ''} "
+                         f"parked by the capture trigger in {contract.SCHEMA}.{contract.PARKED_TABLE} (no primary key)",
+                         "give the table a primary key, then SELECT outbox.redrive_parked(id) FROM outbox.parked "
+                         "WHERE table_name IS NOT NULL (docs/operations.md, Parked events)"))
+    not_always = sorted(t for t, e in f.triggers.items() if e == "O")
+    if f.replica_defaults and not_always:
+        out.append(Check("session_replication_role", "warn",
+                         f"defaults to replica for {', '.join(f.replica_defaults)}: those sessions skip the capture "
+                         f"triggers of {', '.join(not_always)}, silently",
+                         "remove that default (ALTER ... RESET session_replication_role), or outbox install "
+                         "--capture-always (docs/install.md, Replica mode)"))
+    return out
+
+
 def format_bytes(n: int | None) -> str:
     if n is None:
         return "?"
@@ -295,9 +345,28 @@ FROM pg_publication p WHERE p.pubname = %s
 """
 
 _TRIGGERS_SQL = """
-SELECT c.table_name, to_regclass(c.table_name) IS NOT NULL, coalesce(t.tgenabled::text, '')
+SELECT c.table_name, to_regclass(c.table_name) IS NOT NULL, coalesce(t.tgenabled::text, ''),
+       coalesce(u.tgenabled::text, ''),
+       ARRAY(SELECT a.attname::text
+             FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord), pg_attribute a
+             WHERE i.indrelid = to_regclass(c.table_name) AND i.indisprimary AND a.attrelid = i.indrelid
+               AND a.attnum = k.attnum ORDER BY k.ord)
 FROM outbox.captures c
 LEFT JOIN pg_trigger t ON t.tgrelid = to_regclass(c.table_name) AND t.tgname = %s AND NOT t.tgisinternal
+LEFT JOIN pg_trigger u ON u.tgrelid = to_regclass(c.table_name) AND u.tgname = %s AND NOT u.tgisinternal
+"""
+
+# Defaults that put sessions in replica mode (ordinary triggers off): the server's, this
+# database's, a role's (here or everywhere).
+_REPLICA_SQL = """
+SELECT 'the server (postgresql.conf)' WHERE current_setting('session_replication_role') = 'replica'
+       AND (SELECT source FROM pg_settings WHERE name = 'session_replication_role') IN ('configuration file', 'command line')
+UNION ALL
+SELECT CASE WHEN s.setrole = 0 THEN 'database ' || current_database()
+            ELSE 'role ' || r.rolname || CASE WHEN s.setdatabase = 0 THEN '' ELSE ' in this database' END END
+  FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole
+ WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+   AND 'session_replication_role=replica' = ANY(s.setconfig)
 """
 
 
@@ -313,12 +382,22 @@ def read_doctor_facts(conn: psycopg.Connection[Any], *, slot: str | None, role: 
     s = conn.execute(_SLOT_SQL, (slot_name,)).fetchone()
     p = conn.execute(_PUBLICATION_SQL, (contract.PUBLICATION,)).fetchone()
     triggers: dict[str, str] = {}
+    truncates: dict[str, str] = {}
+    keys: dict[str, tuple[str, ...]] = {}
     missing: set[str] = set()
+    parked = None
     if base.revision is not None:
-        for table, exists, enabled in conn.execute(_TRIGGERS_SQL, (contract.CAPTURE_TRIGGER,)):
-            triggers[table] = enabled
+        for table, exists, enabled, truncate, pk in conn.execute(
+                _TRIGGERS_SQL, (contract.CAPTURE_TRIGGER, contract.CAPTURE_TRUNCATE_TRIGGER)):
+            triggers[table], truncates[table], keys[table] = enabled, truncate, tuple(pk)
             if not exists:
                 missing.add(table)
+        has_column = conn.execute("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'table_name' "
+                                  "AND NOT attisdropped", (f"{contract.SCHEMA}.{contract.PARKED_TABLE}",)).fetchone()
+        if has_column:
+            parked = conn.execute(f"SELECT count(*) FROM {contract.SCHEMA}.{contract.PARKED_TABLE} "
+                                  "WHERE table_name IS NOT NULL").fetchone()[0]  # type: ignore[index]
+    replica = tuple(r[0] for r in conn.execute(_REPLICA_SQL))
     return DoctorFacts(
         base=base, slot_name=slot_name, role=base.roles[role_name], server_version_text=version,
         server_encoding=encoding, max_wal_senders=max_senders, wal_senders_used=senders,
@@ -327,7 +406,8 @@ def read_doctor_facts(conn: psycopg.Connection[Any], *, slot: str | None, role: 
         publication=PublicationFacts(
             tuple(p[5]), bool(p[0]),
             tuple(a for a, on in zip(("insert", "update", "delete", "truncate"), p[1:5]) if on)) if p else None,
-        triggers=triggers, missing_tables=frozenset(missing),
+        triggers=triggers, missing_tables=frozenset(missing), primary_keys=keys, truncate_triggers=truncates,
+        capture_parked=parked, replica_defaults=replica,
     )
 
 

@@ -47,6 +47,9 @@ def emit(conn: Any, *, aggregate_type: str, aggregate_id: str | int | uuid.UUID,
         raise ContractError(f"aggregate_id must be a non-empty str, int or UUID, not {aggregate_id!r}")
     if not isinstance(event_type, str) or not event_type.strip():
         raise ContractError(f"event_type must be a non-empty str, not {event_type!r}")
+    if event_type in contract.RESERVED_TYPES:
+        raise ContractError(f"event_type {event_type!r} is reserved by the outbox itself (the relay never publishes "
+                         "it): choose another type")
     if traceparent is not None and not _TRACEPARENT.match(traceparent):
         raise ContractError(f"traceparent {traceparent!r} is not a W3C trace context (00-<32 hex>-<16 hex>-<2 hex>)")
     for name, value in (("aggregate_id", aggregate_id), ("event_type", event_type)):

@@ -115,6 +115,18 @@ def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, repla
     return statements
 
 
+def truncate_capture_sql(table: str, aggregate: str, *, replace: bool = False, always: bool = False) -> list[str]:
+    """After capture_sql: the statement-level trigger that turns TRUNCATE into ``<aggregate>.truncated``
+    (store revision 0005); ``always``: ENABLE ALWAYS both triggers (session_replication_role = replica)."""
+    statements = [f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRUNCATE_TRIGGER} ON {table}"] if replace else []
+    statements.append(f"CREATE TRIGGER {contract.CAPTURE_TRUNCATE_TRIGGER} AFTER TRUNCATE ON {table} "
+                      f"FOR EACH STATEMENT EXECUTE FUNCTION {CAPTURE_FUNCTION}({quote_literal(aggregate)})")
+    if always:
+        statements.append(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {contract.CAPTURE_TRIGGER}, "
+                          f"ENABLE ALWAYS TRIGGER {contract.CAPTURE_TRUNCATE_TRIGGER}")
+    return statements
+
+
 def uncapture_sql(table: str) -> str:
     """Stop capturing a table (its row in outbox.captures goes with the downgrade)."""
     return f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRIGGER} ON {table}"
@@ -184,7 +196,8 @@ def writeback_role_sql(role: str, database: str) -> list[str]:
         f"GRANT SELECT, INSERT ON {schema}.applied TO {r}",
         f"GRANT SELECT, INSERT, UPDATE ON {schema}.consumer_offsets TO {r}",
         f"GRANT USAGE ON SCHEMA {contract.SCHEMA} TO {r}",
-        f"GRANT INSERT ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",  # the capture trigger's insert
+        f"GRANT INSERT ON {contract.SCHEMA}.{contract.EVENTS_TABLE} TO {r}",  # the capture trigger's insert (before 0005)
+        f"GRANT {contract.ORIGIN_ROLE} TO {r}",  # its SET LOCAL outbox.origin = 'crm' is honoured (0005)
     ]
 
 
@@ -274,6 +287,7 @@ class Facts:
     slot: SlotFacts | None
     captured: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # table -> (aggregate, keys)
     triggered: frozenset[str] = frozenset()  # tables that carry an outbox_capture trigger
+    always: frozenset[str] = frozenset()  # of those, the ones whose capture triggers are ENABLE ALWAYS (and complete)
     tables: tuple[TableFacts, ...] = ()
     superuser: bool = False  # the current user
     roles: dict[str, RoleFacts] = field(default_factory=dict)  # the roles asked about (--relay-role ...)
@@ -383,11 +397,14 @@ class CapturePlan:
     key_columns: tuple[str, ...]
     action: str  # "create", "replace" or "keep"
     previous: str | None = None  # the aggregate it had, when replaced
+    always: bool = False  # --capture-always
 
     def statements(self) -> list[str]:
         if self.action == "keep":
             return []
-        return capture_sql(self.table, self.aggregate, self.key_columns, replace=self.action == "replace")
+        replace = self.action == "replace"
+        return (capture_sql(self.table, self.aggregate, self.key_columns, replace=replace)
+                + truncate_capture_sql(self.table, self.aggregate, replace=replace, always=self.always))
 
     def describe(self) -> str:
         keys = ", ".join(self.key_columns)
@@ -398,8 +415,11 @@ class CapturePlan:
         return f"capturing {self.table} as {self.aggregate} (key: {keys})"
 
 
-def plan_captures(facts: Facts, captures: Iterable[cfg.Capture]) -> list[CapturePlan]:
-    """Decide, per requested capture, whether to create, replace or keep its trigger."""
+def plan_captures(facts: Facts, captures: Iterable[cfg.Capture], *, always: bool = False) -> list[CapturePlan]:
+    """Decide, per requested capture, whether to create, replace or keep its trigger.
+
+    ``always`` (--capture-always) replaces a trigger that is not ENABLE ALWAYS yet; without it, the
+    mode a trigger has is kept."""
     by_request = {t.requested: t for t in facts.tables}
     plans: list[CapturePlan] = []
     seen: dict[str, str] = {}
@@ -410,13 +430,15 @@ def plan_captures(facts: Facts, captures: Iterable[cfg.Capture]) -> list[Capture
             raise ConfigError(f"--capture names {t.name} twice ({seen[t.name]} and {c.table})")
         seen[t.name] = c.table
         before = facts.captured.get(t.name)
-        if before == (c.aggregate, t.key_columns) and t.name in facts.triggered:
+        if before == (c.aggregate, t.key_columns) and t.name in facts.triggered and (
+                not always or t.name in facts.always):
             action = "keep"
         elif t.name in facts.triggered:
             action = "replace"
         else:
             action = "create"
-        plans.append(CapturePlan(t.name, c.aggregate, t.key_columns, action, before[0] if before else None))
+        plans.append(CapturePlan(t.name, c.aggregate, t.key_columns, action, before[0] if before else None,
+                                 always=always))
     return plans
 
 
@@ -506,6 +528,12 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
         "AND t.tgparentid = 0",  # a partition's clone of its parent's trigger goes with the parent's
         (contract.CAPTURE_TRIGGER,),
     ))
+    always = frozenset(r[0] for r in conn.execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = ANY(%s) AND NOT t.tgisinternal "
+        "GROUP BY 1 HAVING bool_and(t.tgenabled = 'A') AND count(*) = 2",
+        ([contract.CAPTURE_TRIGGER, contract.CAPTURE_TRUNCATE_TRIGGER],),
+    ))
     slot_row = conn.execute(
         "SELECT slot_name, database, plugin, active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
     ).fetchone()
@@ -522,7 +550,7 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
         can_replicate=bool(can_replicate), schema_exists=schema_exists, schema_empty=bool(schema_empty),
         publication_exists=pub_exists, revision=revision,
         slot=SlotFacts(*slot_row) if slot_row else None,
-        captured=captured, triggered=triggered, tables=tuple(table_facts), superuser=bool(superuser),
+        captured=captured, triggered=triggered, always=always, tables=tuple(table_facts), superuser=bool(superuser),
         roles={r: read_role(conn, r) for r in roles},
         relay_roles=tuple(r[0] for r in conn.execute(_RELAY_ROLES_SQL, (f"{contract.SCHEMA}.{contract.EVENTS_TABLE}",))),
     )
@@ -645,7 +673,7 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
                 slot = _slot_name(settings.slot, raw)
                 facts = read_facts(raw, slot=slot, tables=[c.table for c in settings.captures], roles=_roles(settings))
                 check_install(facts, slot)
-                plans = plan_captures(facts, settings.captures)
+                plans = plan_captures(facts, settings.captures, always=settings.capture_always)
                 config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"],
                                         after=_role_statements(settings, facts), connection=sa_conn,
                                         lock_timeout=settings.lock_timeout)
@@ -812,7 +840,7 @@ def install_sql(settings: cfg.InstallSettings) -> str:
         problems = table_problems(dataclasses.replace(t, can_trigger=True), facts.where)
         if problems:
             raise PreconditionFailed(problems[0])
-    plans = plan_captures(facts, settings.captures)
+    plans = plan_captures(facts, settings.captures, always=settings.capture_always)
     out = io.StringIO()
     out.write(f"-- outbox install for {facts.where} (outbox-relay revision {store_head()})\n")
     for problem in install_problems(facts, slot):
@@ -968,7 +996,7 @@ def parse_capture(text: str) -> cfg.Capture:
 @click.command()
 @cfg.options_for(cfg.InstallSettings)
 def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None,
-            lock_timeout: float, lock_wait: float) -> None:
+            lock_timeout: float, lock_wait: float, capture_always: bool) -> None:
     """Install the outbox into a store database (idempotent; run again to add captures).
 
     Creates schema outbox (events table, publication outbox_events, capture registry and
@@ -980,7 +1008,7 @@ def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, re
     settings = cfg.build(cfg.InstallSettings, dsn=dsn, captures=tuple(parse_capture(c) for c in captures),
                          slot=check_slot_name(slot) if slot else None, sql=sql,
                          relay_role=check_role_name(relay_role) if relay_role else None,
-                         lock_timeout=lock_timeout, lock_wait=lock_wait)
+                         lock_timeout=lock_timeout, lock_wait=lock_wait, capture_always=capture_always)
     if settings.sql:
         click.echo(install_sql(settings), nl=False)
     else:

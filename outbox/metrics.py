@@ -86,6 +86,10 @@ RELAY_EVENTS_PARKED = Counter("outbox_relay_events_parked_total",
                               "Events larger than Kafka takes (producer message.max.bytes or the topic's "
                               "max.message.bytes): written to the store's outbox.parked, a marker sent to <topic>.dlq.",
                               ["source_id", "topic"])
+RELAY_CAPTURE_PARKED = Counter("outbox_relay_capture_parked_total",
+                               "Changes the capture trigger could not key (the table has no primary key) and parked in "
+                               "the store's outbox.parked instead of failing the application's statement, as the relay "
+                               "read their markers.", ["source_id", "aggregate_type"])
 RELAY_READ_BATCH = Histogram("outbox_relay_read_batch_events",
                              "Events decoded per read of the replication stream (reads that returned messages).",
                              ["source_id"], buckets=BATCH_BUCKETS)
@@ -203,6 +207,9 @@ class RelayMetrics:
 
     def parked(self, topic: str) -> None:
         RELAY_EVENTS_PARKED.labels(self.source_id, topic).inc()
+
+    def capture_parked(self, aggregate_type: str) -> None:
+        RELAY_CAPTURE_PARKED.labels(self.source_id, aggregate_type).inc()
 
     def slot(self, slot: str, wal_status: str | None, retained: int | None, safe_wal_size: int | None) -> None:
         RELAY_SLOT_RETAINED.labels(self.source_id, slot).set(retained if retained is not None else 0)

@@ -23,6 +23,7 @@ RECONNECT_CAP = 30.0
 SLOT_BUSY_GRACE = 120.0  # after a reconnect, how long "slot in use" may be our own old walsender
 STATUS_EVERY = 1.0  # seconds between status updates while the confirmed position moves
 HEARTBEAT_TYPE = contract.HEARTBEAT_TYPE.encode()  # compared with rows as read from the WAL (bytes)
+CAPTURE_PARKED_TYPE = contract.CAPTURE_PARKED_TYPE.encode()  # a change the capture trigger parked: counted
 PURGE_EVERY = 60.0  # seconds between purges of old rows from outbox.events
 PROGRESS_EVERY = 30.0  # seconds between progress log lines
 MONITOR_EVERY = 10.0  # seconds between samples of pg_replication_slots and checks of Kafka

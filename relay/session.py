@@ -21,7 +21,7 @@ from outbox.backoff import Backoff
 from outbox.config import RelaySettings
 from outbox.errors import OutboxError
 from outbox.relay import pgoutput, policy
-from outbox.relay.policy import HEARTBEAT_TYPE, PublishFailed
+from outbox.relay.policy import CAPTURE_PARKED_TYPE, HEARTBEAT_TYPE, PublishFailed
 from outbox.relay.events import RowReader
 from outbox.relay.positions import PositionTracker, Txn
 from outbox.relay.publisher import DeliveryFailed, Publisher, delivery_failed, RecordTooLarge, Report, topic_max_bytes
@@ -180,6 +180,9 @@ class Session:
         row = reader(values)
         if row.type == HEARTBEAT_TYPE:  # came back through the WAL: the path is alive; not published
             self.state.heartbeat_seen = contract.pg_time_to_unix(txn.commit_time)
+            return None
+        if row.type == CAPTURE_PARKED_TYPE:  # the capture trigger parked a change in outbox.parked: counted, not published
+            self.metrics.capture_parked(row.aggregatetype.decode(errors="replace"))
             return None
         context = self._txn_context
         if context is None:

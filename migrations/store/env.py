@@ -50,7 +50,8 @@ common = {
 }
 
 if context.is_offline_mode():
-    context.configure(dialect_name="postgresql", literal_binds=True, **common)
+    # paramstyle "named": a '%' in a statement is printed as one '%' (pyformat would double it for a driver)
+    context.configure(dialect_name="postgresql", literal_binds=True, dialect_opts={"paramstyle": "named"}, **common)
     _run()
 else:
     context.configure(connection=config.attributes["connection"], **common)

@@ -72,12 +72,13 @@ def test_install_then_uninstall_leaves_legacy_untouched(legacy: str) -> None:
     assert query(legacy, "SELECT to_regclass('outbox_crm.applied') IS NOT NULL, "
                          "to_regclass('outbox_crm.consumer_offsets') IS NOT NULL") == [(True, True)]
     assert objects["publication"] == [("outbox_events",)]
-    assert sorted(objects["triggers"]) == [("pos.customers",), ("pos.order_lines",)]
+    # outbox_capture and outbox_capture_truncate (revision 0005: TRUNCATE is captured)
+    assert sorted(objects["triggers"]) == [("pos.customers",)] * 2 + [("pos.order_lines",)] * 2
     assert objects["slots"] == [(slot,)]
     assert query(legacy, "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication") == [
         (True, False, False, False)]
     assert query(legacy, "SELECT proconfig, prosecdef FROM pg_proc WHERE proname = 'capture_change'") == [
-        (["search_path=pg_catalog, pg_temp"], False)]
+        (["search_path=pg_catalog, pg_temp"], True)]  # SECURITY DEFINER since revision 0005 (#21 item 3)
 
     out = ok("uninstall", "--dsn", legacy)
     assert f"replication slot {slot} dropped" in out
@@ -104,7 +105,7 @@ def test_install_twice_is_a_no_op_and_later_captures_are_added(legacy: str) -> N
     assert "capturing pos.order_lines as order_line (key: order_id, line_no)" in out
     now = query(legacy, "SELECT oid, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal")
     assert set(triggers) < set(now)  # the customers trigger is the same object
-    assert sorted(t for _, t in now) == ["pos.customers", "pos.order_lines", "pos.orders"]
+    assert sorted(t for _, t in now) == sorted(["pos.customers", "pos.order_lines", "pos.orders"] * 2)  # + TRUNCATE triggers
 
     # a capture whose aggregate changed is updated
     out = ok("install", "--dsn", legacy, "--capture", "pos.orders=purchase")
@@ -295,7 +296,7 @@ def test_multi_row_statements_and_key_changes(legacy: str) -> None:
         conn.execute("UPDATE pos.customers SET balance = 2 WHERE id IN (2, 3, 4)")
         # every row changes
         conn.execute("UPDATE pos.order_lines SET qty = qty + 1 WHERE order_id = 7")
-        # primary keys change: .updated with the new image, under the new key
+        # primary keys change: .deleted under the old key, then .created under the new one (#19 item 2)
         conn.execute("UPDATE pos.customers SET id = id + 100 WHERE id IN (3, 4)")
         conn.execute("UPDATE pos.order_lines SET line_no = line_no + 10 WHERE order_id = 7")
         conn.commit()
@@ -303,18 +304,22 @@ def test_multi_row_statements_and_key_changes(legacy: str) -> None:
         conn.execute("DELETE FROM pos.customers WHERE id > 100")
         conn.commit()
     got = [(r[1], r[2], r[3]) for r in events(legacy)]
-    assert got[:8] == [
+    assert got[:12] == [
         ("2", "customer.updated", {"id": 2, "name": "Bo", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
         ("4", "customer.updated", {"id": 4, "name": "Di", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
         ("7:1", "order_line.updated", {"order_id": 7, "line_no": 1, "sku": "A", "qty": 2}),
         ("7:2", "order_line.updated", {"order_id": 7, "line_no": 2, "sku": "B", "qty": 2}),
-        ("103", "customer.updated", {"id": 103, "name": "Cy", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
-        ("104", "customer.updated", {"id": 104, "name": "Di", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
-        ("7:11", "order_line.updated", {"order_id": 7, "line_no": 11, "sku": "A", "qty": 2}),
-        ("7:12", "order_line.updated", {"order_id": 7, "line_no": 12, "sku": "B", "qty": 2}),
+        ("3", "customer.deleted", {"id": 3, "name": "Cy", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("103", "customer.created", {"id": 103, "name": "Cy", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("4", "customer.deleted", {"id": 4, "name": "Di", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("104", "customer.created", {"id": 104, "name": "Di", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
+        ("7:1", "order_line.deleted", {"order_id": 7, "line_no": 1, "sku": "A", "qty": 2}),
+        ("7:11", "order_line.created", {"order_id": 7, "line_no": 11, "sku": "A", "qty": 2}),
+        ("7:2", "order_line.deleted", {"order_id": 7, "line_no": 2, "sku": "B", "qty": 2}),
+        ("7:12", "order_line.created", {"order_id": 7, "line_no": 12, "sku": "B", "qty": 2}),
     ]
     # a DELETE reports rows in the order it finds them (heap order here), one event each
-    assert sorted(got[8:]) == [
+    assert sorted(got[12:]) == [
         ("103", "customer.deleted", {"id": 103, "name": "Cy", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
         ("104", "customer.deleted", {"id": 104, "name": "Di", "email": None, "balance": 2, "seen_at": None, "prefs": None}),
         ("7:11", "order_line.deleted", {"order_id": 7, "line_no": 11, "sku": "A", "qty": 2}),
@@ -337,12 +342,12 @@ def test_composite_keys_in_multi_row_statements(legacy: str) -> None:
         conn.execute("DELETE FROM pos.skus")
         conn.commit()
     got = [(r[1], r[2]) for r in events(legacy)]
-    assert got[:6] == [
+    assert got[:7] == [
         ("a\\\\b\\:c:s\\:1", "sku.created"), ("x:s2", "sku.created"), ("y\\::s\\\\3", "sku.created"),
         ("a\\\\b\\:c:s\\:1", "sku.updated"), ("y\\::s\\\\3", "sku.updated"),
-        ("x:s2\\:", "sku.updated"),
+        ("x:s2", "sku.deleted"), ("x:s2\\:", "sku.created"),  # a key column changed (#19 item 2)
     ]
-    assert sorted(got[6:]) == [
+    assert sorted(got[7:]) == [
         ("a\\\\b\\:c:s\\:1", "sku.deleted"), ("x:s2\\:", "sku.deleted"), ("y\\::s\\\\3", "sku.deleted"),
     ]
 

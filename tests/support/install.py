@@ -53,7 +53,8 @@ def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 def events(dsn: str) -> list[tuple[Any, ...]]:
-    rows = query(dsn, "SELECT aggregatetype, aggregateid, type, payload::text, origin FROM outbox.events ORDER BY created_at")
+    rows = query(dsn, "SELECT aggregatetype, aggregateid, type, payload::text, origin FROM outbox.events "
+                      "ORDER BY created_at, ctid")  # ctid: two events of one row change may share a microsecond
     return [(a, i, t, json.loads(p, parse_float=Decimal), o) for a, i, t, p, o in rows]
 
 
