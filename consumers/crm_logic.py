@@ -16,7 +16,6 @@ import heapq
 import json
 import random
 import time
-import tomllib
 from collections import deque
 from collections.abc import Iterable, Mapping as MappingABC
 from dataclasses import dataclass, field
@@ -99,7 +98,7 @@ def load_mappings(path: str | None) -> dict[str, Mapping]:
     """
     if path is None:
         return dict(DEFAULT_MAPPINGS)
-    from outbox.config import load_file
+    from outbox.tomlfile import load_file
 
     data = load_file(path)
     mappings = {}

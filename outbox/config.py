@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar
 
 import click
@@ -34,6 +32,7 @@ from pydantic.fields import FieldInfo
 from outbox import contract
 from outbox.dsn import parse as parse_dsn
 from outbox.errors import ConfigError
+from outbox.tomlfile import load_file as load_file  # re-exported: outbox.cli and the commands read config files
 
 _IDENT = re.compile(r"^[A-Za-z0-9_.-]+$")
 _QUALIFIED = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$")
@@ -44,18 +43,6 @@ M = TypeVar("M", bound=BaseModel)
 
 
 # --------------------------------------------------------------------------- the TOML file
-def load_file(path: str | Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-
-
 def default_map_for(command: click.Command, data: dict[str, Any], path: str, where: str = "") -> dict[str, Any]:
     """Check a config table against a command tree and turn it into click's ``default_map``.
 
