@@ -69,7 +69,7 @@ class WebhookReceiver:
             await self.stop()
             raise ConfigError(f"cannot listen on {self.s.host}:{self.s.port}: {exc.strerror or exc} (choose another --port)") from None
         server = site._server  # noqa: SLF001 - the port chosen for --port 0
-        assert server is not None and server.sockets
+        assert isinstance(server, asyncio.Server) and server.sockets
         self.port = server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -115,6 +115,7 @@ def load_mappings(path: str | None) -> dict[str, Mapping]:
         for name, table in (("fields", fields_), ("references", refs)):
             if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
                 raise ConfigError(f"{where}: '{name}' must be a table of CRM field = payload key")
+        assert isinstance(fields_, dict) and isinstance(refs, dict)
         mappings[aggregate] = Mapping(aggregate, kind, dict(fields_), dict(refs), spec.get("table"),
                                       spec.get("key_column", "id"))
     return mappings
@@ -311,7 +312,7 @@ class KeyScheduler:
             track = self._offsets[p.tp]
             before = track.next
             track.finish(p.offset)
-            if track.next != before:
+            if track.next != before and track.next is not None:
                 moved[p.tp] = track.next
         return moved
 

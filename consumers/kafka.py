@@ -201,7 +201,7 @@ async def run_consumer(
     busy = asyncio.Lock()
     applied_batches = 0
     progress = progress or Progress(group)
-    stats = metrics.ConsumerMetrics(group, sink_name or getattr(sink, "name", type(sink).__name__.lower()))
+    stats = metrics.ConsumerMetrics(group, str(sink_name or getattr(sink, "name", None) or type(sink).__name__.lower()))
     lag_updated = 0.0
     dead_letters = DeadLetters(kafka, group)
     redriver: asyncio.Task[None] | None = None
@@ -440,8 +440,8 @@ def _count_applied(stats: metrics.ConsumerMetrics, batches: Mapping[TopicPartiti
             continue
         stats.end_to_end.observe(max(0.0, now - at))
     for tp, raw in last:
-        if (at := times[raw]) is not None:
-            stats.partition(tp.topic, tp.partition).last_time = at
+        if (last_at := times[raw]) is not None:
+            stats.partition(tp.topic, tp.partition).last_time = last_at
     if parked:
         stats.rejected.inc(parked)
     if counters.get("skipped"):

@@ -121,7 +121,7 @@ class SinkDatabase:
         """Check or create what the sink needs; by default run ``setup_sql`` (idempotent DDL)."""
         if self.setup_sql:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{self.application_name} schema",))
-            await conn.execute(self.setup_sql)  # type: ignore[arg-type]  # our own constant DDL
+            await conn.execute(self.setup_sql)  # our own constant DDL
             await conn.commit()
 
     async def close(self) -> None:

@@ -16,7 +16,7 @@ class Backoff:
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def next(self) -> float:
-        ceiling = min(self.cap, self.initial * 2 ** min(self.attempt, 32))
+        ceiling = min(self.cap, self.initial * 2.0 ** min(self.attempt, 32))
         self.attempt += 1
         return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
 

@@ -147,7 +147,7 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def _bounds(info: FieldInfo, base: type[Any]) -> click.ParamType:
+def _bounds(info: FieldInfo, base: type[Any]) -> click.ParamType[Any]:
     lo: Any = None
     hi: Any = None
     lo_open = hi_open = False

@@ -16,7 +16,9 @@ import psycopg
 
 from outbox import contract
 from outbox import install as inst
+from outbox.config import slot_name_for
 from outbox.dsn import connect, describe, first_line
+from outbox.dsn import parse as parse_dsn
 from outbox.errors import DatabaseUnavailable
 
 Status = Literal["pass", "warn", "fail"]
@@ -376,7 +378,7 @@ def read_doctor_facts(conn: psycopg.Connection[Any], *, slot: str | None, role: 
     if slot_name is None:
         row = conn.execute("SELECT current_database()").fetchone()
         assert row is not None
-        slot_name = inst.cfg.slot_name_for(row[0])
+        slot_name = slot_name_for(row[0])
     role_name = role or current_user
     base = inst.read_facts(conn, slot=slot_name, roles=[role_name])
     s = conn.execute(_SLOT_SQL, (slot_name,)).fetchone()
@@ -444,7 +446,7 @@ def doctor(dsn: str, slot: str | None, role: str | None, as_json: bool) -> None:
     slot's health, the publication and every capture trigger. Read-only. Exit code 1 when any
     check fails; warnings do not fail.
     """
-    inst.cfg.parse_dsn(dsn)
+    parse_dsn(dsn)
     if role:
         inst.check_role_name(role, "--role")
     where, checks = run_doctor(dsn, slot=slot, role=role)

@@ -37,7 +37,7 @@ def redact(text: str) -> str:
 def parse(dsn: str) -> dict[str, str]:
     """Validate a DSN's syntax and return its keywords (libpq defaults not applied)."""
     try:
-        return conninfo.conninfo_to_dict(dsn)
+        return {k: str(v) for k, v in conninfo.conninfo_to_dict(dsn).items() if v is not None}
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"invalid DSN {redact(dsn)!r}: {redact(str(exc).strip())}") from None
 

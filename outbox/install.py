@@ -43,6 +43,7 @@ import psycopg
 from outbox import config as cfg
 from outbox import contract
 from outbox import lockwait
+from outbox.dsn import parse as parse_dsn
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
@@ -669,7 +670,7 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
 
         def schema() -> tuple[Facts, str, list[CapturePlan]]:
             with engine.begin() as sa_conn:
-                raw: psycopg.Connection[Any] = sa_conn.connection.driver_connection  # type: ignore[assignment]
+                raw: psycopg.Connection[Any] = sa_conn.connection.driver_connection
                 slot = _slot_name(settings.slot, raw)
                 facts = read_facts(raw, slot=slot, tables=[c.table for c in settings.captures], roles=_roles(settings))
                 check_install(facts, slot)
@@ -777,9 +778,9 @@ def _capture(work: psycopg.Connection[Any], monitor: psycopg.Connection[Any], pl
         if p.action != "keep":
             def attempt(plan: CapturePlan = p) -> None:
                 with work.transaction():
-                    work.execute(lockwait.lock_timeout_sql(settings.lock_timeout))  # type: ignore[arg-type]
+                    work.execute(lockwait.lock_timeout_sql(settings.lock_timeout))
                     for statement in plan.statements():
-                        work.execute(statement)  # type: ignore[arg-type]
+                        work.execute(statement)
 
             try:
                 lockwait.retry_on_lock_timeout(
@@ -936,7 +937,7 @@ def uninstall_outbox(dsn: str, *, slot: str | None = None, echo: Echo = _quiet,
         if ours is not None:  # last: while anything may still write events, the slot keeps them for the relay
             work.autocommit = True
             try:
-                work.execute(drop_slot_sql(slot_name))  # type: ignore[arg-type]
+                work.execute(drop_slot_sql(slot_name))
             except psycopg.errors.ObjectInUse:
                 raise PreconditionFailed(f"replication slot {slot_name} on {where} became active (a relay connected) "
                                          f"and was kept{', the rest of the outbox is removed' if facts.schema_exists else ''}"
@@ -1067,7 +1068,7 @@ def apply_grants(dsn: str, *, relay_role: str | None = None, consumer_role: str 
         try:
             for statement in grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role,
                                        writeback_role=writeback_role, database=database):
-                conn.execute(statement)  # type: ignore[arg-type]
+                conn.execute(statement)
             conn.commit()
         except psycopg.Error as e:
             raise OutboxError(f"{where}: {first_line(e)} (nothing was changed)") from None
@@ -1100,7 +1101,7 @@ def grant(dsn: str, relay_role: str | None, consumer_role: str | None, writeback
     relay_role = check_role_name(relay_role) if relay_role else None
     consumer_role = check_role_name(consumer_role, "--consumer-role") if consumer_role else None
     writeback_role = check_role_name(writeback_role, "--writeback-role") if writeback_role else None
-    cfg.parse_dsn(dsn)
+    parse_dsn(dsn)
     if sql:
         statements = grant_sql(dsn, relay_role=relay_role, consumer_role=consumer_role, writeback_role=writeback_role)
         click.echo("BEGIN;\n" + "".join(f"{s};\n" for s in statements) + "COMMIT;")

@@ -46,7 +46,7 @@ PG_EPOCH_UNIX = 946_684_800
 
 # No `<name>_created` series next to every counter and histogram: a third fewer series per
 # store, and nothing here reads them (rate() and increase() handle restarts).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Label names a metric may carry: each has a bounded set of values (never an aggregate or event id).
 BOUNDED_LABELS = frozenset({"source_id", "slot", "database", "version", "wal_status", "topic", "group", "sink",

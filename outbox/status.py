@@ -97,7 +97,7 @@ def _cell(value: Any) -> str:
 
 def render(report: Report) -> str:
     """The terminal table (already ranked)."""
-    rows = [("STORE", "SOURCE", "SLOT", "RELAY", "SLOT LAG", "LAG BYTES", "BEHIND S", "WAL")]
+    rows: list[tuple[str, ...]] = [("STORE", "SOURCE", "SLOT", "RELAY", "SLOT LAG", "LAG BYTES", "BEHIND S", "WAL")]
     for s in report.stores:
         if s.error:
             rows.append((s.store, s.error))  # spans the other columns

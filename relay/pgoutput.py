@@ -305,7 +305,7 @@ def _raw_tuple(buf: bytes, pos: int) -> tuple[list[RawValue], int]:
 
 def _decoded(raw: list[RawValue]) -> TupleData:
     """Text values decoded to str, binary ones as bytes."""
-    return tuple(v.decode() if type(v) is bytes else bytes(v) if type(v) is bytearray else v for v in raw)
+    return tuple(v.decode() if isinstance(v, bytes) else bytes(v) if isinstance(v, bytearray) else v for v in raw)
 
 
 def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:

@@ -122,7 +122,8 @@ class Publisher:
         if self._sends % POLL_EVERY_SENDS == 0:
             self._poll(producer)
         try:
-            producer.produce(record.topic, record.value, record.key, headers=record.headers, on_delivery=report)
+            producer.produce(record.topic, record.value, record.key, headers=record.headers,  # type: ignore[arg-type]
+                             on_delivery=report)
             return True
         except BufferError:  # queue full: deliveries must drain it first
             return False
@@ -193,7 +194,7 @@ async def topic_max_bytes(kafka: KafkaSettings, topics: list[str], timeout: floa
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     def describe() -> dict[str, int]:
-        admin = AdminClient({**kafka.librdkafka_config(), "logger": librdkafka_log})
+        admin = AdminClient({**kafka.librdkafka_config(), "logger": librdkafka_log})  # type: ignore[dict-item]
         resources = [ConfigResource("topic", t) for t in topics]
         out = {}
         try:

@@ -64,8 +64,8 @@ class Session:
         if state.oversized_topics:
             state.size_limits.update(await topic_max_bytes(s.kafka, sorted(state.oversized_topics)))
             state.oversized_topics.clear()
-        options = {"message_timeout_ms": int(s.kafka_message_timeout * 1000),
-                   "batch_bytes": policy.batch_bytes(state.size_limits)}
+        options: dict[str, Any] = {"message_timeout_ms": int(s.kafka_message_timeout * 1000),
+                                   "batch_bytes": policy.batch_bytes(state.size_limits)}
         publisher = self._eos.new_publisher(**options) if self._eos is not None else Publisher(s.kafka, **options)
         stream: ReplicationStream | None = None
         try:
@@ -153,8 +153,9 @@ class Session:
             self._txn_report = partial(self._on_report, txn)  # one callback for all its events
             self._skipping = self._eos is not None and self._eos.begin(txn)
         elif isinstance(decoded, pgoutput.Commit):
-            txn = self._txn
-            assert txn is not None, "Commit without Begin"
+            open_txn = self._txn
+            assert open_txn is not None, "Commit without Begin"
+            txn = open_txn
             self.tracker.commit(txn, decoded.end_lsn)
             self.stats.transactions += 1
             self._txn = None

@@ -17,6 +17,8 @@ the ``outbox`` schema itself (``outbox.alembic_version``), so the legacy applica
 """
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import DDL
 
@@ -43,7 +45,7 @@ def _ddl(stmt: str) -> DDL:
     return DDL(stmt.replace("%", "%%"))
 
 
-common = {
+common: dict[str, Any] = {
     "version_table": VERSION_TABLE,
     "version_table_schema": contract.SCHEMA,
     "transactional_ddl": True,

@@ -337,7 +337,7 @@ class ReferenceCrm:
             await self.stop()
             raise ConfigError(f"cannot listen on 127.0.0.1:{self.port}: {exc.strerror or exc} (choose another --port)") from None
         server = site._server  # noqa: SLF001 - the only way to learn the port chosen for --port 0
-        assert server is not None and server.sockets
+        assert isinstance(server, asyncio.Server) and server.sockets
         self.port = server.sockets[0].getsockname()[1]
         self._sender = asyncio.create_task(self._send_webhooks())
 
@@ -355,7 +355,8 @@ class ReferenceCrm:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if not request.path.startswith("/v1/"):
-            return await handler(request)
+            response: web.StreamResponse = await handler(request)
+            return response
         if self.token is not None and not hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {self.token}"):
             return self._count(_error(401, "missing or wrong bearer token"))
         f = self.faults

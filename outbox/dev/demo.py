@@ -258,7 +258,9 @@ def demo(stores: int, transactions: int, timeout: float, seed: int, with_crm: bo
     """
     from outbox.dev.sandbox import Sandbox
 
-    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    def say(msg: str) -> None:
+        click.echo(msg, err=True)
+
     sandbox = Sandbox()
     sandbox.up()
     os.environ.update(sandbox.env())

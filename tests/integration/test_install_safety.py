@@ -297,7 +297,7 @@ def test_the_slot_wait_is_bounded_and_leaves_nothing_captured(legacy: str) -> No
 def test_sql_shows_the_lock_timeouts_and_the_order(legacy: str) -> None:
     out = ok("install", "--dsn", legacy, "--capture", "pos.customers=customer", "--capture", "pos.orders=order",
              "--lock-timeout", "0.5", "--sql")
-    slot, trigger = out.index("pg_create_logical_replication_slot"), out.index("CREATE TRIGGER outbox_capture")
+    slot, trigger = out.index("pg_create_logical_replication_slot"), out.index("CREATE TRIGGER outbox_capture AFTER")
     assert out.index("COMMIT;") < slot < trigger
     assert out.count("SET LOCAL lock_timeout = '500ms';") == 3  # the schema's transaction, then one per table
     assert out[slot:].count("BEGIN;") == 2
