@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -276,8 +276,7 @@ def run_backfill(s: BackfillSettings, *, out: TextIO | None = None, tty: bool | 
         out.write(f"backfill run {run_id}: {t.table} as {snapshot_type(t.aggregate)} events, ~{total:,} rows{where_from}, "
                   f"chunks of {s.chunk_size:,}" + (f", at most {s.rate:,} rows/s" if s.rate else "") + "\n")
         progress = Progress(total, out, tty)
-        with _stop_on_signals() as signalled:
-            should_stop = stop or signalled
+        with _stop_on_signals() if stop is None else nullcontext(stop) as should_stop:
             try:
                 outcome = _chunks(conn, s, t, run_id, last_key, progress, should_stop)
             except BaseException as exc:

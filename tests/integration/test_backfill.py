@@ -13,6 +13,7 @@ from io import StringIO
 import psycopg
 import pytest
 
+from outbox import backfill as backfill_module
 from outbox.backfill import run_backfill
 from outbox.config import BackfillSettings
 from tests.support.db import install_pos
@@ -209,3 +210,38 @@ def test_snapshot_ids_are_the_capture_triggers_even_for_awkward_composite_keys(n
         got = conn.execute("SELECT type, aggregateid, payload FROM outbox.events ORDER BY type, aggregateid").fetchall()
     created = [(i, p) for t, i, p in got if t == "sku.created"]
     assert [(i, p) for t, i, p in got if t == "sku.snapshot"] == created and len(created) == 4
+
+
+def _backfill_waits_on_a_lock(dsn: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return bool(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbox-backfill' "
+                                 "AND wait_event_type = 'Lock'").fetchone()[0])  # type: ignore[index]
+
+
+def test_a_key_moved_during_a_chunk_makes_no_row_skipped(new_database: Callable[..., str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer changes the key of a row the chunk is about to lock: PostgreSQL's EvalPlanQual hands
+    the chunk the row's new version (a far greater key); the walk must not jump there."""
+    monkeypatch.setattr(backfill_module, "LOCK_TIMEOUT", "60s")  # the chunk waits for the mover's commit
+    store = new_database("store")
+    install_pos(store)
+    seed_customers(store, 100)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        result["outcome"] = run_backfill(BackfillSettings(dsn=store, source_id="s1", table="pos.customers", chunk_size=10),
+                                         out=StringIO(), tty=False, stop=lambda: False)
+
+    with psycopg.connect(store) as mover:
+        mover.execute("UPDATE pos.customers SET id = 1000005 WHERE id = 5")  # holds the row until commit
+        backfill = threading.Thread(target=run, daemon=True)
+        backfill.start()
+        wait_until(lambda: _backfill_waits_on_a_lock(store), timeout=30, message="the chunk to wait for the moved row")
+        mover.commit()
+    backfill.join(60)
+    assert result["outcome"].result == "done"  # type: ignore[attr-defined]
+    with psycopg.connect(store) as conn:
+        missing = conn.execute("SELECT array_agg(c.id ORDER BY c.id) FROM pos.customers c WHERE NOT EXISTS ("
+                               "SELECT FROM outbox.events e WHERE e.type = 'customer.snapshot' "
+                               "AND e.aggregateid = c.id::text)").fetchone()[0]  # type: ignore[index]
+    assert missing is None, f"rows never snapshotted: {missing}"
