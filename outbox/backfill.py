@@ -85,7 +85,16 @@ def chunk_sql(t: Target, where: str | None, after: bool, *, emit: bool) -> str:
     """One chunk: the next rows after the last key (``%(n)s`` of them), locked, as snapshot events.
 
     Parameters: ``n`` (chunk size), ``k0``.. (the last key, when ``after``), ``run`` (audit id, when
-    ``emit``). Returns one row: count, then the chunk's last key as text values.
+    ``emit``). Returns one row: rows emitted, rows the chunk's range held, then the chunk's last
+    key as text values (NULLs when no row is left: the walk is done).
+
+    The range is fixed first, from the statement's snapshot and without locks (``b``: the next n
+    keys; its greatest key is the chunk's upper bound), then the rows inside it are locked. A row
+    whose key a concurrent transaction changes while the chunk waits for its lock comes back from
+    ``FOR SHARE`` as its new version (PostgreSQL's EvalPlanQual re-checks the new version against
+    the WHERE clause): with the bound in that clause it is dropped when its new key left the range,
+    and the walk goes on from the bound, never from the moved row's new key, so no row in between is
+    skipped. The moved row is captured anyway: its update's own event, and later chunks at its new key.
     """
     conditions = [f"({where.replace('%', '%%')})"] if where else []
     if after:
@@ -93,17 +102,21 @@ def chunk_sql(t: Target, where: str | None, after: bool, *, emit: bool) -> str:
         conditions.append(f"({t.cols()}) > ({params})")
     where_sql = f" WHERE {' AND '.join(conditions)}" if conditions else ""
     order = t.cols()
-    last = ", ".join(f"(array_agg(c.{quote_ident(k)}::text ORDER BY {_order_desc(t, 'c')}))[1]" for k in t.keys)
-    select = (f"SELECT {order}, to_jsonb(t) AS image FROM {t.table} t{where_sql} ORDER BY {order} LIMIT %(n)s"
-              + (" FOR SHARE OF t" if emit else ""))
+    keys = ", ".join(quote_ident(k) for k in t.keys)
+    bound = (f"b AS MATERIALIZED (SELECT {order} FROM {t.table} t{where_sql} ORDER BY {order} LIMIT %(n)s), "
+             f"bound AS (SELECT {keys} FROM b ORDER BY {_order_desc(t, 'b')} LIMIT 1)")
+    last = ", ".join(f"(SELECT {quote_ident(k)}::text FROM bound)" for k in t.keys)
     if not emit:
-        return f"WITH c AS ({select}) SELECT count(*), {last} FROM c"
+        return f"WITH {bound} SELECT (SELECT count(*) FROM b), (SELECT count(*) FROM b), {last}"
+    in_range = " AND ".join([*conditions, f"({order}) <= (SELECT {keys} FROM bound)"])
+    select = (f"SELECT {order}, to_jsonb(t) AS image FROM {t.table} t WHERE {in_range} ORDER BY {order} LIMIT %(n)s"
+              " FOR SHARE OF t")
     return (
-        f"WITH c AS ({select}), "
+        f"WITH {bound}, c AS ({select}), "
         f"e AS (INSERT INTO {contract.SCHEMA}.{contract.EVENTS_TABLE} (aggregatetype, aggregateid, type, payload) "
         f"SELECT {quote_literal(t.aggregate)}, {key_sql(t.keys, 'c.image')}, {quote_literal(snapshot_type(t.aggregate))}, "
         f"c.image FROM c ORDER BY {t.cols('c')}) "
-        f"SELECT count(*), {last} FROM c"
+        f"SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM b), {last}"
     )
 
 
@@ -324,8 +337,8 @@ def _chunks(conn: psycopg.Connection[Any], s: BackfillSettings, t: Target, run_i
             try:
                 with conn.transaction():
                     conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                    count, *key = conn.execute(more if last_key is not None else first, params).fetchone()  # type: ignore[misc]
-                    if count:
+                    count, held, *key = conn.execute(more if last_key is not None else first, params).fetchone()  # type: ignore[misc]
+                    if held:
                         conn.execute(audit, (count, json.dumps(key), run_id))
                 break
             except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected,
@@ -339,7 +352,7 @@ def _chunks(conn: psycopg.Connection[Any], s: BackfillSettings, t: Target, run_i
                 where = f" (--where {s.where!r})" if s.where else ""
                 raise BackfillError(f"backfill of {t.table} failed after {rows:,} rows{where}: {first_line(exc)}; "
                                     "fix the cause and run again with --resume") from None
-        if not count:
+        if not held:
             return Outcome(run_id, rows, chunks, time.monotonic() - started, "done")
         rows += count
         chunks += 1
