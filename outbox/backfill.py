@@ -50,6 +50,11 @@ BAR_EVERY = 0.2
 _LOCK_NAMESPACE = 0x6F62  # advisory lock (namespace, table oid): one backfill per table at a time
 
 
+# The end of a --reconcile run: written here, not through outbox.emit (which refuses outbox.* types).
+MARKER_SQL = (f"INSERT INTO {contract.SCHEMA}.{contract.EVENTS_TABLE} (aggregatetype, aggregateid, type, payload) "
+              "VALUES (%s, %s, %s, %s::jsonb)")
+
+
 class BackfillError(OutboxError):
     """A backfill cannot start or cannot go on (table, capture, WHERE clause)."""
 
@@ -261,6 +266,10 @@ def run_backfill(s: BackfillSettings, *, out: TextIO | None = None, tty: bool | 
         if conn.execute("SELECT to_regclass(%s) IS NULL", (f"{contract.SCHEMA}.captures",)).fetchone() == (True,):
             raise NotInstalled(f"no outbox in {where_db}: outbox install --dsn ... --capture {s.table}=AGGREGATE first")
         t = _target(conn, s.table, where_db)
+        if s.reconcile and (s.where or s.resume):
+            raise BackfillError("--reconcile needs the whole table in one run: without --where (sinks would drop the "
+                                "rows it leaves out) and without --resume (the earlier run's snapshots are older "
+                                "than this run's start); run outbox backfill --reconcile again from the first row")
         if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_LOCK_NAMESPACE, t.oid)).fetchone()[0]:  # type: ignore[index]
             raise PreconditionFailed(f"another outbox backfill of {t.table} is running on {where_db}: wait for it, "
                                      "or stop it and run again with --resume")
@@ -289,6 +298,8 @@ def run_backfill(s: BackfillSettings, *, out: TextIO | None = None, tty: bool | 
         out.write(f"backfill run {run_id}: {t.table} as {snapshot_type(t.aggregate)} events, ~{total:,} rows{where_from}, "
                   f"chunks of {s.chunk_size:,}" + (f", at most {s.rate:,} rows/s" if s.rate else "") + "\n")
         progress = Progress(total, out, tty)
+        # every change committed from here on has a commit LSN at or above this: the snapshot's, the live ones
+        start_lsn = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]  # type: ignore[index]
         with _stop_on_signals() if stop is None else nullcontext(stop) as should_stop:
             try:
                 outcome = _chunks(conn, s, t, run_id, last_key, progress, should_stop)
@@ -299,8 +310,15 @@ def run_backfill(s: BackfillSettings, *, out: TextIO | None = None, tty: bool | 
                                  "WHERE id = %s", (error, run_id))
                 raise
         progress.finish()
-        conn.execute(f"UPDATE {AUDIT_TABLE} SET result = %s, finished_at = clock_timestamp() WHERE id = %s",
-                     (outcome.result, run_id))
+        with conn.transaction():
+            if s.reconcile and outcome.result == "done":
+                conn.execute(MARKER_SQL, (t.aggregate, t.table, contract.SNAPSHOT_COMPLETE_TYPE,
+                                          json.dumps({"aggregate_type": t.aggregate, "table": t.table, "start_lsn": start_lsn,
+                                                      "run": run_id, "source_id": s.source_id})))
+                out.write(f"backfill run {run_id}: {contract.SNAPSHOT_COMPLETE_TYPE} written: sinks drop the "
+                          f"{t.aggregate} aggregates of this store below {start_lsn} that the snapshot did not contain\n")
+            conn.execute(f"UPDATE {AUDIT_TABLE} SET result = %s, finished_at = clock_timestamp() WHERE id = %s",
+                         (outcome.result, run_id))
         outcome.resumed_from = resumed_from
         return outcome
 
@@ -376,6 +394,10 @@ def _chunks(conn: psycopg.Connection[Any], s: BackfillSettings, t: Target, run_i
               help="Rows per chunk: one short transaction that locks them FOR SHARE and writes their snapshot events.")
 @click.option("--rate", type=int, default=None, metavar="N", help="At most N rows per second [default: no limit].")
 @click.option("--dry-run", is_flag=True, help="Check the table and the WHERE clause, count the rows, write no events.")
+@click.option("--reconcile", is_flag=True,
+              help="After the last chunk, write an outbox.snapshot_complete marker: sinks then delete the table's "
+                   "aggregates the snapshot did not contain and no change touched since the run began (rows deleted "
+                   "while events were lost). The whole table: not with --where or --resume.")
 @click.option("--resume", is_flag=True,
               help="Go on after the last finished chunk of the latest unfinished run with the same table, "
                    "--where and --source-id (killed, failed or interrupted).")

@@ -369,6 +369,7 @@ class BackfillSettings(_Settings):
     rate: int | None = Field(default=None, ge=1)  # rows per second; None: as fast as it goes
     dry_run: bool = False
     resume: bool = False
+    reconcile: bool = False  # after the last chunk, a marker: sinks drop what the snapshot did not contain
 
     _dsn = field_validator("dsn")(_check_dsn)
 
