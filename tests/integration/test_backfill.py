@@ -13,7 +13,7 @@ from io import StringIO
 import psycopg
 import pytest
 
-from outbox import backfill as backfill_module
+from outbox import backfill as backfill_module, contract
 from outbox.backfill import run_backfill
 from outbox.config import BackfillSettings
 from tests.support.db import install_pos
@@ -245,3 +245,50 @@ def test_a_key_moved_during_a_chunk_makes_no_row_skipped(new_database: Callable[
                                "SELECT FROM outbox.events e WHERE e.type = 'customer.snapshot' "
                                "AND e.aggregateid = c.id::text)").fetchone()[0]  # type: ignore[index]
     assert missing is None, f"rows never snapshotted: {missing}"
+
+
+def test_reconcile_removes_rows_deleted_while_events_were_lost(
+        new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str) -> None:
+    """Rows deleted while the slot was gone (no event says so) stay live in the read store unless a
+    --reconcile backfill tells the sinks what the table no longer holds (issue #19 item 3)."""
+    store, readstore = new_database("store"), new_database("readstore")
+    install_pos(store)
+    seed_customers(store, 300)
+    relay = RelayProcess(store, "s1", topic_prefix, kafka_bootstrap)
+    consumer = ConsumerProcess(readstore, topic_prefix, kafka_bootstrap, f"{topic_prefix}-rs")
+    try:
+        relay.start()
+        consumer.start()
+        run_backfill(BackfillSettings(dsn=store, source_id="s1", table="pos.customers", chunk_size=50), out=StringIO(), tty=False)
+        wait_converged(readstore, {"s1": store}, [relay, consumer], timeout=120)
+        with psycopg.connect(store) as conn:
+            conn.execute("SET session_replication_role = replica")  # as if the slot was lost: no event
+            conn.execute("DELETE FROM pos.customers WHERE id % 7 = 0")
+        with psycopg.connect(store, autocommit=True) as conn:
+            conn.execute("UPDATE pos.customers SET name = 'moved on' WHERE id = 1")  # a live change too
+        outcome = run_backfill(BackfillSettings(dsn=store, source_id="s1", table="pos.customers", chunk_size=50,
+                                                reconcile=True), out=StringIO(), tty=False)
+        assert outcome.result == "done"
+        wait_converged(readstore, {"s1": store}, [relay, consumer], timeout=120)
+        with psycopg.connect(readstore) as conn:
+            assert conn.execute("SELECT count(*) FROM readstore.entities WHERE deleted AND event_type = %s",
+                                (contract.SNAPSHOT_COMPLETE_TYPE,)).fetchone() == (42,)
+            assert conn.execute("SELECT count(*) FROM readstore.entities WHERE aggregate_id = 'pos.customers'"
+                                ).fetchone() == (0,)  # the marker is no entity
+            history = conn.execute("SELECT history FROM readstore.sources WHERE source_id = 's1'").fetchone()
+        with psycopg.connect(store) as conn:
+            systemid, timeline = conn.execute("SELECT (SELECT system_identifier FROM pg_control_system()), "
+                                              "(SELECT timeline_id FROM pg_control_checkpoint())").fetchone()  # type: ignore[misc]
+        assert history == (f"{systemid}.{timeline}",)  # ce_history, from the relay's IDENTIFY_SYSTEM
+    finally:
+        relay.close()
+        consumer.close()
+
+
+@pytest.mark.parametrize("extra", [{"where": "id > 10"}, {"resume": True}])
+def test_reconcile_needs_the_whole_table(new_database: Callable[..., str], extra: dict[str, object]) -> None:
+    store = new_database("store")
+    install_pos(store)
+    with pytest.raises(backfill_module.BackfillError, match="--reconcile needs the whole table"):
+        run_backfill(BackfillSettings(dsn=store, source_id="s1", table="pos.customers", reconcile=True, **extra),
+                     out=StringIO(), tty=False)
