@@ -198,7 +198,7 @@ class TxnContext:
         """``commit_time``: a datetime, or a pgoutput timestamp (microseconds since 2000-01-01 UTC);
         ``history``: the session's ``ce_history`` value (see :func:`history_for`), encoded once per session."""
         time_text = format_pg_time(commit_time) if isinstance(commit_time, int) else format_time(commit_time)
-        shared = (
+        shared: tuple[tuple[str, bytes], ...] = (
             (H_SPECVERSION, SPECVERSION.encode()),
             (H_SOURCE, source_for(source_id).encode()),
             (H_TIME, time_text.encode()),

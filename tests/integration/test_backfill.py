@@ -13,7 +13,8 @@ from io import StringIO
 import psycopg
 import pytest
 
-from outbox import backfill as backfill_module, contract
+from outbox import backfill as backfill_module
+from outbox import contract
 from outbox.backfill import run_backfill
 from outbox.config import BackfillSettings
 from tests.support.db import install_pos
