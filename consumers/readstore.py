@@ -141,6 +141,7 @@ class Plan:
     received: int = 0
     records: dict[tuple[str, str, str], RecordLike] = field(default_factory=dict)  # the record behind each row
     marks: list[tuple[Row, RecordLike]] = field(default_factory=list)  # outbox.snapshot_complete markers, in order
+    tombstoned: int = 0  # rows the markers turned into tombstones (counted in what write returns)
 
 
 def plan_batch(records: Iterable[RecordLike]) -> Plan:
@@ -366,7 +367,7 @@ class ReadStore:
         changed = await self.write(plan, batch.dead_letters)
         # skipped: rows the guarded upsert left alone (duplicates, replays, events older than the stored row);
         # rejected: by the contract checks; refused: rows PostgreSQL refused (see write); both parked in <topic>.dlq
-        return {"changed": changed, "skipped": len(plan.rows) - changed, "rejected": checked,
+        return {"changed": changed, "skipped": len(plan.rows) - (changed - plan.tombstoned), "rejected": checked,
                 "refused": len(plan.rejected) - checked}
 
     async def write(self, plan: Plan, dead_letters: DeadLetters) -> int:
@@ -439,7 +440,7 @@ class ReadStore:
             raise _NewHistory(refused)
 
     async def _write(self, conn: psycopg.AsyncConnection[Any], plan: Plan) -> int:
-        changed = 0
+        changed = plan.tombstoned = 0
         async with conn.cursor() as cur:
             await self._check_histories(cur, plan)
             for mark, _ in plan.marks:
@@ -448,7 +449,8 @@ class ReadStore:
                           "event_type": mark.event_type, "time": mark.committed_at}
                 await cur.execute(RECONCILE_MARK, params)
                 await cur.execute(RECONCILE_TOMBSTONES, params)
-                changed += cur.rowcount
+                plan.tombstoned += cur.rowcount
+            changed = plan.tombstoned
             if plan.rows:
                 await cur.execute(UPSERT, row_columns(plan.rows))
                 changed += cur.rowcount
