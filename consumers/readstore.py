@@ -58,6 +58,8 @@ class Row:
     txseq: int
     committed_at: datetime
     deleted: bool
+    history: str | None = None  # ce_history: the WAL history the position belongs to (None: an older relay)
+    reconcile_from: int | None = None  # an outbox.snapshot_complete marker: the backfill's start LSN
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -106,6 +108,12 @@ def classify(record: RecordLike) -> Row | Rejected:
             raise ValueError(f"{contract.H_TXSEQ} {event.position.seq} out of range")
         if event.time.tzinfo is None:
             raise ValueError(f"{contract.H_TIME} has no time zone")
+        reconcile_from = None
+        if event.type == contract.SNAPSHOT_COMPLETE_TYPE:
+            marker = json.loads(payload)
+            if not isinstance(marker, dict) or not isinstance(marker.get("start_lsn"), str):
+                raise ValueError(f"{contract.SNAPSHOT_COMPLETE_TYPE} without a start_lsn")
+            reconcile_from = contract.parse_lsn(marker["start_lsn"])
     except (ValueError, UnicodeDecodeError) as exc:  # ContractError is a ValueError
         error = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
         return DeadLetter.of(record, error)
@@ -120,6 +128,8 @@ def classify(record: RecordLike) -> Row | Rejected:
         txseq=event.position.seq,
         committed_at=event.time,
         deleted=contract.is_deletion(event.type),
+        history=event.history,
+        reconcile_from=reconcile_from,
     )
 
 
@@ -133,6 +143,8 @@ class Plan:
     received: int = 0
     records: dict[tuple[str, str, str], RecordLike] = field(default_factory=dict)  # the record behind each row
     truncations: list[Row] = field(default_factory=list)  # <aggregate>.truncated events, applied after the rows
+    marks: list[tuple[Row, RecordLike]] = field(default_factory=list)  # outbox.snapshot_complete markers, in order
+    tombstoned: int = 0  # rows the markers turned into tombstones (counted in what write returns)
 
 
 def plan_batch(records: Iterable[RecordLike]) -> Plan:
@@ -156,8 +168,13 @@ def plan_batch(records: Iterable[RecordLike]) -> Plan:
         if contract.is_truncation(item.event_type):  # tombstones every older row of its source and type (TRUNCATE)
             plan.truncations.append(item)
             continue
+        if item.reconcile_from is not None:
+            plan.marks.append((item, record))
+            continue
         current = best.get(item.key)
-        if current is None or item.position >= current.position:
+        # of two histories the later record is the newer one (positions of different histories do not compare)
+        if (current is None or item.position >= current.position
+                or (item.history != current.history and None not in (item.history, current.history))):
             best[item.key] = item
             plan.records[item.key] = record
     plan.rows = list(best.values())
@@ -196,6 +213,8 @@ SELECT u.source_id, u.aggregate_type, u.aggregate_id, u.payload::jsonb, u.event_
               %b::text[], %b::int4[], %b::timestamptz[], %b::bool[])
        AS u(source_id, aggregate_type, aggregate_id, payload, event_id, event_type,
             commit_lsn, txseq, committed_at, deleted)
+  LEFT JOIN readstore.reconciled w ON w.source_id = u.source_id AND w.aggregate_type = u.aggregate_type
+ WHERE w.start_lsn IS NULL OR u.commit_lsn::pg_lsn >= w.start_lsn
 ON CONFLICT (source_id, aggregate_type, aggregate_id) DO UPDATE SET
        payload = CASE WHEN EXCLUDED.deleted AND jsonb_typeof(EXCLUDED.payload) = 'null'
                       THEN e.payload ELSE EXCLUDED.payload END,
@@ -216,6 +235,51 @@ UPDATE readstore.entities SET deleted = true, event_id = %s::uuid, event_type = 
        txseq = %s, source_committed_at = %s, applied_at = clock_timestamp()
  WHERE source_id = %s AND aggregate_type = %s AND (commit_lsn, txseq) < (%s::pg_lsn, %s)
 """
+
+# An outbox.snapshot_complete marker (outbox backfill --reconcile): from now on events of that source
+# and type below the backfill's start are stale (every row that existed got a snapshot at or after
+# it, every later change is after it); live rows still below it were deleted while no event could
+# say so: they become tombstones at (start, -1), under every event at or after the start.
+RECONCILE_MARK = """
+INSERT INTO readstore.reconciled AS r (source_id, aggregate_type, start_lsn, run, event_id)
+VALUES (%(source)s, %(type)s, %(start)s::pg_lsn, %(run)s, %(event)s::uuid)
+ON CONFLICT (source_id, aggregate_type) DO UPDATE SET start_lsn = EXCLUDED.start_lsn, run = EXCLUDED.run,
+       event_id = EXCLUDED.event_id, applied_at = clock_timestamp()
+ WHERE r.start_lsn < EXCLUDED.start_lsn
+"""
+RECONCILE_TOMBSTONES = """
+UPDATE readstore.entities
+   SET deleted = true, event_id = %(event)s::uuid, event_type = %(event_type)s, commit_lsn = %(start)s::pg_lsn,
+       txseq = -1, source_committed_at = %(time)s, applied_at = clock_timestamp()
+ WHERE source_id = %(source)s AND aggregate_type = %(type)s AND NOT deleted
+   AND (commit_lsn, txseq) < (%(start)s::pg_lsn, -1)
+"""
+# The WAL history each source's stored positions belong to (locked: a concurrent reset waits).
+LOAD_HISTORIES = "SELECT source_id, history FROM readstore.sources WHERE source_id = ANY(%s) FOR UPDATE"
+ADOPT_HISTORY = """
+INSERT INTO readstore.sources (source_id, history) VALUES (%s, %s)
+ON CONFLICT (source_id) DO UPDATE SET history = EXCLUDED.history, since = clock_timestamp()
+ WHERE readstore.sources.history IS NULL
+"""
+
+
+class _NewHistory(Exception):
+    """Events of a source whose WAL history is not the one its stored positions belong to."""
+
+    def __init__(self, sources: dict[str, tuple[str, str]]) -> None:
+        super().__init__(sources)
+        self.sources = sources  # source id -> (accepted history, history of the events)
+
+    def reason(self, row: Row) -> str:
+        accepted, seen = self.sources[row.source_id]
+        return (f"NewHistory: source {row.source_id} sent WAL history {seen}, the read store holds positions of {accepted}: "
+                f"run SELECT readstore.reset_source('{row.source_id}', '{seen}') (docs/operations.md), then re-drive")
+
+
+def _run_of(mark: Row) -> int | None:
+    run = json.loads(mark.payload).get("run")
+    return run if isinstance(run, int) else None
+
 
 # --------------------------------------------------------------------------- settings and command
 class ReadStoreSettings(RedriveSettings, SinkSettings):
@@ -304,11 +368,20 @@ class ReadStore(DatabaseSink[Plan]):
         return plan.offsets
 
     async def effect(self, conn: psycopg.AsyncConnection[Any], plan: Plan) -> Mapping[str, int]:
-        changed = 0
+        changed = plan.tombstoned = 0
         async with conn.cursor() as cur:
+            await self._check_histories(cur, plan)  # _NewHistory: write() parks that source's events
+            for mark, _ in plan.marks:
+                params = {"source": mark.source_id, "type": mark.aggregate_type, "event": mark.event_id,
+                          "start": contract.format_lsn(mark.reconcile_from or 0), "run": _run_of(mark),
+                          "event_type": mark.event_type, "time": mark.committed_at}
+                await cur.execute(RECONCILE_MARK, params)
+                await cur.execute(RECONCILE_TOMBSTONES, params)
+                plan.tombstoned += cur.rowcount
+            changed = plan.tombstoned
             if plan.rows:
                 await cur.execute(UPSERT, row_columns(plan.rows))
-                changed = cur.rowcount
+                changed += cur.rowcount
             for t in plan.truncations:
                 lsn = contract.format_lsn(t.commit_lsn)
                 await cur.execute(TRUNCATE, (t.event_id, t.event_type, lsn, t.txseq, t.committed_at, t.source_id,
@@ -322,7 +395,7 @@ class ReadStore(DatabaseSink[Plan]):
         changed = await self.write(plan, batch.dead_letters)
         # skipped: rows the guarded upsert left alone (duplicates, replays, events older than the stored row);
         # rejected: by the contract checks; refused: rows PostgreSQL refused (see write); both parked in <topic>.dlq
-        return {"changed": changed, "skipped": max(0, len(plan.rows) - changed), "rejected": checked,
+        return {"changed": changed, "skipped": max(0, len(plan.rows) - (changed - plan.tombstoned)), "rejected": checked,
                 "refused": len(plan.rejected) - checked}
 
     async def write(self, plan: Plan, dead_letters: DeadLetters) -> int:
@@ -334,12 +407,59 @@ class ReadStore(DatabaseSink[Plan]):
         try:
             async with self.transaction(plan.offsets) as conn:
                 return (await self.effect(conn, plan))["changed"]
+        except _NewHistory as new:
+            # refused loudly, never skipped by the position guard: parked in <topic>.dlq until the reset
+            parked = [DeadLetter.of(record, new.reason(row)) for row, record in self._by_source(plan, new.sources)]
+            for source, (accepted, seen) in sorted(new.sources.items()):
+                log.error("read store: source %s sent events of WAL history %s, but its rows hold positions of "
+                          "history %s (a restored backup, a promoted standby or a new cluster): its events are "
+                          "parked in <topic>.dlq, not applied. Recovery (docs/operations.md#a-store-with-a-new-wal-history): "
+                          "SELECT readstore.reset_source('%s', '%s'); then outbox replay --dlq and "
+                          "outbox backfill --reconcile", source, seen, accepted, source, seen)
+            self._drop_sources(plan, set(new.sources))
+            await dead_letters.park(parked)
+            plan.rejected.extend(parked)
+            async with self.transaction(plan.offsets) as conn:
+                return (await self.effect(conn, plan))["changed"]
         except psycopg.DataError:
             isolated = await self._isolate(plan)
             await dead_letters.park(isolated.rejected[len(plan.rejected):])
             plan.rows, plan.rejected = isolated.rows, isolated.rejected
             async with self.transaction(plan.offsets) as conn:
                 return (await self.effect(conn, plan))["changed"]
+
+    @staticmethod
+    def _by_source(plan: Plan, sources: Mapping[str, object]) -> list[tuple[Row, RecordLike]]:
+        return ([(row, plan.records[row.key]) for row in plan.rows if row.source_id in sources]
+                + [(row, record) for row, record in plan.marks if row.source_id in sources])
+
+    @staticmethod
+    def _drop_sources(plan: Plan, sources: set[str]) -> None:
+        plan.rows = [row for row in plan.rows if row.source_id not in sources]
+        plan.marks = [(row, record) for row, record in plan.marks if row.source_id not in sources]
+
+    async def _check_histories(self, cur: psycopg.AsyncCursor[Any], plan: Plan) -> None:
+        """Adopt the history of a source seen for the first time; raise _NewHistory for another one."""
+        seen: dict[str, str] = {}
+        for row in [*plan.rows, *(row for row, _ in plan.marks)]:
+            if row.history is not None:
+                seen.setdefault(row.source_id, row.history)
+        if not seen:
+            return
+        await cur.execute(LOAD_HISTORIES, (sorted(seen),))
+        accepted = dict(await cur.fetchall())
+        refused: dict[str, tuple[str, str]] = {}
+        for row in [*plan.rows, *(row for row, _ in plan.marks)]:
+            known = accepted.get(row.source_id)
+            if row.history is None or known == row.history or row.source_id in refused:
+                continue
+            if known is None:
+                await cur.execute(ADOPT_HISTORY, (row.source_id, row.history))
+                accepted[row.source_id] = row.history
+            else:
+                refused[row.source_id] = (known, row.history)
+        if refused:
+            raise _NewHistory(refused)
 
     async def _isolate(self, plan: Plan) -> Plan:
         """Slow path: try each row alone (rolled back) to find the ones PostgreSQL refuses."""
@@ -360,7 +480,7 @@ class ReadStore(DatabaseSink[Plan]):
         except RETRIABLE as exc:
             raise SinkUnavailable(f"{self.what}: {dsnmod.first_line(exc)}") from None
         return Plan(rows=good, rejected=rejected, offsets=plan.offsets, received=plan.received, records=plan.records,
-                    truncations=plan.truncations)
+                    truncations=plan.truncations, marks=plan.marks)
 
 
 # --------------------------------------------------------------------------- migrations

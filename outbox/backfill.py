@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -48,6 +48,11 @@ CHUNK_RETRIES = 50
 PLAIN_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 BAR_EVERY = 0.2
 _LOCK_NAMESPACE = 0x6F62  # advisory lock (namespace, table oid): one backfill per table at a time
+
+
+# The end of a --reconcile run: written here, not through outbox.emit (which refuses outbox.* types).
+MARKER_SQL = (f"INSERT INTO {contract.SCHEMA}.{contract.EVENTS_TABLE} (aggregatetype, aggregateid, type, payload) "
+              "VALUES (%s, %s, %s, %s::jsonb)")
 
 
 class BackfillError(OutboxError):
@@ -85,7 +90,16 @@ def chunk_sql(t: Target, where: str | None, after: bool, *, emit: bool) -> str:
     """One chunk: the next rows after the last key (``%(n)s`` of them), locked, as snapshot events.
 
     Parameters: ``n`` (chunk size), ``k0``.. (the last key, when ``after``), ``run`` (audit id, when
-    ``emit``). Returns one row: count, then the chunk's last key as text values.
+    ``emit``). Returns one row: rows emitted, rows the chunk's range held, then the chunk's last
+    key as text values (NULLs when no row is left: the walk is done).
+
+    The range is fixed first, from the statement's snapshot and without locks (``b``: the next n
+    keys; its greatest key is the chunk's upper bound), then the rows inside it are locked. A row
+    whose key a concurrent transaction changes while the chunk waits for its lock comes back from
+    ``FOR SHARE`` as its new version (PostgreSQL's EvalPlanQual re-checks the new version against
+    the WHERE clause): with the bound in that clause it is dropped when its new key left the range,
+    and the walk goes on from the bound, never from the moved row's new key, so no row in between is
+    skipped. The moved row is captured anyway: its update's own event, and later chunks at its new key.
     """
     conditions = [f"({where.replace('%', '%%')})"] if where else []
     if after:
@@ -93,17 +107,21 @@ def chunk_sql(t: Target, where: str | None, after: bool, *, emit: bool) -> str:
         conditions.append(f"({t.cols()}) > ({params})")
     where_sql = f" WHERE {' AND '.join(conditions)}" if conditions else ""
     order = t.cols()
-    last = ", ".join(f"(array_agg(c.{quote_ident(k)}::text ORDER BY {_order_desc(t, 'c')}))[1]" for k in t.keys)
-    select = (f"SELECT {order}, to_jsonb(t) AS image FROM {t.table} t{where_sql} ORDER BY {order} LIMIT %(n)s"
-              + (" FOR SHARE OF t" if emit else ""))
+    keys = ", ".join(quote_ident(k) for k in t.keys)
+    bound = (f"b AS MATERIALIZED (SELECT {order} FROM {t.table} t{where_sql} ORDER BY {order} LIMIT %(n)s), "
+             f"bound AS (SELECT {keys} FROM b ORDER BY {_order_desc(t, 'b')} LIMIT 1)")
+    last = ", ".join(f"(SELECT {quote_ident(k)}::text FROM bound)" for k in t.keys)
     if not emit:
-        return f"WITH c AS ({select}) SELECT count(*), {last} FROM c"
+        return f"WITH {bound} SELECT (SELECT count(*) FROM b), (SELECT count(*) FROM b), {last}"
+    in_range = " AND ".join([*conditions, f"({order}) <= (SELECT {keys} FROM bound)"])
+    select = (f"SELECT {order}, to_jsonb(t) AS image FROM {t.table} t WHERE {in_range} ORDER BY {order} LIMIT %(n)s"
+              " FOR SHARE OF t")
     return (
-        f"WITH c AS ({select}), "
+        f"WITH {bound}, c AS ({select}), "
         f"e AS (INSERT INTO {contract.SCHEMA}.{contract.EVENTS_TABLE} (aggregatetype, aggregateid, type, payload) "
         f"SELECT {quote_literal(t.aggregate)}, {key_sql(t.keys, 'c.image')}, {quote_literal(snapshot_type(t.aggregate))}, "
         f"c.image FROM c ORDER BY {t.cols('c')}) "
-        f"SELECT count(*), {last} FROM c"
+        f"SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM b), {last}"
     )
 
 
@@ -248,6 +266,10 @@ def run_backfill(s: BackfillSettings, *, out: TextIO | None = None, tty: bool | 
         if conn.execute("SELECT to_regclass(%s) IS NULL", (f"{contract.SCHEMA}.captures",)).fetchone() == (True,):
             raise NotInstalled(f"no outbox in {where_db}: outbox install --dsn ... --capture {s.table}=AGGREGATE first")
         t = _target(conn, s.table, where_db)
+        if s.reconcile and (s.where or s.resume):
+            raise BackfillError("--reconcile needs the whole table in one run: without --where (sinks would drop the "
+                                "rows it leaves out) and without --resume (the earlier run's snapshots are older "
+                                "than this run's start); run outbox backfill --reconcile again from the first row")
         if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_LOCK_NAMESPACE, t.oid)).fetchone()[0]:  # type: ignore[index]
             raise PreconditionFailed(f"another outbox backfill of {t.table} is running on {where_db}: wait for it, "
                                      "or stop it and run again with --resume")
@@ -276,8 +298,9 @@ def run_backfill(s: BackfillSettings, *, out: TextIO | None = None, tty: bool | 
         out.write(f"backfill run {run_id}: {t.table} as {snapshot_type(t.aggregate)} events, ~{total:,} rows{where_from}, "
                   f"chunks of {s.chunk_size:,}" + (f", at most {s.rate:,} rows/s" if s.rate else "") + "\n")
         progress = Progress(total, out, tty)
-        with _stop_on_signals() as signalled:
-            should_stop = stop or signalled
+        # every change committed from here on has a commit LSN at or above this: the snapshot's, the live ones
+        start_lsn = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]  # type: ignore[index]
+        with _stop_on_signals() if stop is None else nullcontext(stop) as should_stop:
             try:
                 outcome = _chunks(conn, s, t, run_id, last_key, progress, should_stop)
             except BaseException as exc:
@@ -287,8 +310,15 @@ def run_backfill(s: BackfillSettings, *, out: TextIO | None = None, tty: bool | 
                                  "WHERE id = %s", (error, run_id))
                 raise
         progress.finish()
-        conn.execute(f"UPDATE {AUDIT_TABLE} SET result = %s, finished_at = clock_timestamp() WHERE id = %s",
-                     (outcome.result, run_id))
+        with conn.transaction():
+            if s.reconcile and outcome.result == "done":
+                conn.execute(MARKER_SQL, (t.aggregate, t.table, contract.SNAPSHOT_COMPLETE_TYPE,
+                                          json.dumps({"aggregate_type": t.aggregate, "table": t.table, "start_lsn": start_lsn,
+                                                      "run": run_id, "source_id": s.source_id})))
+                out.write(f"backfill run {run_id}: {contract.SNAPSHOT_COMPLETE_TYPE} written: sinks drop the "
+                          f"{t.aggregate} aggregates of this store below {start_lsn} that the snapshot did not contain\n")
+            conn.execute(f"UPDATE {AUDIT_TABLE} SET result = %s, finished_at = clock_timestamp() WHERE id = %s",
+                         (outcome.result, run_id))
         outcome.resumed_from = resumed_from
         return outcome
 
@@ -325,8 +355,8 @@ def _chunks(conn: psycopg.Connection[Any], s: BackfillSettings, t: Target, run_i
             try:
                 with conn.transaction():
                     conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                    count, *key = conn.execute(more if last_key is not None else first, params).fetchone()  # type: ignore[misc]
-                    if count:
+                    count, held, *key = conn.execute(more if last_key is not None else first, params).fetchone()  # type: ignore[misc]
+                    if held:
                         conn.execute(audit, (count, json.dumps(key), run_id))
                 break
             except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected,
@@ -340,7 +370,7 @@ def _chunks(conn: psycopg.Connection[Any], s: BackfillSettings, t: Target, run_i
                 where = f" (--where {s.where!r})" if s.where else ""
                 raise BackfillError(f"backfill of {t.table} failed after {rows:,} rows{where}: {first_line(exc)}; "
                                     "fix the cause and run again with --resume") from None
-        if not count:
+        if not held:
             return Outcome(run_id, rows, chunks, time.monotonic() - started, "done")
         rows += count
         chunks += 1

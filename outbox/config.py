@@ -515,6 +515,10 @@ class BackfillSettings(_Settings):
                     Cli(metavar="N")] = None  # None: as fast as it goes
     dry_run: Annotated[bool, Field(description=(
         "Check the table and the WHERE clause, count the rows, write no events."))] = False
+    reconcile: Annotated[bool, Field(description=(  # after the last chunk, a marker: sinks drop what the snapshot did not contain
+        "After the last chunk, write an outbox.snapshot_complete marker: sinks then delete the table's aggregates the "
+        "snapshot did not contain and no change touched since the run began (rows deleted while events were lost). "
+        "The whole table: not with --where or --resume."))] = False
     resume: Annotated[bool, Field(description=(
         "Go on after the last finished chunk of the latest unfinished run with the same table, --where and "
         "--source-id (killed, failed or interrupted)."))] = False

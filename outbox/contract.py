@@ -53,6 +53,17 @@ H_XID = "ce_xid"  # source transaction id
 H_AGGREGATE_TYPE = "ce_aggregatetype"
 H_ORIGIN = "ce_origin"  # present when the change carried outbox.origin
 H_TRACEPARENT = "traceparent"  # W3C trace context, when the application gave one
+# The WAL history the position belongs to: "<system identifier>.<timeline>" of the source cluster,
+# from IDENTIFY_SYSTEM at the start of the relay's session. Positions of one history only grow; a
+# restored backup, a promoted standby or a new cluster starts another one, whose LSNs may be lower.
+H_HISTORY = "ce_history"
+
+# Written by ``outbox backfill --reconcile`` after the last chunk of a table, straight into
+# outbox.events (applications cannot emit outbox.* types): every aggregate of that source and type
+# whose position is below the payload's ``start_lsn`` was neither in the snapshot nor changed since
+# the backfill began, so its row is gone from the store. Payload: {"aggregate_type", "table",
+# "start_lsn", "run"}; aggregate id: the table.
+SNAPSHOT_COMPLETE_TYPE = "outbox.snapshot_complete"
 
 _TOPIC_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01T00:00:00Z in microseconds since the Unix epoch
@@ -109,6 +120,11 @@ def key_for(source_id: str, aggregate_id: str) -> str:
 
 def source_for(source_id: str) -> str:
     return f"/stores/{source_id}"
+
+
+def history_for(system_identifier: str | int, timeline: int) -> str:
+    """The ``ce_history`` value of a cluster's WAL history (IDENTIFY_SYSTEM's systemid and timeline)."""
+    return f"{system_identifier}.{timeline}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,17 +200,22 @@ class TxnContext:
     shared: tuple[tuple[str, bytes], ...]
 
     @classmethod
-    def of(cls, *, source_id: str, prefix: str, commit_lsn: int, commit_time: datetime | int, xid: int) -> "TxnContext":
-        """``commit_time``: a datetime, or a pgoutput timestamp (microseconds since 2000-01-01 UTC)."""
+    def of(cls, *, source_id: str, prefix: str, commit_lsn: int, commit_time: datetime | int, xid: int,
+           history: bytes | None = None) -> "TxnContext":
+        """``commit_time``: a datetime, or a pgoutput timestamp (microseconds since 2000-01-01 UTC);
+        ``history``: the session's ``ce_history`` value (see :func:`history_for`), encoded once per session."""
         time_text = format_pg_time(commit_time) if isinstance(commit_time, int) else format_time(commit_time)
-        return cls(prefix, f"{source_id}:".encode(), (
+        shared: tuple[tuple[str, bytes], ...] = (
             (H_SPECVERSION, SPECVERSION.encode()),
             (H_SOURCE, source_for(source_id).encode()),
             (H_TIME, time_text.encode()),
             (H_CONTENT_TYPE, CONTENT_TYPE.encode()),
             (H_COMMIT_LSN, format_lsn(commit_lsn).encode()),
             (H_XID, str(xid).encode()),
-        ))
+        )
+        if history is not None:
+            shared += ((H_HISTORY, history),)
+        return cls(prefix, f"{source_id}:".encode(), shared)
 
     def record(self, row: OutboxRow, seq: int) -> Record:
         """Turn one outbox row, the ``seq``-th event of this transaction, into its Kafka record."""
@@ -250,9 +271,11 @@ def parked_marker(record: Record, error: str, commit_lsn: int) -> Record:
     return Record(topic=record.topic + DLQ_SUFFIX, key=record.key, value=b"", headers=headers)
 
 
-def build_record(row: OutboxRow, *, source_id: str, prefix: str, position: Position, commit_time: datetime, xid: int) -> Record:
+def build_record(row: OutboxRow, *, source_id: str, prefix: str, position: Position, commit_time: datetime, xid: int,
+                 history: str | None = None) -> Record:
     """Turn one outbox row into its Kafka record, following the contract (one-off form of TxnContext)."""
-    context = TxnContext.of(source_id=source_id, prefix=prefix, commit_lsn=position.commit_lsn, commit_time=commit_time, xid=xid)
+    context = TxnContext.of(source_id=source_id, prefix=prefix, commit_lsn=position.commit_lsn, commit_time=commit_time,
+                            xid=xid, history=history.encode() if history is not None else None)
     return context.record(row, position.seq)
 
 
@@ -269,6 +292,7 @@ class ReceivedEvent:
     position: Position
     origin: str | None
     payload: bytes
+    history: str | None = None  # ce_history; None from relays older than the header
 
 
 def parse_record(headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...], value: bytes | None) -> ReceivedEvent:
@@ -288,6 +312,7 @@ def parse_record(headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...
             position=Position(parse_lsn(h[H_COMMIT_LSN]), int(h[H_TXSEQ])),
             origin=h.get(H_ORIGIN),
             payload=value if value is not None else b"null",
+            history=h.get(H_HISTORY),
         )
     except KeyError as exc:
         raise ContractError(f"record lacks header {exc.args[0]}") from None

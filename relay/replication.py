@@ -241,6 +241,8 @@ class ReplicationStream:
         self._conn: psycopg.Connection[Any] | None = None
         self._readable = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # ce_history of every event this stream sends: the cluster's WAL history (IDENTIFY_SYSTEM)
+        self.history: bytes | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -248,6 +250,15 @@ class ReplicationStream:
             connect, self._dsn, autocommit=True, replication="database", application_name="outbox-relay"
         )
         pgconn = self._conn.pgconn
+        try:
+            identified = await asyncio.to_thread(pgconn.exec_, b"IDENTIFY_SYSTEM")
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise DatabaseUnavailable(f"cannot identify the system of {describe(self._dsn)}: {first_line(exc)}") from None
+        if identified.status == pq.ExecStatus.TUPLES_OK and identified.ntuples == 1:
+            systemid, timeline = identified.get_value(0, 0), identified.get_value(0, 1)
+            if systemid is not None and timeline is not None:
+                self.history = contract.history_for(systemid.decode(), int(timeline)).encode()
         command = (
             f'START_REPLICATION SLOT "{self._slot}" LOGICAL 0/0 '
             f"(proto_version '1', publication_names '{self._publication}')"

@@ -50,6 +50,7 @@ class Session:
         self._eos = eos
         self._txn: Txn | None = None
         self._txn_context: contract.TxnContext | None = None  # built at the transaction's first event
+        self._history: bytes | None = None  # ce_history of this session's events (IDENTIFY_SYSTEM)
         self._txn_report: Report | None = None  # the delivery report callback of the current transaction's events
         self._skipping = False  # exactly-once: the current source transaction is already in Kafka
         self._publisher: Publisher | None = None
@@ -76,6 +77,7 @@ class Session:
             state.kafka_reachable(True)
             stream = self._stream = ReplicationStream(s.dsn, self.slot.name)
             await stream.start()
+            self._history = stream.history
             self.metrics.replication_connected.set(1)
             self.metrics.up.set(1)
             log.info("relay %s streaming slot %s of %s from %s to Kafka %s", s.source_id, self.slot.name,
@@ -189,7 +191,7 @@ class Session:
         if context is None:
             context = self._txn_context = contract.TxnContext.of(
                 source_id=self.settings.source_id, prefix=self.settings.topic_prefix, commit_lsn=txn.commit_lsn,
-                commit_time=txn.commit_time, xid=txn.xid)
+                commit_time=txn.commit_time, xid=txn.xid, history=self._history)
         seq = self.tracker.sent(txn)  # counted as sent: never confirmed if what follows fails
         try:
             record = context.record_raw(row, seq)

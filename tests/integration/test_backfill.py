@@ -13,6 +13,8 @@ from io import StringIO
 import psycopg
 import pytest
 
+from outbox import backfill as backfill_module
+from outbox import contract
 from outbox.backfill import run_backfill
 from outbox.config import BackfillSettings
 from tests.support.db import install_pos
@@ -209,3 +211,85 @@ def test_snapshot_ids_are_the_capture_triggers_even_for_awkward_composite_keys(n
         got = conn.execute("SELECT type, aggregateid, payload FROM outbox.events ORDER BY type, aggregateid").fetchall()
     created = [(i, p) for t, i, p in got if t == "sku.created"]
     assert [(i, p) for t, i, p in got if t == "sku.snapshot"] == created and len(created) == 4
+
+
+def _backfill_waits_on_a_lock(dsn: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return bool(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbox-backfill' "
+                                 "AND wait_event_type = 'Lock'").fetchone()[0])  # type: ignore[index]
+
+
+def test_a_key_moved_during_a_chunk_makes_no_row_skipped(new_database: Callable[..., str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer changes the key of a row the chunk is about to lock: PostgreSQL's EvalPlanQual hands
+    the chunk the row's new version (a far greater key); the walk must not jump there."""
+    monkeypatch.setattr(backfill_module, "LOCK_TIMEOUT", "60s")  # the chunk waits for the mover's commit
+    store = new_database("store")
+    install_pos(store)
+    seed_customers(store, 100)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        result["outcome"] = run_backfill(BackfillSettings(dsn=store, source_id="s1", table="pos.customers", chunk_size=10),
+                                         out=StringIO(), tty=False, stop=lambda: False)
+
+    with psycopg.connect(store) as mover:
+        mover.execute("UPDATE pos.customers SET id = 1000005 WHERE id = 5")  # holds the row until commit
+        backfill = threading.Thread(target=run, daemon=True)
+        backfill.start()
+        wait_until(lambda: _backfill_waits_on_a_lock(store), timeout=30, message="the chunk to wait for the moved row")
+        mover.commit()
+    backfill.join(60)
+    assert result["outcome"].result == "done"  # type: ignore[attr-defined]
+    with psycopg.connect(store) as conn:
+        missing = conn.execute("SELECT array_agg(c.id ORDER BY c.id) FROM pos.customers c WHERE NOT EXISTS ("
+                               "SELECT FROM outbox.events e WHERE e.type = 'customer.snapshot' "
+                               "AND e.aggregateid = c.id::text)").fetchone()[0]  # type: ignore[index]
+    assert missing is None, f"rows never snapshotted: {missing}"
+
+
+def test_reconcile_removes_rows_deleted_while_events_were_lost(
+        new_database: Callable[..., str], topic_prefix: str, kafka_bootstrap: str) -> None:
+    """Rows deleted while the slot was gone (no event says so) stay live in the read store unless a
+    --reconcile backfill tells the sinks what the table no longer holds (issue #19 item 3)."""
+    store, readstore = new_database("store"), new_database("readstore")
+    install_pos(store)
+    seed_customers(store, 300)
+    relay = RelayProcess(store, "s1", topic_prefix, kafka_bootstrap)
+    consumer = ConsumerProcess(readstore, topic_prefix, kafka_bootstrap, f"{topic_prefix}-rs")
+    try:
+        relay.start()
+        consumer.start()
+        run_backfill(BackfillSettings(dsn=store, source_id="s1", table="pos.customers", chunk_size=50), out=StringIO(), tty=False)
+        wait_converged(readstore, {"s1": store}, [relay, consumer], timeout=120)
+        with psycopg.connect(store) as conn:
+            conn.execute("SET session_replication_role = replica")  # as if the slot was lost: no event
+            conn.execute("DELETE FROM pos.customers WHERE id % 7 = 0")
+        with psycopg.connect(store, autocommit=True) as conn:
+            conn.execute("UPDATE pos.customers SET name = 'moved on' WHERE id = 1")  # a live change too
+        outcome = run_backfill(BackfillSettings(dsn=store, source_id="s1", table="pos.customers", chunk_size=50,
+                                                reconcile=True), out=StringIO(), tty=False)
+        assert outcome.result == "done"
+        wait_converged(readstore, {"s1": store}, [relay, consumer], timeout=120)
+        with psycopg.connect(readstore) as conn:
+            assert conn.execute("SELECT count(*) FROM readstore.entities WHERE deleted AND event_type = %s",
+                                (contract.SNAPSHOT_COMPLETE_TYPE,)).fetchone() == (42,)
+            assert conn.execute("SELECT count(*) FROM readstore.entities WHERE aggregate_id = 'pos.customers'"
+                                ).fetchone() == (0,)  # the marker is no entity
+            history = conn.execute("SELECT history FROM readstore.sources WHERE source_id = 's1'").fetchone()
+        with psycopg.connect(store) as conn:
+            systemid, timeline = conn.execute("SELECT (SELECT system_identifier FROM pg_control_system()), "
+                                              "(SELECT timeline_id FROM pg_control_checkpoint())").fetchone()  # type: ignore[misc]
+        assert history == (f"{systemid}.{timeline}",)  # ce_history, from the relay's IDENTIFY_SYSTEM
+    finally:
+        relay.close()
+        consumer.close()
+
+
+@pytest.mark.parametrize("extra", [{"where": "id > 10"}, {"resume": True}])
+def test_reconcile_needs_the_whole_table(new_database: Callable[..., str], extra: dict[str, object]) -> None:
+    store = new_database("store")
+    install_pos(store)
+    with pytest.raises(backfill_module.BackfillError, match="--reconcile needs the whole table"):
+        run_backfill(BackfillSettings(dsn=store, source_id="s1", table="pos.customers", reconcile=True, **extra),
+                     out=StringIO(), tty=False)

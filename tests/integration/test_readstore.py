@@ -45,7 +45,7 @@ def test_migrate_is_idempotent_and_preflight_catches_a_missing_schema(new_databa
     rs.migrate(dsn)
     rs.migrate(dsn)
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT version_num FROM readstore.alembic_version").fetchall() == [("readstore_0002",)]
+        assert conn.execute("SELECT version_num FROM readstore.alembic_version").fetchall() == [("readstore_0003",)]
         assert conn.execute("SELECT count(*) FROM readstore.current_entities").fetchone() == (0,)
 
 
@@ -266,3 +266,34 @@ def test_a_lost_database_connection_is_retried_without_losing_the_batch(
     want = expected_state(events)
     want[("customer", "a")] = ({"id": "a", "lsn": 0x10}, False)
     assert entities(dsn) == want
+
+
+def test_events_of_a_new_wal_history_are_parked_not_skipped_until_the_source_is_reset(
+        readstore_db: str, kafka_bootstrap: str, topic_prefix: str, group: Callable[[], str]) -> None:
+    """A store restored from a backup (or a promoted standby, a new cluster) sends LSNs below the
+    ones applied: the position guard must not drop them silently (issue #19 item 5, #20 item 4)."""
+    dsn, g = readstore_db, group()
+    s = settings(dsn, kafka_bootstrap, topic_prefix, g)
+    old = [ev(topic_prefix, "customer", "c1", "created", 0x5000, wal_history="7001.1", payload={"v": "old"})]
+    ends = asyncio.run(produce(kafka_bootstrap, old))
+    asyncio.run(run_until(s, caught_up(dsn, g, ends)))
+    new = [ev(topic_prefix, "customer", "c1", "updated", 0x100, wal_history="7002.1", payload={"v": "new"}),
+           ev(topic_prefix, "customer", "c2", "created", 0x200, wal_history="7002.1", payload={"v": "new"})]
+    ends = asyncio.run(produce(kafka_bootstrap, new))
+    totals = asyncio.run(run_until(s, caught_up(dsn, g, ends)))
+    state = entities(dsn)
+    assert ("customer", "c2") not in state and state[("customer", "c1")][0] == {"v": "old"}, state
+    assert totals["refused"] == 2  # counted in outbox_consumer_events_rejected_total: OutboxEventsRejected fires
+    parked = kcat_read(kafka_bootstrap, f"{topic_prefix}.customer.dlq")
+    assert len(parked) == 2 and all("NewHistory: source s1" in r["headers"]["dlq_error"] for r in parked)
+
+    with psycopg.connect(dsn) as conn:  # the documented reset (docs/operations.md)
+        assert conn.execute("SELECT readstore.reset_source('s1', '7002.1')").fetchone() == (1,)
+    ends = asyncio.run(produce(kafka_bootstrap, new))  # what a re-drive of the dead letters sends
+    asyncio.run(run_until(s, caught_up(dsn, g, ends)))
+    state = entities(dsn)
+    assert state[("customer", "c1")][0] == {"v": "new"} and state[("customer", "c2")][0] == {"v": "new"}
+    late = [ev(topic_prefix, "customer", "c1", "updated", 0x9000, wal_history="7001.1", payload={"v": "stale"})]
+    ends = asyncio.run(produce(kafka_bootstrap, late))  # a straggler of the old history: parked too
+    totals = asyncio.run(run_until(s, caught_up(dsn, g, ends)))
+    assert totals["refused"] == 1 and entities(dsn)[("customer", "c1")][0] == {"v": "new"}

@@ -24,12 +24,13 @@ Expected = dict[tuple[str, str], tuple[dict[str, Any], bool]]
 
 
 def ev(prefix: str, aggregate: str, aggregate_id: str, etype: str, lsn: int, seq: int = 0, *,
-       source: str = "s1", payload: dict[str, Any] | None = None, event_id: str | None = None) -> contract.Record:
-    """One event, as the relay builds it, at position (``lsn``, ``seq``)."""
+       source: str = "s1", payload: dict[str, Any] | None = None, event_id: str | None = None,
+       wal_history: str | None = None) -> contract.Record:
+    """One event, as the relay builds it, at position (``lsn``, ``seq``) of WAL history ``wal_history``."""
     row = contract.OutboxRow(id=event_id or str(uuid.uuid4()), aggregatetype=aggregate, aggregateid=aggregate_id,
                              type=f"{aggregate}.{etype}", payload=json.dumps(payload or {"id": aggregate_id, "lsn": lsn}))
     return contract.build_record(row, source_id=source, prefix=prefix, position=contract.Position(lsn, seq),
-                                 commit_time=T0 + timedelta(microseconds=lsn), xid=lsn)
+                                 commit_time=T0 + timedelta(microseconds=lsn), xid=lsn, history=wal_history)
 
 
 def history(prefix: str) -> list[contract.Record]:

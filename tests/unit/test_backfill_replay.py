@@ -23,7 +23,11 @@ def test_key_sql_is_the_capture_triggers() -> None:
 
 def test_chunk_sql_pages_by_key_locks_and_writes_snapshots() -> None:
     first = chunk_sql(T, None, False, emit=True)
-    assert "WHERE" not in first.split("INSERT")[0]
+    assert "%(k0)s" not in first  # the first chunk starts at the first row
+    # the range is fixed before locking (b, bound), and the lock re-checks the bound (a moved key leaves it)
+    assert ('b AS MATERIALIZED (SELECT t.order_id, t.line_no FROM pos."Order Lines" t '
+            "ORDER BY t.order_id, t.line_no LIMIT %(n)s)") in first
+    assert "WHERE (t.order_id, t.line_no) <= (SELECT order_id, line_no FROM bound) ORDER BY" in first
     assert "ORDER BY t.order_id, t.line_no LIMIT %(n)s FOR SHARE OF t" in first
     assert "'order_line.snapshot'" in first and 'FROM pos."Order Lines" t' in first
     more = chunk_sql(T, "status = 'x' AND note LIKE 'a%'", True, emit=True)

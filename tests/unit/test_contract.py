@@ -111,3 +111,17 @@ def test_a_row_read_from_the_wal_as_bytes_makes_the_same_record_as_its_text_form
     assert dict(record.headers)["ce_time"] == b"2025-11-23T23:04:05.000007Z"
     with pytest.raises(ContractError, match="cannot name a Kafka topic"):
         context.record_raw(RawRow(b"1", b"bad topic", b"7", b"x", b"{}"), 0)
+
+
+def test_ce_history_is_one_shared_header_of_the_transaction_and_parsed_back() -> None:
+    from outbox.contract import TxnContext
+
+    assert contract.H_HISTORY == "ce_history" and contract.history_for(7334781021562914113, 2) == "7334781021562914113.2"
+    assert contract.SNAPSHOT_COMPLETE_TYPE == "outbox.snapshot_complete"
+    context = TxnContext.of(source_id="s1", prefix="p", commit_lsn=1, commit_time=0, xid=1, history=b"73.2")
+    assert ("ce_history", b"73.2") in context.shared  # built once per transaction, not per event
+    record = context.record(_row(), 0)
+    assert dict(record.headers)["ce_history"] == b"73.2"
+    assert contract.parse_record(record.headers, record.value).history == "73.2"
+    plain = TxnContext.of(source_id="s1", prefix="p", commit_lsn=1, commit_time=0, xid=1).record(_row(), 0)
+    assert "ce_history" not in dict(plain.headers) and contract.parse_record(plain.headers, plain.value).history is None

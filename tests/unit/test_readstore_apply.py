@@ -181,3 +181,18 @@ def test_a_snapshot_is_applied_like_an_upsert_ordered_by_its_position() -> None:
                        event("2", "snapshot", 9, offset=2)])
     assert rows["1"].event_type == "customer.updated" and rows["2"].event_type == "customer.snapshot"
     assert not rows["2"].deleted
+
+
+def test_a_reconcile_marker_is_no_entity_and_carries_the_start_position() -> None:
+    row = contract.OutboxRow(id=str(uuid.uuid4()), aggregatetype="customer", aggregateid="pos.customers",
+                             type=contract.SNAPSHOT_COMPLETE_TYPE,
+                             payload=json.dumps({"aggregate_type": "customer", "start_lsn": "1/A0", "run": 3}))
+    r = contract.build_record(row, source_id="s1", prefix="outbox", position=contract.Position(0x2_0000_0000, 0),
+                              commit_time=T0, xid=9)
+    plan = plan_batch([Rec(r.topic, 0, 0, r.key, r.value, r.headers), event("1", "created", 5)])
+    assert [x.aggregate_id for x in plan.rows] == ["1"]
+    assert [(m.aggregate_type, m.reconcile_from) for m, _ in plan.marks] == [("customer", 0x1_0000_00A0)]
+    bad = contract.build_record(contract.OutboxRow(id=str(uuid.uuid4()), aggregatetype="customer", aggregateid="x",
+                                                   type=contract.SNAPSHOT_COMPLETE_TYPE, payload="{}"),
+                                source_id="s1", prefix="outbox", position=contract.Position(1, 0), commit_time=T0, xid=1)
+    assert isinstance(classify(Rec(bad.topic, 0, 1, bad.key, bad.value, bad.headers)), Rejected)
