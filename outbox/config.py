@@ -263,6 +263,7 @@ class RelaySettings(_Settings):
     offsets_topic: str = contract.DEFAULT_OFFSETS_TOPIC  # exactly-once
     transaction_interval: float = Field(default=0.1, gt=0)  # exactly-once: seconds per Kafka transaction
     transaction_max_events: int = Field(default=10_000, ge=1)  # exactly-once: events per Kafka transaction
+    transaction_timeout: float | None = Field(default=None, gt=0)  # exactly-once: transaction.timeout.ms, seconds
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # None: no /metrics endpoint
 

@@ -55,6 +55,11 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
               help="exactly-once: start committing the open Kafka transaction once it holds this many events. "
                    "A trigger, not a cap: whole source transactions only, and what is read while a commit runs "
                    "goes into the next transaction.")
+@click.option("--transaction-timeout", default=None, type=click.FloatRange(min=0.001), metavar="SECONDS",
+              help="exactly-once: the broker aborts a Kafka transaction open this long (transaction.timeout.ms; at "
+                   "most the broker's transaction.max.timeout.ms). A source transaction is never split, so one that "
+                   "takes longer than most of this to produce stops the relay with one line "
+                   "[default: --kafka-message-timeout, at least 120].")
 @metrics_options
 def relay(**params: Any) -> None:
     """Stream the outbox of one store database to Kafka.

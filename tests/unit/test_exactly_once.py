@@ -183,7 +183,7 @@ def test_commit_writes_the_last_source_transaction_and_releases_all() -> None:
     released = asyncio.run(commit_in_background())
     assert released == txns and eos.tracker.confirmed == 210 and eos.commits == 1 and not eos.committing
     assert eos.position == SourcePosition(200, 210, 2)
-    assert written == [(b"s", encode_position("s", SourcePosition(200, 210, 2))[1], "__o")]
+    assert written == [(b"s", encode_position("s", SourcePosition(200, 210, 2), "tx")[1], "__o")]
 
 
 class FakeProducer:
@@ -200,6 +200,12 @@ class FakeProducer:
 
     def commit_transaction(self, _timeout: float) -> None:
         self.calls.append("commit")
+
+    def poll(self, _timeout: float) -> int:  # delivery reports are served on the loop before a commit
+        return 0
+
+    def __len__(self) -> int:
+        return 0
 
 
 def test_records_sent_while_a_commit_runs_go_in_order_into_the_next_transaction() -> None:
