@@ -43,7 +43,8 @@ from outbox.config import RelaySettings, build, dsn_option, kafka_from_params, k
                    "Kafka transactions that also record the source position in --offsets-topic; read_committed "
                    "consumers see each event once across crashes (docs/delivery.md).")
 @click.option("--transactional-id", default=None, metavar="ID",
-              help="exactly-once: the producer's transactional.id; a newer relay with the same id fences this one "
+              help="exactly-once: the producer's transactional.id; a newer relay with the same id fences this one. "
+                   "One per source: a relay whose source was published with another id refuses to start "
                    "[default: outbox-relay.<source id>].")
 @click.option("--offsets-topic", default=contract.DEFAULT_OFFSETS_TOPIC, show_default=True, metavar="TOPIC",
               help="exactly-once: compacted topic holding each source's published position, keyed by source id "

@@ -439,7 +439,7 @@ def _neighbours(new_database: Callable[..., str], relays: Any, topic_prefix: str
         return relays(dsn, source, prefix, kafka_bootstrap, "--delivery", "exactly-once", "--offsets-topic", offsets,
                       "--transactional-id", f"test-{topic_prefix}-{source}")
 
-    neighbour = relay(one, "n1", f"{topic_prefix}n").start()
+    neighbour = relay(one, "n1", f"{topic_prefix}.n").start()
     return one, neighbour, two, lambda: relay(two, "s2", topic_prefix)
 
 
@@ -467,7 +467,7 @@ def test_a_stalled_neighbour_with_its_offsets_transaction_open_causes_no_duplica
     ids = committed_ids(two)
     assert_exactly_once(wait_for_ids(kafka_bootstrap, topic_prefix, ids, timeout=120), ids)
     ids = committed_ids(one)
-    assert_exactly_once(wait_for_ids(kafka_bootstrap, f"{topic_prefix}n", ids, timeout=120), ids)
+    assert_exactly_once(wait_for_ids(kafka_bootstrap, f"{topic_prefix}.n", ids, timeout=120), ids)
     assert relay.terminate() == 0 and neighbour.terminate() == 0
 
 
