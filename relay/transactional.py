@@ -225,9 +225,8 @@ class TransactionalPublisher(Publisher):
             self.sent_in_transaction = 0
             return
         try:
-            # abort_transaction purges what is unacknowledged and serves those reports in its thread: drop what
-            # is queued and let what is in flight land while the loop serves the reports
-            producer.purge(in_queue=True, in_flight=False)
+            # abort_transaction purges what is unacknowledged and serves those reports in its thread: let it
+            # land first while the loop serves the reports (purging here would fail the transaction itself)
             with contextlib.suppress(RestartFromCommitted):
                 await self._flush_on_loop(producer, ABORT_FLUSH_TIMEOUT)
             await asyncio.to_thread(producer.abort_transaction, COMMIT_TIMEOUT)
@@ -260,6 +259,11 @@ class TransactionalPublisher(Publisher):
             assert isinstance(fatal, OutboxError)
             return fatal
         return super()._refused(record, exc)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def fenced_or_fatal(transactional_id: str, fenced: bool, reason: str) -> OutboxError:
@@ -454,10 +458,14 @@ class ExactlyOnce:
     async def close(self, timeout: float = 5.0) -> None:
         """End of a session: let a running commit finish (briefly); its outcome no longer matters here,
         the next session reads the offsets topic again."""
-        if self._commit is not None:
-            await asyncio.wait([self._commit], timeout=timeout)
-            if self._commit.done() and not self._commit.cancelled():
-                self._commit.exception()  # retrieved: it ended the session or is moot
+        task = self._commit
+        if task is not None:
+            await asyncio.wait([task], timeout=timeout)
+            if not task.done():  # Kafka away: the next session's producer aborts it; retrieve how it ends
+                task.cancel()
+                task.add_done_callback(_retrieve)
+            elif not task.cancelled():
+                task.exception()  # retrieved: it ended the session or is moot
         self._commit = None
         if self.publisher.in_transaction:  # left open: the next session's producer aborts it
             self.metrics.kafka_aborted.inc()
