@@ -451,7 +451,8 @@ class RelaySettings(MetricsSettings):
         "transactions that also record the source position in --offsets-topic; read_committed consumers see each "
         "event once across crashes (docs/delivery.md)."))] = "at-least-once"
     transactional_id: Annotated[str | None, Field(description=(  # None: outbox-relay.<source_id>
-        "exactly-once: the producer's transactional.id; a newer relay with the same id fences this one "
+        "exactly-once: the producer's transactional.id; a newer relay with the same id fences this one. One per "
+        "source: a relay whose source was published with another id refuses to start "
         "[default: outbox-relay.<source id>].")), Cli(metavar="ID")] = None
     offsets_topic: Annotated[str, Field(description=(
         "exactly-once: compacted topic holding each source's published position, keyed by source id (created if "
@@ -463,6 +464,11 @@ class RelaySettings(MetricsSettings):
         "exactly-once: start committing the open Kafka transaction once it holds this many events. A trigger, not "
         "a cap: whole source transactions only, and what is read while a commit runs goes into the next "
         "transaction.")), Cli(metavar="N")] = 10_000
+    transaction_timeout: Annotated[float | None, Field(ge=0.001, description=(  # None: kafka_message_timeout, >= 120
+        "exactly-once: the broker aborts a Kafka transaction open this long (transaction.timeout.ms; at most the "
+        "broker's transaction.max.timeout.ms). A source transaction is never split, so one that takes longer than "
+        "most of this to produce stops the relay with one line [default: --kafka-message-timeout, at least 120].")),
+        Cli(metavar="SECONDS", checked=True)] = None
 
     @field_validator("source_id", "topic_prefix", "offsets_topic")
     @classmethod

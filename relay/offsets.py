@@ -1,10 +1,23 @@
-"""The relay's source positions in a compacted Kafka topic (exactly-once delivery).
+"""The relay's source positions in Kafka (exactly-once delivery).
 
-Each Kafka transaction of the relay ends with one record in the offsets topic, keyed by the
-source id, holding the position of the last source transaction it contains. Written in the same
-Kafka transaction as the events, it is visible to a ``read_committed`` reader exactly when they
-are. On start the relay reads the newest position for its source id and skips every source
-transaction whose commit LSN is not after it.
+Each Kafka transaction of the relay ends with its source position, written twice in that same
+transaction, so both are visible exactly when the events are:
+
+* one record in the compacted offsets topic, keyed by the source id (shared by every relay of
+  the fleet; what operators read and reset);
+* the committed offset of the source's own consumer group ``<offsets topic>.<source id>``
+  (``send_offsets_to_transaction``), the position JSON as its metadata.
+
+On start the relay reads its group's offset. That read is per source: a transaction another
+relay left open (stalled, paused, killed and not yet timed out) holds back ``read_committed``
+readers of the shared offsets partition at its start (the last stable offset), which would show
+a restarting relay a stale position of its own, but it never touches this group. Only without a
+group offset (first start, a relay upgraded from a version without it, or the group expired after
+``offsets.retention.minutes`` without a commit) is the offsets topic read; that read knows when a
+record of its own key lies beyond the last stable offset and then waits for it to settle instead
+of taking an older position. Every source transaction whose commit LSN is not after the position
+is skipped. Both records name the transactional id that wrote them, so a relay of the same source
+with another id (which would not fence the first) is refused.
 
 :func:`encode_position` / :func:`decode_position` are pure; :class:`OffsetsTopic` is the thin
 I/O edge (create the topic if missing, read a source's position). Blocking: call it through
@@ -31,6 +44,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 READ_TIMEOUT = 120.0  # seconds to read a source's position before giving up (an open transaction blocks it)
 PROGRESS_EVERY = 10.0
+GROUP_PARTITION = 0  # the group offset is kept for the offsets topic's partition 0
 
 
 class OffsetsCorrupt(OutboxError):
@@ -53,16 +67,41 @@ class SourcePosition:
         return f"commit {contract.format_lsn(self.commit_lsn)} (xid {self.xid})"
 
 
-def encode_position(source_id: str, position: SourcePosition) -> tuple[bytes, bytes]:
-    """Key and value of an offsets record."""
-    value = {
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A source's position as read back, with the transactional id that wrote it (None: an older relay's)."""
+
+    position: SourcePosition
+    transactional_id: str | None
+    where: str  # "group <name>" or "topic <name>", for the log
+
+
+def encode_position(source_id: str, position: SourcePosition, transactional_id: str | None = None) -> tuple[bytes, bytes]:
+    """Key and value of an offsets record (the value is also the group offset's metadata)."""
+    value: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "source_id": source_id,
         "commit_lsn": contract.format_lsn(position.commit_lsn),
         "end_lsn": contract.format_lsn(position.end_lsn),
         "xid": position.xid,
     }
+    if transactional_id is not None:
+        value["transactional_id"] = transactional_id
     return source_id.encode(), json.dumps(value, separators=(",", ":")).encode()
+
+
+def writer_of(value: bytes) -> str | None:
+    """The transactional id an offsets record names (None: written by a relay that did not record it)."""
+    try:
+        found = json.loads(value).get("transactional_id")
+    except (AttributeError, json.JSONDecodeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def group_id(offsets_topic: str, source_id: str) -> str:
+    """The consumer group whose committed offset holds the source's position (one per source)."""
+    return f"{offsets_topic}.{source_id}"
 
 
 def decode_position(value: bytes) -> SourcePosition:
@@ -125,46 +164,156 @@ class OffsetsTopic:
                                  f"with retention; set it to compact (kafka-configs --alter --add-config "
                                  "cleanup.policy=compact) or choose another --offsets-topic")
 
-    def read(self, source_id: str, timeout: float = READ_TIMEOUT) -> SourcePosition | None:
-        """The newest committed position of ``source_id``; None when it never committed one (or was reset
-        by a tombstone, a record with its key and no value).
-
-        Reads every partition from the beginning to the high watermark seen at the start, as a
-        ``read_committed`` consumer: records of aborted transactions are never seen. A transaction
-        still open on the topic (another relay's) holds the read back until it ends.
-        """
-        consumer = Consumer({
+    def _consumer(self, isolation: str, group: str = "outbox-relay-offsets-reader") -> Consumer:
+        return Consumer({
             **self._kafka.librdkafka_config(),
             "client.id": "outbox-relay-offsets",
-            "group.id": "outbox-relay-offsets-reader",  # never joins or commits: partitions are assigned
+            "group.id": group,  # never joins or commits: partitions are assigned
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            "isolation.level": "read_committed",
+            "isolation.level": isolation,
             "enable.partition.eof": True,
             "logger": logging.getLogger("librdkafka"),
         })
+
+    def group_metadata(self, source_id: str) -> Any:
+        """What ``send_offsets_to_transaction`` needs to commit the source's group offset."""
+        consumer = self._consumer("read_committed", group_id(self.topic, source_id))
         try:
-            return self._read(consumer, source_id.encode(), timeout)
-        except KafkaException as exc:
-            raise KafkaUnavailable(f"cannot read offsets topic {self.topic}: {kafka_reason(exc)}") from None
+            return consumer.consumer_group_metadata()
         finally:
             consumer.close()
 
-    def _read(self, consumer: Consumer, key: bytes, timeout: float) -> SourcePosition | None:
+    def group_offset(self, source_id: str, position: SourcePosition, transactional_id: str) -> list[TopicPartition]:
+        """The offsets ``send_offsets_to_transaction`` commits with a Kafka transaction: the commit LSN as
+        the offset, the position record as its metadata."""
+        _, value = encode_position(source_id, position, transactional_id)
+        return [TopicPartition(self.topic, GROUP_PARTITION, position.commit_lsn, value.decode())]
+
+    def read_group(self, source_id: str, timeout: float = READ_TIMEOUT) -> Stored | None:
+        """The position in the source's own group offset; None when the group has none.
+
+        Per source: no other relay's transaction holds it back. A ``read_committed`` consumer asks
+        for stable offsets: a pending commit of this group's own (a transaction this relay's
+        producer left open) would wait, but the producer's start aborted it.
+        """
+        group = group_id(self.topic, source_id)
+        consumer = self._consumer("read_committed", group)
+        try:
+            (tp,) = consumer.committed([TopicPartition(self.topic, GROUP_PARTITION)], timeout=timeout)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"cannot read the committed offset of group {group}: {kafka_reason(exc)} "
+                                   "(the relay's user needs READ and DESCRIBE on it)") from None
+        finally:
+            consumer.close()
+        if tp.offset < 0 or not tp.metadata:
+            return None
+        try:
+            value = tp.metadata.encode()
+            return Stored(decode_position(value), writer_of(value), f"group {group}")
+        except ValueError as exc:
+            raise OffsetsCorrupt(f"group {group} holds an offset for {self.topic} the relay cannot read: {exc} "
+                                 "(another program commits there? delete the group's offsets)") from None
+
+    def read(self, source_id: str, timeout: float = READ_TIMEOUT) -> SourcePosition | None:
+        """The newest committed position of ``source_id`` in the topic; None when it never committed one
+        (or was reset by a tombstone, a record with its key and no value). See :meth:`read_stored`."""
+        stored = self.read_stored(source_id, timeout)
+        return stored.position if stored is not None else None
+
+    def read_stored(self, source_id: str, timeout: float = READ_TIMEOUT) -> Stored | None:
+        """As :meth:`read`, with the transactional id that wrote the position.
+
+        Reads every partition from the beginning to its last stable offset, as a ``read_committed``
+        consumer: records of aborted transactions are never seen. A transaction still open on the
+        topic (another relay's) ends the read at its start; when a record of this source's key lies
+        beyond (``read_uncommitted`` sees it), the position read may be stale: wait until those
+        records settle (committed or aborted), then read again.
+        """
+        key = source_id.encode()
+        deadline = time.monotonic() + timeout
+        noted = False
+        while True:
+            consumer = self._consumer("read_committed")
+            try:
+                stored, ends = self._read(consumer, key, deadline)
+                pending = self._pending(key, ends, deadline)
+                if not pending:
+                    return stored
+                if not noted:
+                    log.info("offsets topic %s: records of %s lie beyond the last stable offset (a transaction "
+                             "left open there, another relay's?): waiting for them to settle", self.topic, source_id)
+                    noted = True
+                self._wait_stable(consumer, pending, deadline)
+            except KafkaException as exc:
+                raise KafkaUnavailable(f"cannot read offsets topic {self.topic}: {kafka_reason(exc)}") from None
+            finally:
+                consumer.close()
+
+    def _pending(self, key: bytes, stable: dict[int, int], deadline: float) -> dict[int, int]:
+        """Partitions holding a record with ``key`` past their last stable offset ``stable``: their log end."""
+        consumer = self._consumer("read_uncommitted")
+        try:
+            ends: dict[int, int] = {}
+            for p, start in stable.items():
+                _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30, cached=False)
+                if high > start:
+                    ends[p] = high
+            if not ends:
+                return {}
+            consumer.assign([TopicPartition(self.topic, p, stable[p]) for p in ends])
+            pending: dict[int, int] = {}
+            remaining = dict(ends)
+            while remaining:
+                if time.monotonic() > deadline:
+                    return ends  # not seen through: treat as pending
+                for msg in consumer.consume(1000, 0.2):
+                    err = msg.error()
+                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                        raise KafkaException(err)
+                    partition, offset = msg.partition(), msg.offset()
+                    if err is None and msg.key() == key and partition is not None and offset is not None \
+                            and offset < ends[partition]:
+                        pending[partition] = ends[partition]
+                for p in [p for p in remaining if _position(consumer, self.topic, p) >= remaining[p]]:
+                    del remaining[p]
+            return pending
+        finally:
+            consumer.close()
+
+    def _wait_stable(self, consumer: Consumer, pending: dict[int, int], deadline: float) -> None:
+        """Wait until each partition's last stable offset reached ``pending``'s offset."""
+        while pending:
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(f"could not read offsets topic {self.topic}: a transaction left open on it "
+                                       "holds back this source's newest position (it ends when that relay restarts "
+                                       "or its transaction times out): try again")
+            for p, end in list(pending.items()):
+                _, stable = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30, cached=False)
+                if stable >= end:
+                    del pending[p]
+            if pending:
+                time.sleep(0.5)
+
+    def _read(self, consumer: Consumer, key: bytes, deadline: float) -> tuple[Stored | None, dict[int, int]]:
+        """Read to the last stable offsets; the newest record of ``key`` and the offsets read to."""
         metadata = consumer.list_topics(timeout=30)
         if self.topic not in metadata.topics:
-            return None
+            return None, {}
         partitions = sorted(metadata.topics[self.topic].partitions)
+        stable: dict[int, int] = {}
         ends: dict[int, int] = {}
         for p in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
+            # read_committed: the high watermark librdkafka reports is the last stable offset
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30, cached=False)
+            stable[p] = high
             if high > low:
                 ends[p] = high
         if not ends:
-            return None
+            return None, stable
         consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in ends])
-        found: list[SourcePosition] = []
-        deadline = time.monotonic() + timeout
+        found: list[Stored] = []
+        timeout = max(0.0, deadline - time.monotonic())
         next_note = time.monotonic() + PROGRESS_EVERY
         while ends:
             now = time.monotonic()
@@ -181,14 +330,16 @@ class OffsetsTopic:
                 if err is not None and err.code() != KafkaError._PARTITION_EOF:
                     raise KafkaException(err)
                 if err is None and msg.key() == key:
-                    if msg.value() is None:  # a tombstone: an operator reset this source's position
+                    value = msg.value()
+                    if value is None:  # a tombstone: an operator reset this source's position
                         found.clear()
                     else:
-                        found.append(self._decode(msg))
+                        found.append(Stored(self._decode(msg), writer_of(value), f"topic {self.topic}"))
             done = [p for p in ends if _position(consumer, self.topic, p) >= ends[p]]
             for p in done:
                 del ends[p]
-        return newest(found)
+        best = newest([f.position for f in found])
+        return next((f for f in found if f.position == best), None), stable
 
     def _decode(self, msg: Any) -> SourcePosition:
         try:

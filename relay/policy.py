@@ -281,6 +281,16 @@ def kafka_commit_wait(*, members: int, committing: bool, opened: float, interval
     return max(0.0, interval - (now - opened))
 
 
+KAFKA_TRANSACTION_TIMEOUT_SHARE = 0.8  # a source transaction may keep a Kafka transaction open this share of its timeout
+
+
+def kafka_transaction_overdue(open_for: float, timeout: float, share: float = KAFKA_TRANSACTION_TIMEOUT_SHARE) -> bool:
+    """Whether a Kafka transaction still producing one source transaction (it cannot commit before that
+    one ends) has been open so long that the broker would abort it before it could commit: stop then,
+    rather than be fenced and replay the same source transaction forever."""
+    return open_for > 0 and open_for >= share * timeout
+
+
 def retry_commit(retriable: bool, requires_abort: bool, attempt: int, attempts: int) -> bool:
     """A Kafka transaction commit failed on try ``attempt`` (from 0) of ``attempts``: try again only
     when the error is retriable and the transaction need not be aborted."""

@@ -334,8 +334,11 @@ class Session:
         assert self._eos is not None
         for txn in self._eos.finished():
             self._txn_acked(txn)
-        if self._txn is None and self._eos.due():  # only whole source transactions go into a Kafka transaction
-            self._eos.start_commit()
+        if self._txn is None:
+            if self._eos.due():  # only whole source transactions go into a Kafka transaction
+                self._eos.start_commit()
+        elif (too_large := self._eos.too_large(self._txn)) is not None:  # it would outlive the Kafka transaction
+            raise too_large
 
     async def _eos_drain(self) -> None:
         """On stop: commit what holds only whole source transactions, abort a partial one."""

@@ -10,6 +10,16 @@ Rules kept here:
 
 * a Kafka transaction holds whole source transactions only: it is committed at a source
   transaction's boundary, every ``interval`` seconds or ``max_events`` events, whichever first;
+  a source transaction that keeps it open past most of ``transaction.timeout.ms`` (the broker
+  would abort it, fence the relay, and the restarted relay would replay it: a crash loop) stops
+  the relay with one line (:class:`TransactionTooLarge`);
+* the position goes to the offsets topic and to the source's own group offset
+  (:mod:`relay.offsets`), in the same Kafka transaction; the transactional id is the source's
+  (one per source id), recorded with the position, and a relay of the source with another id is
+  refused (:class:`OtherTransactionalId`): it would not fence the first;
+* delivery reports run on the loop: before ``commit_transaction`` (and ``abort_transaction``),
+  which would serve them in the worker thread that calls it, the transaction's records are
+  flushed (purged) while the loop serves their reports;
 * a source transaction stays unconfirmed (held in the :class:`PositionTracker`) until the Kafka
   transaction holding it committed; one with nothing to publish (heartbeats) is released at its
   commit, in order behind the others;
@@ -31,6 +41,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
+from outbox import contract
 from outbox.config import KafkaSettings, RelaySettings
 from outbox.contract import Record
 from outbox.errors import KafkaUnavailable, OutboxError
@@ -44,6 +55,8 @@ log = logging.getLogger(__name__)
 
 TRANSACTION_TIMEOUT_MS = 120_000  # the broker aborts a transaction left open this long (a dead relay's)
 INIT_TIMEOUT = 60.0
+OFFSETS_TIMEOUT = 30.0  # send_offsets_to_transaction
+ABORT_FLUSH_TIMEOUT = 10.0  # seconds an abort waits for records in flight (their reports served on the loop)
 COMMIT_TIMEOUT = 60.0
 COMMIT_RETRIES = 5
 COMMIT_POLL = 0.005  # seconds between looks at a running commit while the WAL is quiet
@@ -55,6 +68,21 @@ def default_transactional_id(source_id: str) -> str:
 
 class Fenced(OutboxError):
     """A newer producer with the same transactional.id took over: this relay must stop."""
+
+
+class TransactionTooLarge(OutboxError):
+    """A source transaction takes longer to produce than the Kafka transaction timeout allows."""
+
+
+class OtherTransactionalId(OutboxError):
+    """The source's position was written by a relay with another transactional id."""
+
+
+def transaction_timeout_ms(settings: RelaySettings) -> int:
+    """librdkafka's transaction.timeout.ms: --transaction-timeout, else the message timeout, at least 120 s."""
+    if settings.transaction_timeout is not None:
+        return max(1, int(settings.transaction_timeout * 1000))
+    return max(TRANSACTION_TIMEOUT_MS, int(settings.kafka_message_timeout * 1000))
 
 
 class RestartFromCommitted(OutboxError):
@@ -77,13 +105,19 @@ _FENCED_LOG_FILTER = _FencedLogFilter()
 class TransactionalPublisher(Publisher):
     """The relay's producer with a ``transactional.id``: every send lands in the open Kafka transaction."""
 
-    def __init__(self, kafka: KafkaSettings, transactional_id: str, **kwargs: Any) -> None:
+    def __init__(self, kafka: KafkaSettings, transactional_id: str, *, transaction_timeout_ms: int | None = None,
+                 **kwargs: Any) -> None:
+        if transaction_timeout_ms is None:
+            transaction_timeout_ms = max(TRANSACTION_TIMEOUT_MS, kwargs.get("message_timeout_ms", 0))
         # librdkafka wants message.timeout.ms <= transaction.timeout.ms
-        timeout_ms = max(TRANSACTION_TIMEOUT_MS, kwargs.get("message_timeout_ms", 0))
-        super().__init__(kafka, extra={"transactional.id": transactional_id, "transaction.timeout.ms": timeout_ms},
-                         **kwargs)
+        kwargs["message_timeout_ms"] = min(kwargs.get("message_timeout_ms", transaction_timeout_ms), transaction_timeout_ms)
+        super().__init__(kafka, extra={"transactional.id": transactional_id,
+                                       "transaction.timeout.ms": transaction_timeout_ms}, **kwargs)
         self.transactional_id = transactional_id
+        self.transaction_timeout = transaction_timeout_ms / 1000
         self.in_transaction = False
+        self.began = 0.0  # monotonic time the open Kafka transaction began
+        self._offsets: tuple[list[Any], Any] | None = None  # the group offset of the ended transaction
         self.sent_in_transaction = 0  # events for the open (or, while one commits, the next) Kafka transaction
         # While a commit runs the producer may not produce: records sent meanwhile wait here, in order,
         # for the next transaction, so reading and decoding the WAL go on during the commit.
@@ -113,10 +147,18 @@ class TransactionalPublisher(Publisher):
         if not self.in_transaction:
             self._call(self._producer.begin_transaction)  # type: ignore[union-attr]
             self.in_transaction = True
+            self.began = time.monotonic()
         return super().try_send(record, report)
 
-    def end_transaction(self, key: bytes, value: bytes, offsets_topic: str) -> None:
+    @property
+    def open_for(self) -> float:
+        """Seconds the open Kafka transaction has been open (0: none open, or it is committing)."""
+        return time.monotonic() - self.began if self.in_transaction and not self._holding else 0.0
+
+    def end_transaction(self, key: bytes, value: bytes, offsets_topic: str,
+                        group_offsets: tuple[list[Any], Any] | None = None) -> None:
         """Add the position record: nothing sent from now on goes into this transaction; then :meth:`commit`.
+        ``group_offsets`` (offsets, group metadata) are committed with it (``send_offsets_to_transaction``).
 
         Synchronous on purpose: a record sent before the commit task runs must wait too.
         """
@@ -127,6 +169,7 @@ class TransactionalPublisher(Publisher):
         except KafkaException as exc:
             raise self._classify(exc.args[0], "write the source position") from None
         self._holding = True
+        self._offsets = group_offsets
         self.sent_in_transaction = 0
 
     async def commit(self) -> None:
@@ -142,7 +185,26 @@ class TransactionalPublisher(Publisher):
                 await asyncio.sleep(0.005)
         self._holding = False
 
+    async def _flush_on_loop(self, producer: Any, timeout: float) -> None:
+        """Serve every delivery report of the transaction here, on the loop: ``commit_transaction`` would
+        serve them in the thread that calls it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._poll(producer)
+            if not len(producer):
+                return
+            if time.monotonic() >= deadline:
+                raise RestartFromCommitted(f"Kafka did not acknowledge the transaction's records in {timeout:.0f} s")
+            await asyncio.sleep(0.001)
+
     async def _commit(self, producer: Any) -> None:
+        await self._flush_on_loop(producer, COMMIT_TIMEOUT)
+        if self._offsets is not None:
+            offsets, group_metadata = self._offsets
+            try:
+                await asyncio.to_thread(producer.send_offsets_to_transaction, offsets, group_metadata, OFFSETS_TIMEOUT)
+            except KafkaException as exc:
+                raise self._classify(exc.args[0], "commit the source position to its consumer group") from None
         for attempt in range(COMMIT_RETRIES):
             try:
                 await asyncio.to_thread(producer.commit_transaction, COMMIT_TIMEOUT)
@@ -163,6 +225,10 @@ class TransactionalPublisher(Publisher):
             self.sent_in_transaction = 0
             return
         try:
+            # abort_transaction purges what is unacknowledged and serves those reports in its thread: let it
+            # land first while the loop serves the reports (purging here would fail the transaction itself)
+            with contextlib.suppress(RestartFromCommitted):
+                await self._flush_on_loop(producer, ABORT_FLUSH_TIMEOUT)
             await asyncio.to_thread(producer.abort_transaction, COMMIT_TIMEOUT)
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
@@ -195,11 +261,15 @@ class TransactionalPublisher(Publisher):
         return super()._refused(record, exc)
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def fenced_or_fatal(transactional_id: str, fenced: bool, reason: str) -> OutboxError:
     if fenced:
         return Fenced(f"fenced: another relay started with transactional id {transactional_id}; this one stops "
-                      "without confirming anything more (run one relay per source id; give each its own "
-                      "--transactional-id)")
+                      "without confirming anything more (run one relay per source id)")
     return OutboxError(f"Kafka producer failed fatally (transactional id {transactional_id}): {reason}")
 
 
@@ -207,17 +277,21 @@ def exactly_once(settings: RelaySettings, metrics: RelayMetrics) -> "ExactlyOnce
     return ExactlyOnce(settings.kafka, source_id=settings.source_id,
                        transactional_id=settings.transactional_id or default_transactional_id(settings.source_id),
                        offsets_topic=settings.offsets_topic, interval=settings.transaction_interval,
-                       max_events=settings.transaction_max_events, metrics=metrics)
+                       max_events=settings.transaction_max_events, metrics=metrics,
+                       transaction_timeout_ms=transaction_timeout_ms(settings))
 
 
 class ExactlyOnce:
     """Groups source transactions into Kafka transactions and keeps the offsets topic in step."""
 
     def __init__(self, kafka: KafkaSettings, *, source_id: str, transactional_id: str, offsets_topic: str,
-                 interval: float, max_events: int, metrics: RelayMetrics) -> None:
+                 interval: float, max_events: int, metrics: RelayMetrics,
+                 transaction_timeout_ms: int = TRANSACTION_TIMEOUT_MS) -> None:
         self.kafka = kafka
         self.transactional_id = transactional_id
-        self.publisher = TransactionalPublisher(kafka, transactional_id)  # one per session: new_publisher()
+        self.transaction_timeout_ms = transaction_timeout_ms
+        self.publisher = TransactionalPublisher(kafka, transactional_id,  # one per session: new_publisher()
+                                                transaction_timeout_ms=transaction_timeout_ms)
         self.offsets = OffsetsTopic(kafka, offsets_topic)
         self.source_id = source_id
         self.interval = interval
@@ -230,23 +304,39 @@ class ExactlyOnce:
         self._members: list[Txn] = []  # complete source transactions in the open Kafka transaction
         self._commit: asyncio.Task[list[Txn]] | None = None  # the Kafka transaction being committed
         self._opened = 0.0  # monotonic time the open Kafka transaction got its first complete source transaction
+        self._group_metadata: Any = None  # for send_offsets_to_transaction (read once, at the first load)
+        self._abort_on_close = False
 
     def new_publisher(self, **options: Any) -> TransactionalPublisher:
         """The producer of a new session; its start() fences older ones and aborts what they left open."""
-        self.publisher = TransactionalPublisher(self.kafka, self.transactional_id, **options)
+        self.publisher = TransactionalPublisher(self.kafka, self.transactional_id,
+                                                transaction_timeout_ms=self.transaction_timeout_ms, **options)
         return self.publisher
 
     async def load(self, tracker: PositionTracker) -> SourcePosition | None:
         """Once the session's producer started: read this source's committed position."""
         self.reset(tracker)
         await asyncio.to_thread(self.offsets.ensure)
-        self.position = await asyncio.to_thread(self.offsets.read, self.source_id)
-        if self.position is None:
+        if self._group_metadata is None:
+            self._group_metadata = await asyncio.to_thread(self.offsets.group_metadata, self.source_id)
+        # the source's own group first: no other relay's open transaction holds it back
+        stored = await asyncio.to_thread(self.offsets.read_group, self.source_id)
+        if stored is None:  # first start, an older relay's positions, or the group expired
+            stored = await asyncio.to_thread(self.offsets.read_stored, self.source_id)
+        if stored is not None and stored.transactional_id not in (None, self.transactional_id):
+            raise OtherTransactionalId(
+                f"source {self.source_id} was published by a relay with transactional id {stored.transactional_id} "
+                f"({stored.where}); this one has {self.transactional_id} and would not fence it: run every relay of "
+                f"a source with the same transactional id (the default, outbox-relay.<source id>, or the same "
+                "--transactional-id); to change it, stop the old relay for good and reset the source's position "
+                "(docs/delivery.md, The offsets topic)")
+        self.position = stored.position if stored is not None else None
+        if stored is None:
             log.info("exactly-once: no position for %s in %s: publishing everything the slot sends",
                      self.source_id, self.offsets.topic)
         else:
             log.info("exactly-once: %s already published up to %s (from %s); earlier transactions are skipped",
-                     self.source_id, self.position, self.offsets.topic)
+                     self.source_id, stored.position, stored.where)
         return self.position
 
     def reset(self, tracker: PositionTracker) -> None:
@@ -297,7 +387,12 @@ class ExactlyOnce:
         members, self._members = self._members, []
         last = members[-1]
         position = SourcePosition(commit_lsn=last.commit_lsn, end_lsn=last.end_lsn or last.commit_lsn, xid=last.xid)
-        self.publisher.end_transaction(*encode_position(self.source_id, position), self.offsets.topic)
+        key, value = encode_position(self.source_id, position, self.transactional_id)
+        if self._group_metadata is None:  # not loaded (unit tests)
+            self.publisher.end_transaction(key, value, self.offsets.topic)
+        else:
+            group = self.offsets.group_offset(self.source_id, position, self.transactional_id)
+            self.publisher.end_transaction(key, value, self.offsets.topic, (group, self._group_metadata))
         self._commit = asyncio.create_task(self._commit_members(members, position))
 
     def finished(self) -> list[Txn]:
@@ -336,6 +431,20 @@ class ExactlyOnce:
             self.metrics.kafka_aborted.inc()
         self._members = []
 
+    def too_large(self, txn: Txn) -> TransactionTooLarge | None:
+        """The error that stops the relay when the open Kafka transaction, still producing the source
+        transaction ``txn``, is about to outlive the Kafka transaction timeout (None: not yet)."""
+        publisher = self.publisher
+        if not policy.kafka_transaction_overdue(publisher.open_for, publisher.transaction_timeout):
+            return None
+        self._abort_on_close = True
+        return TransactionTooLarge(
+            f"source transaction {txn.xid} (commit {contract.format_lsn(txn.commit_lsn)}) is too large for one Kafka "
+            f"transaction: after {publisher.open_for:.1f} s and {txn.events} events it is still being produced, and "
+            f"the broker aborts a Kafka transaction open for {publisher.transaction_timeout:g} s; a relay left to "
+            "it would be fenced and replay it forever. Raise --transaction-timeout (at most the broker's "
+            "transaction.max.timeout.ms) or publish it with --delivery at-least-once; nothing of it was published")
+
     def fatal(self, exc: Exception) -> OutboxError | None:
         """A failed delivery that must stop the relay (fenced); None for the others, which end the
         session like in at-least-once mode (the next one aborts the Kafka transaction)."""
@@ -349,10 +458,18 @@ class ExactlyOnce:
     async def close(self, timeout: float = 5.0) -> None:
         """End of a session: let a running commit finish (briefly); its outcome no longer matters here,
         the next session reads the offsets topic again."""
-        if self._commit is not None:
-            await asyncio.wait([self._commit], timeout=timeout)
-            if self._commit.done() and not self._commit.cancelled():
-                self._commit.exception()  # retrieved: it ended the session or is moot
+        task = self._commit
+        if task is not None:
+            await asyncio.wait([task], timeout=timeout)
+            if not task.done():  # Kafka away: the next session's producer aborts it; retrieve how it ends
+                task.cancel()
+                task.add_done_callback(_retrieve)
+            elif not task.cancelled():
+                task.exception()  # retrieved: it ended the session or is moot
         self._commit = None
         if self.publisher.in_transaction:  # left open: the next session's producer aborts it
             self.metrics.kafka_aborted.inc()
+            if self._abort_on_close:  # ... but the relay stops: do not hold read_committed readers back
+                self._abort_on_close = False
+                with contextlib.suppress(OutboxError):
+                    await self.publisher.abort()

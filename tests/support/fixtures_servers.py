@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from tests.support.db import admin_conn, drop_database
-from tests.support.kafka import delete_groups, delete_topics
+from tests.support.kafka import delete_groups, delete_groups_named, delete_topics
 from tests.support.servers import external, make_sandbox, unavailable
 
 if TYPE_CHECKING:
@@ -82,11 +82,13 @@ def new_database(servers: dict[str, str]) -> Iterator[Callable[..., str]]:
 def topic_prefix(kafka_bootstrap: str) -> Iterator[str]:
     """A topic prefix of this test's own; its topics are deleted afterwards.
 
-    So are topics named ``__<prefix>...`` (a relay's offsets topic in exactly-once tests).
+    So are topics named ``__<prefix>...`` (a relay's offsets topic in exactly-once tests) and the
+    consumer groups named so (the relay's per-source position groups, ``<offsets topic>.<source id>``).
     """
     prefix = f"t{uuid.uuid4().hex[:10]}"
     yield prefix
     asyncio.run(delete_topics(kafka_bootstrap, prefix))
+    asyncio.run(delete_groups_named(kafka_bootstrap, "__" + prefix))
 
 
 @pytest.fixture

@@ -100,6 +100,21 @@ async def delete_groups(bootstrap: str, groups: Sequence[str]) -> None:
         await admin.close()
 
 
+async def delete_groups_named(bootstrap: str, prefix: str) -> None:
+    """Delete the consumer groups whose names start with ``prefix`` (an exactly-once relay's position
+    groups are ``<offsets topic>.<source id>``)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [g[0] for g in await admin.list_consumer_groups() if g[0].startswith(prefix)]
+    finally:
+        await admin.close()
+    if names:
+        await delete_groups(bootstrap, names)
+
+
 async def committed_offsets(bootstrap: str, group: str, *, metadata: bool = False) -> dict[TopicPartition, Any]:
     """The offsets Kafka holds for ``group``; with ``metadata``, (offset, metadata) pairs."""
     from aiokafka.admin import AIOKafkaAdminClient

@@ -183,7 +183,7 @@ def test_commit_writes_the_last_source_transaction_and_releases_all() -> None:
     released = asyncio.run(commit_in_background())
     assert released == txns and eos.tracker.confirmed == 210 and eos.commits == 1 and not eos.committing
     assert eos.position == SourcePosition(200, 210, 2)
-    assert written == [(b"s", encode_position("s", SourcePosition(200, 210, 2))[1], "__o")]
+    assert written == [(b"s", encode_position("s", SourcePosition(200, 210, 2), "tx")[1], "__o")]
 
 
 class FakeProducer:
@@ -200,6 +200,12 @@ class FakeProducer:
 
     def commit_transaction(self, _timeout: float) -> None:
         self.calls.append("commit")
+
+    def poll(self, _timeout: float) -> int:  # delivery reports are served on the loop before a commit
+        return 0
+
+    def __len__(self) -> int:
+        return 0
 
 
 def test_records_sent_while_a_commit_runs_go_in_order_into_the_next_transaction() -> None:
@@ -223,3 +229,32 @@ def test_records_sent_while_a_commit_runs_go_in_order_into_the_next_transaction(
     asyncio.run(scenario())
     assert fake.calls == ["begin", "t:1", "__o:pos", "commit", "begin", "t:2", "t:3", "t:4"]
     assert publisher.sent_in_transaction == 3 and publisher.in_transaction
+
+
+def test_the_position_names_its_transactional_id_and_the_source_has_its_own_group() -> None:
+    from outbox.relay.offsets import group_id, writer_of
+
+    position = SourcePosition(0x100, 0x110, 7)
+    _, value = encode_position("store1", position, "outbox-relay.store1")
+    assert decode_position(value) == position and writer_of(value) == "outbox-relay.store1"
+    assert writer_of(encode_position("store1", position)[1]) is None  # an older relay's record
+    assert writer_of(b"not json") is None
+    assert group_id("__outbox_relay_offsets", "store1") == "__outbox_relay_offsets.store1"
+
+
+def test_the_kafka_transaction_timeout_and_when_a_source_transaction_outlives_it() -> None:
+    from outbox.relay import policy
+    from outbox.relay.transactional import transaction_timeout_ms
+
+    def settings(**kw: Any) -> RelaySettings:
+        return build(RelaySettings, dsn="dbname=x", source_id="s", kafka={"bootstrap": "k:1"}, **kw)
+
+    assert transaction_timeout_ms(settings()) == 300_000  # the message timeout's default
+    assert transaction_timeout_ms(settings(kafka_message_timeout=5)) == 120_000  # at least 120 s
+    assert transaction_timeout_ms(settings(transaction_timeout=2.5)) == 2_500
+    publisher = TransactionalPublisher(KafkaSettings(bootstrap="k:1"), "tx", transaction_timeout_ms=2_500,
+                                       message_timeout_ms=300_000)
+    assert publisher._message_timeout_ms == 2_500 and publisher.transaction_timeout == 2.5  # librdkafka's rule
+    assert not policy.kafka_transaction_overdue(0.0, 2.5)  # none open
+    assert not policy.kafka_transaction_overdue(1.9, 2.5)
+    assert policy.kafka_transaction_overdue(2.0, 2.5)
