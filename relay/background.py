@@ -23,12 +23,14 @@ async def purge_periodically(settings: RelaySettings, stop: asyncio.Event) -> No
     """Keep outbox.events from growing forever: rows older than --retention go."""
     while not stop.is_set():
         try:
-            deleted = await asyncio.to_thread(purge_events, settings.dsn, settings.retention)
-            if deleted:
-                log.info("purged %d events older than %.0f s from outbox.events", deleted, settings.retention)
+            purged = await asyncio.to_thread(purge_events, settings.dsn, settings.retention, stop=stop.is_set)
+            if purged.deleted:
+                log.info("purged %d events older than %.0f s from outbox.events in %d batches", purged.deleted,
+                         settings.retention, purged.batches)
         except OutboxError as exc:  # not fatal: streaming does not depend on it
             log.warning("could not purge outbox.events: %s", exc.message)
-        await asyncio.sleep(policy.PURGE_EVERY)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), policy.PURGE_EVERY)
 
 
 class Watch:
