@@ -415,6 +415,12 @@ class InstallSettings(_Settings):
         "ENABLE ALWAYS the capture triggers of these captures: changes made with session_replication_role = replica "
         "(logical-replication subscribers, pg_restore, some ETL tools) are captured too, so a data restore or a "
         "replicated copy emits events. Without it, the mode a trigger has is kept."))] = False
+    excludes: Annotated[tuple[str, ...], Field(description=(  # outbox.captures.exclude_columns (store revision 0006)
+        "Leave COLUMN out of the events of a table this command captures (repeatable), e.g. pos.items.description: "
+        "a wide column nobody consumes then costs no WAL per UPDATE, and an UPDATE of only excluded columns emits "
+        "nothing. Key columns cannot be excluded. Each install states its captures whole: run it again without "
+        "--exclude to capture the column again (no DDL: only outbox.captures changes).")),
+        Cli(flag="--exclude", metavar="SCHEMA.TABLE.COLUMN")] = ()
 
 
 class UninstallSettings(_Settings):
