@@ -97,6 +97,7 @@ class Watch:
                 log.warning("%s", warning)
             self._wal_status = sample.wal_status
         self.state.metrics.slot(self.slot, sample.wal_status, sample.retained_bytes, sample.safe_wal_size)
+        self.state.metrics.foreign_slots.set(sample.foreign_slots)
 
     async def _probe_kafka(self) -> None:
         """1 when the producer has (or can open) a connection to some broker."""

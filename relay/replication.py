@@ -151,12 +151,15 @@ class SlotSample:
     wal_status: str | None  # reserved, extended, unreserved, lost; None when the slot is gone
     retained_bytes: int | None  # pg_current_wal_lsn() - restart_lsn
     safe_wal_size: int | None  # None without max_slot_wal_keep_size (or when lost)
+    foreign_slots: int = 0  # logical slots of the cluster that outbox did not create (outbox doctor names them)
 
 
 SLOT_SAMPLE = """
 SELECT pg_current_wal_lsn()::text, s.wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,
-       s.safe_wal_size
-  FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = %s
+       s.safe_wal_size,
+       (SELECT count(*) FROM pg_replication_slots f WHERE f.slot_type = 'logical' AND f.slot_name <> %(slot)s
+           AND NOT (f.slot_name LIKE 'outbox\\_%%' AND f.plugin = 'pgoutput'))::int
+  FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = %(slot)s
 """
 
 
@@ -182,13 +185,13 @@ class SlotMonitor:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self._dsn, autocommit=True, application_name="outbox-relay-monitor", connect_timeout=5)
-            row = self._conn.execute(SLOT_SAMPLE, (self._slot,)).fetchone()
+            row = self._conn.execute(SLOT_SAMPLE, {"slot": self._slot}).fetchone()
         except psycopg.Error as exc:
             self.close()
             raise DatabaseUnavailable(f"cannot sample slot {self._slot}: {first_line(exc)}") from None
         assert row is not None
-        wal_end, wal_status, retained, safe = row
-        return SlotSample(contract.parse_lsn(wal_end), wal_status, retained, safe)
+        wal_end, wal_status, retained, safe, foreign = row
+        return SlotSample(contract.parse_lsn(wal_end), wal_status, retained, safe, foreign)
 
     def heartbeat(self, source_id: str) -> None:
         """Write a heartbeat row: it travels through the WAL and the slot like an event."""
