@@ -530,8 +530,9 @@ class BackfillSettings(_Settings):
         Cli(metavar="SQL")] = None
     chunk_size: Annotated[int, Field(ge=1, le=1_000_000, description=(
         "Rows per chunk: one short transaction that locks them FOR SHARE and writes their snapshot events."))] = 2000
-    rate: Annotated[int | None, Field(ge=1, description="At most N rows per second [default: no limit]."),
-                    Cli(metavar="N")] = None  # None: as fast as it goes
+    rate: Annotated[int | None, Field(ge=0, description=(  # None (callers in Python): as fast as it goes
+        "At most N rows per second, so writers and replicas keep up (0: no limit).")),
+        Cli(metavar="N", default=5000)] = None
     dry_run: Annotated[bool, Field(description=(
         "Check the table and the WHERE clause, count the rows, write no events."))] = False
     resume: Annotated[bool, Field(description=(

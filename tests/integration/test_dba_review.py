@@ -189,3 +189,52 @@ def test_doctor_and_the_relay_report_logical_slots_outbox_did_not_create(store: 
         query(store, "SELECT pg_drop_replication_slot(%s)", foreign)
     out = run("doctor", "--dsn", store).output
     assert foreign not in out
+
+
+# =========================================================================== 11: backfill
+NOTES = """
+CREATE SCHEMA pos;
+CREATE TABLE pos.notes (id int PRIMARY KEY, author text NOT NULL, body text);
+INSERT INTO pos.notes SELECT g, CASE WHEN g = 1 THEN '{role}' ELSE 'someone' END, 'n' FROM generate_series(1, 400) g;
+ALTER TABLE pos.notes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_notes ON pos.notes USING (author = current_user);
+"""
+
+
+@pytest.fixture
+def notes(new_database: Callable[..., str]) -> Any:
+    dsn = new_database("bf")
+    role = f"t_bf_{uuid.uuid4().hex[:8]}"
+    query(dsn, f"CREATE ROLE {role} LOGIN")
+    query(dsn, NOTES.format(role=role))
+    ok("install", "--dsn", dsn, "--capture", "pos.notes=note")
+    query(dsn, f"GRANT USAGE ON SCHEMA pos, outbox TO {role}; GRANT SELECT ON outbox.captures TO {role}; "
+               f"GRANT SELECT, UPDATE ON pos.notes TO {role}; "
+               f"GRANT SELECT, INSERT, UPDATE ON outbox.backfills TO {role}; GRANT INSERT ON outbox.events TO {role}; "
+               f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA outbox TO {role}")
+    yield dsn, role
+    query(dsn, f"DROP OWNED BY {role}")
+    query(dsn, f"DROP ROLE {role}")
+
+
+def test_backfill_refuses_a_table_whose_row_security_hides_rows(notes: tuple[str, str]) -> None:
+    dsn, role = notes
+    as_role = f"{dsn} user={role}"
+    line = one_line_error(run("backfill", "--dsn", as_role, "--source-id", "s1", "--table", "pos.notes"))
+    assert "row-level security" in line and "BYPASSRLS" in line, line
+    assert query(dsn, "SELECT count(*) FROM outbox.events WHERE type = 'note.snapshot'") == [(0,)]
+    query(dsn, f"ALTER ROLE {role} BYPASSRLS")
+    ok("backfill", "--dsn", as_role, "--source-id", "s1", "--table", "pos.notes")
+    assert query(dsn, "SELECT count(*) FROM outbox.events WHERE type = 'note.snapshot'") == [(400,)]
+
+
+def test_backfill_chunks_are_bounded_and_the_default_rate_is_gentle(notes: tuple[str, str]) -> None:
+    dsn, _ = notes
+    ok("backfill", "--dsn", dsn, "--source-id", "s1", "--table", "pos.notes", "--chunk-size", "100")
+    assert query(dsn, "SELECT rate FROM outbox.backfills") == [(5000,)]  # no --rate given
+    # a chunk that keeps its rows locked longer than its statement_timeout is cancelled, resumable
+    result = run("backfill", "--dsn", dsn, "--source-id", "s2", "--table", "pos.notes",
+                 "--chunk-size", "300", "--where", "pg_sleep(0.01) IS NOT NULL")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "took longer than 2s" in line and "--resume" in line, line
