@@ -143,8 +143,9 @@ def _server_checks(f: DoctorFacts) -> list[Check]:
 
     if f.max_slot_wal_keep_size_mb < 0:
         out.append(Check("max_slot_wal_keep_size", "warn", "-1 (unlimited): a relay that stays down can fill the disk",
-                         "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf(); "
-                         "(size it below the free space of the WAL disk)"))
+                         "ALTER SYSTEM SET max_slot_wal_keep_size = '<size>'; SELECT pg_reload_conf(); with <size> the "
+                         "free space of the WAL disk minus max_wal_size minus a fifth for headroom (docs/operations.md, "
+                         "Sizing max_slot_wal_keep_size)"))
     else:
         out.append(Check("max_slot_wal_keep_size", "pass", f"{f.max_slot_wal_keep_size_mb} MB"))
     return out

@@ -72,7 +72,8 @@ def capture_function() -> str:
 
 
 UPGRADE = (
-    "CREATE INDEX events_created_at ON outbox.events (created_at)",
+    # IF NOT EXISTS: a DBA may have built it beforehand with CREATE INDEX CONCURRENTLY (docs/operations.md)
+    "CREATE INDEX IF NOT EXISTS events_created_at ON outbox.events (created_at)",
     "DROP INDEX outbox.events_created_at_brin",
     "ALTER TABLE outbox.captures ADD COLUMN exclude_columns text[] NOT NULL DEFAULT '{}'",
     "COMMENT ON COLUMN outbox.captures.exclude_columns IS 'columns left out of this table''s events "
