@@ -44,6 +44,9 @@ AUDIT_TABLE = f"{contract.SCHEMA}.backfills"
 # with a writer (a transaction updating several rows out of key order) the chunk always times out
 # before the writer's deadlock check runs, so writers never get a deadlock error from a backfill.
 LOCK_TIMEOUT = "200ms"
+# A chunk's rows stay locked FOR SHARE until it commits: a writer that hits one waits for the whole
+# chunk. Bounded: a chunk that takes longer is cancelled (its locks go) and the run stops, resumable.
+CHUNK_STATEMENT_TIMEOUT = "2s"
 CHUNK_RETRIES = 50
 PLAIN_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 BAR_EVERY = 0.2
@@ -216,6 +219,17 @@ def _target(conn: psycopg.Connection[Any], table: str, where_db: str) -> Target:
     return Target(row[1], oid, aggregate, keys, tuple(types[k] for k in keys))
 
 
+def _refuse_row_security(conn: psycopg.Connection[Any], t: Target, where_db: str) -> None:
+    """Row-level security would silently leave rows out of the snapshot, unless this role bypasses it."""
+    row = conn.execute("SELECT c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls OR (pg_has_role(c.relowner, "
+                       "'USAGE') AND NOT c.relforcerowsecurity)), current_user FROM pg_class c, pg_roles r "
+                       "WHERE c.oid = %s AND r.rolname = current_user", (t.oid,)).fetchone()
+    if row is not None and row[0]:
+        raise BackfillError(f"{t.table} has row-level security enabled on {where_db} and role {row[1]} does not bypass "
+                            "it: its snapshot would silently miss the rows its policies hide; run the backfill as a "
+                            "role with BYPASSRLS (or the table's owner, without FORCE ROW LEVEL SECURITY)")
+
+
 def _estimate(conn: psycopg.Connection[Any], t: Target, where: str | None, exact: bool) -> int:
     """Rows to emit: EXPLAIN's estimate (which also checks the WHERE clause), or an exact count."""
     where_sql = f" WHERE ({where})" if where else ""
@@ -270,6 +284,7 @@ def run_backfill(s: BackfillSettings, *, out: TextIO | None = None, tty: bool | 
             raise BackfillError("--reconcile needs the whole table in one run: without --where (sinks would drop the "
                                 "rows it leaves out) and without --resume (the earlier run's snapshots are older "
                                 "than this run's start); run outbox backfill --reconcile again from the first row")
+        _refuse_row_security(conn, t, where_db)
         if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_LOCK_NAMESPACE, t.oid)).fetchone()[0]:  # type: ignore[index]
             raise PreconditionFailed(f"another outbox backfill of {t.table} is running on {where_db}: wait for it, "
                                      "or stop it and run again with --resume")
@@ -355,6 +370,7 @@ def _chunks(conn: psycopg.Connection[Any], s: BackfillSettings, t: Target, run_i
             try:
                 with conn.transaction():
                     conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                    conn.execute(f"SET LOCAL statement_timeout = '{CHUNK_STATEMENT_TIMEOUT}'")
                     count, held, *key = conn.execute(more if last_key is not None else first, params).fetchone()  # type: ignore[misc]
                     if held:
                         conn.execute(audit, (count, json.dumps(key), run_id))
@@ -366,6 +382,10 @@ def _chunks(conn: psycopg.Connection[Any], s: BackfillSettings, t: Target, run_i
                                         f"{first_line(exc)}; run again with --resume") from None
                 log.warning("chunk after key %s: %s; retrying", last_key, first_line(exc))
                 time.sleep(min(0.1 * attempt, 2.0))
+            except psycopg.errors.QueryCanceled:
+                raise BackfillError(f"a chunk of {t.table} after key {last_key} took longer than {CHUNK_STATEMENT_TIMEOUT} "
+                                    "(its rows stay locked for writers meanwhile) and was cancelled: run again with a "
+                                    "smaller --chunk-size and --resume") from None
             except psycopg.Error as exc:
                 where = f" (--where {s.where!r})" if s.where else ""
                 raise BackfillError(f"backfill of {t.table} failed after {rows:,} rows{where}: {first_line(exc)}; "

@@ -402,6 +402,12 @@ class InstallSettings(_Settings):
         "ENABLE ALWAYS the capture triggers of these captures: changes made with session_replication_role = replica "
         "(logical-replication subscribers, pg_restore, some ETL tools) are captured too, so a data restore or a "
         "replicated copy emits events. Without it, the mode a trigger has is kept."))] = False
+    excludes: Annotated[tuple[str, ...], Field(description=(  # outbox.captures.exclude_columns (store revision 0006)
+        "Leave COLUMN out of the events of a table this command captures (repeatable), e.g. pos.items.description: "
+        "a wide column nobody consumes then costs no WAL per UPDATE, and an UPDATE of only excluded columns emits "
+        "nothing. Key columns cannot be excluded. Each install states its captures whole: run it again without "
+        "--exclude to capture the column again (no DDL: only outbox.captures changes).")),
+        Cli(flag="--exclude", metavar="SCHEMA.TABLE.COLUMN")] = ()
 
 
 class UninstallSettings(_Settings):
@@ -517,8 +523,9 @@ class BackfillSettings(_Settings):
         Cli(metavar="SQL")] = None
     chunk_size: Annotated[int, Field(ge=1, le=1_000_000, description=(
         "Rows per chunk: one short transaction that locks them FOR SHARE and writes their snapshot events."))] = 2000
-    rate: Annotated[int | None, Field(ge=1, description="At most N rows per second [default: no limit]."),
-                    Cli(metavar="N")] = None  # None: as fast as it goes
+    rate: Annotated[int | None, Field(ge=0, description=(  # None (callers in Python): as fast as it goes
+        "At most N rows per second, so writers and replicas keep up (0: no limit).")),
+        Cli(metavar="N", default=5000)] = None
     dry_run: Annotated[bool, Field(description=(
         "Check the table and the WHERE clause, count the rows, write no events."))] = False
     reconcile: Annotated[bool, Field(description=(  # after the last chunk, a marker: sinks drop what the snapshot did not contain

@@ -75,6 +75,12 @@ class DoctorFacts:
     truncate_triggers: dict[str, str] = field(default_factory=dict)  # captured table -> TRUNCATE trigger's tgenabled
     capture_parked: int | None = None  # changes the capture trigger parked (None: before revision 0005)
     replica_defaults: tuple[str, ...] = ()  # where session_replication_role defaults to replica ("database x", ...)
+    foreign_slots: tuple[SlotHealth, ...] = ()  # logical slots of the cluster that outbox did not create
+
+
+def is_outbox_slot(name: str, plugin: str | None, ours: str) -> bool:
+    """A slot outbox made: this store's, or another store's relay slot (outbox_<db>, pgoutput) on the cluster."""
+    return name == ours or (name.startswith("outbox_") and plugin == "pgoutput")
 
 
 # =========================================================================== pure: facts -> checks
@@ -89,6 +95,7 @@ def diagnose(f: DoctorFacts) -> list[Check]:
     b = f.base
     checks = [Check("connection", "pass", f"{b.where}, PostgreSQL {f.server_version_text}")]
     checks += _server_checks(f)
+    checks.append(_foreign_slots_check(f))
     checks += _role_checks(f)
     installed = b.revision is not None
     if not installed:
@@ -138,11 +145,26 @@ def _server_checks(f: DoctorFacts) -> list[Check]:
 
     if f.max_slot_wal_keep_size_mb < 0:
         out.append(Check("max_slot_wal_keep_size", "warn", "-1 (unlimited): a relay that stays down can fill the disk",
-                         "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf(); "
-                         "(size it below the free space of the WAL disk)"))
+                         "ALTER SYSTEM SET max_slot_wal_keep_size = '<size>'; SELECT pg_reload_conf(); with <size> the "
+                         "free space of the WAL disk minus max_wal_size minus a fifth for headroom (docs/operations.md, "
+                         "Sizing max_slot_wal_keep_size)"))
     else:
         out.append(Check("max_slot_wal_keep_size", "pass", f"{f.max_slot_wal_keep_size_mb} MB"))
     return out
+
+
+def _foreign_slots_check(f: DoctorFacts) -> Check:
+    """Logical slots outbox did not create: each streams every table of its database, and retains WAL."""
+    name = "other logical slots"
+    if not f.foreign_slots:
+        return Check(name, "pass", "none: every logical slot of the cluster is an outbox relay's")
+    listed = "; ".join(
+        f"{s.name} ({s.plugin}, database {s.database}, {f'active pid {s.active_pid}' if s.active_pid else 'inactive'}, "
+        f"retains {format_bytes(s.retained_bytes)})" for s in f.foreign_slots)
+    drop = "; ".join(f"SELECT pg_drop_replication_slot({inst.quote_literal(s.name)})" for s in f.foreign_slots)
+    return Check(name, "warn", f"not created by outbox: {listed}: a logical slot decodes every table of its database "
+                 "for whoever holds REPLICATION, and pins WAL while nobody reads it",
+                 f"find its owner; if nobody needs it: {drop} (docs/install.md, Restricting the relay role)")
 
 
 def _headroom(setting: str, used: int, maximum: int, *, ours: bool, missing: str, full: str) -> Check:
@@ -339,6 +361,14 @@ SELECT slot_name, database, plugin, slot_type, active_pid, wal_status,
 FROM pg_replication_slots WHERE slot_name = %s
 """
 
+# Every logical slot of the cluster (pg_replication_slots is cluster-wide), for the ones outbox did not make.
+_ALL_SLOTS_SQL = """
+SELECT slot_name, database, plugin, slot_type, active_pid, wal_status,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name
+"""
+
 _PUBLICATION_SQL = """
 SELECT p.puballtables, p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate,
        ARRAY(SELECT format('%%I.%%I', t.schemaname, t.tablename) FROM pg_publication_tables t
@@ -400,6 +430,7 @@ def read_doctor_facts(conn: psycopg.Connection[Any], *, slot: str | None, role: 
             parked = conn.execute(f"SELECT count(*) FROM {contract.SCHEMA}.{contract.PARKED_TABLE} "
                                   "WHERE table_name IS NOT NULL").fetchone()[0]  # type: ignore[index]
     replica = tuple(r[0] for r in conn.execute(_REPLICA_SQL))
+    foreign = tuple(SlotHealth(*r) for r in conn.execute(_ALL_SLOTS_SQL) if not is_outbox_slot(r[0], r[2], slot_name))
     return DoctorFacts(
         base=base, slot_name=slot_name, role=base.roles[role_name], server_version_text=version,
         server_encoding=encoding, max_wal_senders=max_senders, wal_senders_used=senders,
@@ -409,7 +440,7 @@ def read_doctor_facts(conn: psycopg.Connection[Any], *, slot: str | None, role: 
             tuple(p[5]), bool(p[0]),
             tuple(a for a, on in zip(("insert", "update", "delete", "truncate"), p[1:5]) if on)) if p else None,
         triggers=triggers, missing_tables=frozenset(missing), primary_keys=keys, truncate_triggers=truncates,
-        capture_parked=parked, replica_defaults=replica,
+        capture_parked=parked, replica_defaults=replica, foreign_slots=foreign,
     )
 
 

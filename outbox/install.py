@@ -89,17 +89,18 @@ def qualified(schema: str, table: str) -> str:
     return f"{quote_ident(schema)}.{quote_ident(table)}"
 
 
-def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, replace: bool = False) -> list[str]:
+def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, replace: bool = False,
+                exclude: Sequence[str] | None = None) -> list[str]:
     """The statements that start capturing ``table`` (already quoted, ``schema.table``).
 
     ``replace`` drops an existing outbox_capture trigger first (aggregate or key changed).
+    ``exclude``: the columns left out of its events (store revision 0006; None: not registered).
     The same statements run online and are printed by ``--sql``.
     """
     if not key_columns:
         raise ValueError(f"{table} has no key columns")
     contract.topic_for(contract.DEFAULT_TOPIC_PREFIX, aggregate)  # raises ContractError
     args = ", ".join(quote_literal(v) for v in (aggregate, *key_columns))
-    keys = ", ".join(quote_literal(c) for c in key_columns)
     statements = []
     if replace:
         statements.append(f"DROP TRIGGER IF EXISTS {contract.CAPTURE_TRIGGER} ON {table}")
@@ -107,13 +108,24 @@ def capture_sql(table: str, aggregate: str, key_columns: Sequence[str], *, repla
         f"CREATE TRIGGER {contract.CAPTURE_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {table} "
         f"FOR EACH ROW EXECUTE FUNCTION {CAPTURE_FUNCTION}({args})"
     )
-    statements.append(
-        f"INSERT INTO {contract.SCHEMA}.captures (table_name, aggregate_type, key_columns) "
-        f"VALUES ({quote_literal(table)}, {quote_literal(aggregate)}, ARRAY[{keys}]::text[]) "
-        "ON CONFLICT (table_name) DO UPDATE SET aggregate_type = EXCLUDED.aggregate_type, "
-        "key_columns = EXCLUDED.key_columns, installed_at = now()"
-    )
+    statements.append(register_sql(table, aggregate, key_columns, exclude))
     return statements
+
+
+def register_sql(table: str, aggregate: str, key_columns: Sequence[str], exclude: Sequence[str] | None = None) -> str:
+    """The capture's row in outbox.captures; its exclude_columns take effect at once (no DDL)."""
+    keys = ", ".join(quote_literal(c) for c in key_columns)
+    if exclude is None:
+        return (f"INSERT INTO {contract.SCHEMA}.captures (table_name, aggregate_type, key_columns) "
+                f"VALUES ({quote_literal(table)}, {quote_literal(aggregate)}, ARRAY[{keys}]::text[]) "
+                "ON CONFLICT (table_name) DO UPDATE SET aggregate_type = EXCLUDED.aggregate_type, "
+                "key_columns = EXCLUDED.key_columns, installed_at = now()")
+    columns = ", ".join(quote_literal(c) for c in exclude)
+    return (f"INSERT INTO {contract.SCHEMA}.captures (table_name, aggregate_type, key_columns, exclude_columns) "
+            f"VALUES ({quote_literal(table)}, {quote_literal(aggregate)}, ARRAY[{keys}]::text[], "
+            f"ARRAY[{columns}]::text[]) "
+            "ON CONFLICT (table_name) DO UPDATE SET aggregate_type = EXCLUDED.aggregate_type, "
+            "key_columns = EXCLUDED.key_columns, exclude_columns = EXCLUDED.exclude_columns, installed_at = now()")
 
 
 def truncate_capture_sql(table: str, aggregate: str, *, replace: bool = False, always: bool = False) -> list[str]:
@@ -239,6 +251,7 @@ class TableFacts:
     key_columns: tuple[str, ...] = ()
     can_trigger: bool = True
     children: tuple[str, ...] = ()  # inheritance children (legacy pre-10 partitioning), not declarative partitions
+    columns: tuple[str, ...] = ()  # its columns (for --exclude)
 
 
 @dataclass(frozen=True)
@@ -287,6 +300,7 @@ class Facts:
     revision: str | None
     slot: SlotFacts | None
     captured: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # table -> (aggregate, keys)
+    excluded: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table -> columns left out (revision 0006)
     triggered: frozenset[str] = frozenset()  # tables that carry an outbox_capture trigger
     always: frozenset[str] = frozenset()  # of those, the ones whose capture triggers are ENABLE ALWAYS (and complete)
     tables: tuple[TableFacts, ...] = ()
@@ -399,16 +413,19 @@ class CapturePlan:
     action: str  # "create", "replace" or "keep"
     previous: str | None = None  # the aggregate it had, when replaced
     always: bool = False  # --capture-always
+    exclude: tuple[str, ...] = ()  # --exclude: columns left out of its events
 
     def statements(self) -> list[str]:
         if self.action == "keep":
             return []
+        if self.action == "register":  # only the excluded columns changed: the trigger stays, no DDL
+            return [register_sql(self.table, self.aggregate, self.key_columns, self.exclude)]
         replace = self.action == "replace"
-        return (capture_sql(self.table, self.aggregate, self.key_columns, replace=replace)
+        return (capture_sql(self.table, self.aggregate, self.key_columns, replace=replace, exclude=self.exclude)
                 + truncate_capture_sql(self.table, self.aggregate, replace=replace, always=self.always))
 
     def describe(self) -> str:
-        keys = ", ".join(self.key_columns)
+        keys = ", ".join(self.key_columns) + (f"; without {', '.join(self.exclude)}" if self.exclude else "")
         if self.action == "keep":
             return f"{self.table} already captured as {self.aggregate} (key: {keys})"
         if self.action == "replace" and self.previous and self.previous != self.aggregate:
@@ -416,11 +433,44 @@ class CapturePlan:
         return f"capturing {self.table} as {self.aggregate} (key: {keys})"
 
 
-def plan_captures(facts: Facts, captures: Iterable[cfg.Capture], *, always: bool = False) -> list[CapturePlan]:
-    """Decide, per requested capture, whether to create, replace or keep its trigger.
+def parse_exclude(text: str) -> tuple[str, str]:
+    """``SCHEMA.TABLE.COLUMN`` -> (``SCHEMA.TABLE``, ``COLUMN``); a bad one is one line with an example."""
+    table, _, column = text.strip().rpartition(".")
+    if not table or "." not in table or not column:
+        raise ConfigError(f"invalid --exclude {text!r}: expected SCHEMA.TABLE.COLUMN, e.g. pos.items.description")
+    return table, column
+
+
+def plan_excludes(facts: Facts, captures: Sequence[cfg.Capture], excludes: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Each --exclude checked against the captures of the same command: canonical table -> columns."""
+    by_request = {t.requested: t for t in facts.tables}
+    names = {c.table: by_request[c.table] for c in captures}
+    out: dict[str, list[str]] = {}
+    for text in excludes:
+        table, column = parse_exclude(text)
+        t = names.get(table) or next((t for t in names.values() if t.name == table), None)
+        if t is None or t.name is None:
+            raise ConfigError(f"--exclude {text} names no table of a --capture of this command: add "
+                              f"--capture {table}=AGGREGATE (an install states each capture whole)")
+        if column in t.key_columns:
+            raise PreconditionFailed(f"--exclude {text}: {t.name}.{column} is part of the primary key, which every "
+                                     "event carries as its aggregate id")
+        if t.columns and column not in t.columns:
+            raise PreconditionFailed(f"--exclude {text}: column {column} does not exist in {t.name}")
+        if column not in out.setdefault(t.name, []):
+            out[t.name].append(column)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def plan_captures(facts: Facts, captures: Iterable[cfg.Capture], *, always: bool = False,
+                  excludes: Iterable[str] = ()) -> list[CapturePlan]:
+    """Decide, per requested capture, whether to create, replace, register or keep its trigger.
 
     ``always`` (--capture-always) replaces a trigger that is not ENABLE ALWAYS yet; without it, the
-    mode a trigger has is kept."""
+    mode a trigger has is kept. ``excludes`` (--exclude SCHEMA.TABLE.COLUMN) are the columns left
+    out of the events; when only they change, the trigger is kept and only its row is updated."""
+    captures = list(captures)
+    excluded = plan_excludes(facts, captures, excludes)
     by_request = {t.requested: t for t in facts.tables}
     plans: list[CapturePlan] = []
     seen: dict[str, str] = {}
@@ -431,15 +481,16 @@ def plan_captures(facts: Facts, captures: Iterable[cfg.Capture], *, always: bool
             raise ConfigError(f"--capture names {t.name} twice ({seen[t.name]} and {c.table})")
         seen[t.name] = c.table
         before = facts.captured.get(t.name)
+        exclude = excluded.get(t.name, ())
         if before == (c.aggregate, t.key_columns) and t.name in facts.triggered and (
                 not always or t.name in facts.always):
-            action = "keep"
+            action = "keep" if facts.excluded.get(t.name, ()) == exclude else "register"
         elif t.name in facts.triggered:
             action = "replace"
         else:
             action = "create"
         plans.append(CapturePlan(t.name, c.aggregate, t.key_columns, action, before[0] if before else None,
-                                 always=always))
+                                 always=always, exclude=exclude))
     return plans
 
 
@@ -472,7 +523,9 @@ SELECT format('%%I.%%I', n.nspname, c.relname), c.relkind,
              ORDER BY k.ord),
        ARRAY(SELECT format('%%I.%%I', cn.nspname, cc.relname)
              FROM pg_inherits h JOIN pg_class cc ON cc.oid = h.inhrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
-             WHERE h.inhparent = c.oid AND NOT cc.relispartition ORDER BY 1)
+             WHERE h.inhparent = c.oid AND NOT cc.relispartition ORDER BY 1),
+       ARRAY(SELECT attname::text FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped
+             ORDER BY attnum)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = to_regclass(%s)
 """
@@ -518,11 +571,18 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
         rev = conn.execute(f"SELECT version_num FROM {version_table}").fetchone()
         revision = rev[0] if rev else None
     captured: dict[str, tuple[str, tuple[str, ...]]] = {}
+    excluded: dict[str, tuple[str, ...]] = {}
     if has_captures:
-        for name, aggregate, keys in conn.execute(
-            f"SELECT table_name, aggregate_type, key_columns FROM {contract.SCHEMA}.captures ORDER BY table_name"
+        has_excludes = conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'exclude_columns' "
+            "AND NOT attisdropped", (f"{contract.SCHEMA}.captures",)).fetchone() is not None
+        for name, aggregate, keys, exclude in conn.execute(
+            f"SELECT table_name, aggregate_type, key_columns, {'exclude_columns' if has_excludes else 'NULL'} "
+            f"FROM {contract.SCHEMA}.captures ORDER BY table_name"
         ):
             captured[name] = (aggregate, tuple(keys))
+            if exclude:
+                excluded[name] = tuple(exclude)
     triggered = frozenset(r[0] for r in conn.execute(
         "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = %s AND NOT t.tgisinternal "
@@ -544,14 +604,14 @@ def read_facts(conn: psycopg.Connection[Any], *, slot: str, tables: Iterable[str
         if t is None:
             table_facts.append(TableFacts(requested))
         else:
-            table_facts.append(TableFacts(requested, t[0], t[1], tuple(t[3]), bool(t[2]), tuple(t[4])))
+            table_facts.append(TableFacts(requested, t[0], t[1], tuple(t[3]), bool(t[2]), tuple(t[4]), tuple(t[5])))
     return Facts(
         where=_where(conn), database=database, server_version=version, wal_level=wal_level,
         max_replication_slots=max_slots, slots_used=used, can_create=bool(can_create),
         can_replicate=bool(can_replicate), schema_exists=schema_exists, schema_empty=bool(schema_empty),
         publication_exists=pub_exists, revision=revision,
         slot=SlotFacts(*slot_row) if slot_row else None,
-        captured=captured, triggered=triggered, always=always, tables=tuple(table_facts), superuser=bool(superuser),
+        captured=captured, excluded=excluded, triggered=triggered, always=always, tables=tuple(table_facts), superuser=bool(superuser),
         roles={r: read_role(conn, r) for r in roles},
         relay_roles=tuple(r[0] for r in conn.execute(_RELAY_ROLES_SQL, (f"{contract.SCHEMA}.{contract.EVENTS_TABLE}",))),
     )
@@ -674,7 +734,8 @@ def install_outbox(settings: cfg.InstallSettings, *, echo: Echo = _quiet) -> Ins
                 slot = _slot_name(settings.slot, raw)
                 facts = read_facts(raw, slot=slot, tables=[c.table for c in settings.captures], roles=_roles(settings))
                 check_install(facts, slot)
-                plans = plan_captures(facts, settings.captures, always=settings.capture_always)
+                plans = plan_captures(facts, settings.captures, always=settings.capture_always,
+                                      excludes=settings.excludes)
                 config = alembic_config(before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"],
                                         after=_role_statements(settings, facts), connection=sa_conn,
                                         lock_timeout=settings.lock_timeout)
@@ -841,7 +902,7 @@ def install_sql(settings: cfg.InstallSettings) -> str:
         problems = table_problems(dataclasses.replace(t, can_trigger=True), facts.where)
         if problems:
             raise PreconditionFailed(problems[0])
-    plans = plan_captures(facts, settings.captures, always=settings.capture_always)
+    plans = plan_captures(facts, settings.captures, always=settings.capture_always, excludes=settings.excludes)
     out = io.StringIO()
     out.write(f"-- outbox install for {facts.where} (outbox-relay revision {store_head()})\n")
     for problem in install_problems(facts, slot):
@@ -997,7 +1058,7 @@ def parse_capture(text: str) -> cfg.Capture:
 @click.command()
 @cfg.options_for(cfg.InstallSettings)
 def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, relay_role: str | None,
-            lock_timeout: float, lock_wait: float, capture_always: bool) -> None:
+            lock_timeout: float, lock_wait: float, capture_always: bool, excludes: tuple[str, ...]) -> None:
     """Install the outbox into a store database (idempotent; run again to add captures).
 
     Creates schema outbox (events table, publication outbox_events, capture registry and
@@ -1009,7 +1070,8 @@ def install(dsn: str, captures: tuple[str, ...], sql: bool, slot: str | None, re
     settings = cfg.build(cfg.InstallSettings, dsn=dsn, captures=tuple(parse_capture(c) for c in captures),
                          slot=check_slot_name(slot) if slot else None, sql=sql,
                          relay_role=check_role_name(relay_role) if relay_role else None,
-                         lock_timeout=lock_timeout, lock_wait=lock_wait, capture_always=capture_always)
+                         lock_timeout=lock_timeout, lock_wait=lock_wait, capture_always=capture_always,
+                         excludes=excludes)
     if settings.sql:
         click.echo(install_sql(settings), nl=False)
     else:
@@ -1113,7 +1175,7 @@ def grant(dsn: str, relay_role: str | None, consumer_role: str | None, writeback
 __all__ = [
     "CapturePlan", "Facts", "InstallResult", "RoleFacts", "apply_grants", "consumer_role_sql", "grant", "grant_sql",
     "read_role", "relay_role_sql", "SlotFacts", "TableFacts", "UninstallResult",
-    "capture_sql", "check_install", "check_wal_level", "create_slot_sql", "drop_slot_sql", "install", "install_outbox",
+    "capture_sql", "register_sql", "parse_exclude", "plan_excludes", "check_install", "check_wal_level", "create_slot_sql", "drop_slot_sql", "install", "install_outbox",
     "install_problems", "install_sql", "plan_captures", "read_facts", "uncapture_sql", "uninstall", "uninstall_outbox",
     "uninstall_sql", "wal_level_problem", "writeback_role_sql",
 ]

@@ -113,6 +113,10 @@ RELAY_SLOT_WAL_STATUS = Gauge("outbox_relay_slot_wal_status",
                               ["source_id", "slot", "wal_status"])
 RELAY_SLOT_POLL_TIME = Gauge("outbox_relay_slot_last_poll_timestamp_seconds",
                              "Unix time of the last successful poll of pg_replication_slots.", ["source_id"])
+RELAY_FOREIGN_SLOTS = Gauge("outbox_relay_foreign_logical_slots",
+                            "Logical replication slots of the store's cluster that outbox did not create (neither "
+                            "this relay's nor another outbox_* pgoutput slot): each decodes every table of its "
+                            "database for a REPLICATION role, and pins WAL; outbox doctor names them.", ["source_id"])
 RELAY_HEARTBEAT_AGE = Gauge("outbox_relay_heartbeat_age_seconds",
                             "Now minus the commit time of the last heartbeat that came back through the "
                             "replication stream (since relay start while none has); NaN with heartbeats off.",
@@ -187,6 +191,7 @@ class RelayMetrics:
         self.replication_connected = RELAY_REPLICATION_CONNECTED.labels(source_id)
         self.kafka_connected = RELAY_KAFKA_CONNECTED.labels(source_id)
         self.slot_poll_time = RELAY_SLOT_POLL_TIME.labels(source_id)
+        self.foreign_slots = RELAY_FOREIGN_SLOTS.labels(source_id)
         self.heartbeat_age = RELAY_HEARTBEAT_AGE.labels(source_id)
         self.kafka_committed = RELAY_KAFKA_COMMITTED.labels(source_id)
         self.kafka_aborted = RELAY_KAFKA_ABORTED.labels(source_id)

@@ -23,12 +23,14 @@ async def purge_periodically(settings: RelaySettings, stop: asyncio.Event) -> No
     """Keep outbox.events from growing forever: rows older than --retention go."""
     while not stop.is_set():
         try:
-            deleted = await asyncio.to_thread(purge_events, settings.dsn, settings.retention)
-            if deleted:
-                log.info("purged %d events older than %.0f s from outbox.events", deleted, settings.retention)
+            purged = await asyncio.to_thread(purge_events, settings.dsn, settings.retention, stop=stop.is_set)
+            if purged.deleted:
+                log.info("purged %d events older than %.0f s from outbox.events in %d batches", purged.deleted,
+                         settings.retention, purged.batches)
         except OutboxError as exc:  # not fatal: streaming does not depend on it
             log.warning("could not purge outbox.events: %s", exc.message)
-        await asyncio.sleep(policy.PURGE_EVERY)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), policy.PURGE_EVERY)
 
 
 class Watch:
@@ -95,6 +97,7 @@ class Watch:
                 log.warning("%s", warning)
             self._wal_status = sample.wal_status
         self.state.metrics.slot(self.slot, sample.wal_status, sample.retained_bytes, sample.safe_wal_size)
+        self.state.metrics.foreign_slots.set(sample.foreign_slots)
 
     async def _probe_kafka(self) -> None:
         """1 when the producer has (or can open) a connection to some broker."""

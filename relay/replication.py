@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -20,7 +21,7 @@ from outbox import contract
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import DatabaseRefused, DatabaseUnavailable, NotInstalled, PreconditionFailed
 from outbox.config import slot_name_for
-from outbox.relay import pgoutput
+from outbox.relay import pgoutput, policy
 from outbox.relay.errors import SlotInUse as SlotInUse
 
 log = logging.getLogger(__name__)
@@ -89,24 +90,57 @@ def preflight(dsn: str, slot: str | None) -> SlotInfo:
     return SlotInfo(name=name, database=dbname, confirmed_flush=contract.parse_lsn(confirmed) if confirmed else 0)
 
 
-def purge_events(dsn: str, older_than_s: float, batch: int = 10_000) -> int:
+# One batch: the oldest rows before a cutoff fixed once per purge, read through the btree index
+# events_created_at (store revision 0006), deleted by ctid (a TID scan, no second index lookup).
+PURGE_BATCH_SQL = (
+    f"DELETE FROM {contract.SCHEMA}.{contract.EVENTS_TABLE} WHERE ctid = ANY(ARRAY("
+    f"SELECT ctid FROM {contract.SCHEMA}.{contract.EVENTS_TABLE} WHERE created_at < %s ORDER BY created_at LIMIT %s))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    deleted: int
+    batches: int
+    stopped: bool = False  # ``stop`` said so before the last batch
+
+
+def purge_events(dsn: str, older_than_s: float, batch: int = policy.PURGE_BATCH, *,
+                 pause: float = policy.PURGE_PAUSE, statement_timeout: float = policy.PURGE_STATEMENT_TIMEOUT,
+                 lock_timeout: float = policy.PURGE_LOCK_TIMEOUT, stop: Callable[[], bool] = lambda: False) -> Purged:
     """Delete published history from outbox.events (the WAL, not the table, carries events).
 
     Rows are only an audit trail once committed: the relay reads the WAL, so deleting them never
-    loses an event. Deleted in batches to keep locks and WAL bursts small.
+    loses an event. Each batch is one short statement (``statement_timeout``, ``lock_timeout``)
+    over the btree index on created_at, and ``pause`` seconds separate batches, so catching up
+    after an outage is a trickle of small deletes that autovacuum and the writers can keep up with.
     """
-    total = 0
-    with connect(dsn, autocommit=True, application_name="outbox-relay-purge") as conn:
-        while True:
-            deleted = conn.execute(
-                f"DELETE FROM {contract.SCHEMA}.{contract.EVENTS_TABLE} WHERE id IN ("
-                f" SELECT id FROM {contract.SCHEMA}.{contract.EVENTS_TABLE}"
-                "  WHERE created_at < now() - make_interval(secs => %s) LIMIT %s)",
-                (older_than_s, batch),
-            ).rowcount
-            total += deleted
-            if deleted < batch:
-                return total
+    deleted = batches = 0
+    where = describe(dsn)
+    try:
+        with connect(dsn, autocommit=True, application_name="outbox-relay-purge", connect_timeout=10) as conn:
+            conn.execute(f"SET statement_timeout = {int(statement_timeout * 1000)}")
+            conn.execute(f"SET lock_timeout = {int(lock_timeout * 1000)}")
+            cutoff = conn.execute("SELECT now() - make_interval(secs => %s)", (older_than_s,)).fetchone()[0]  # type: ignore[index]
+            while True:
+                if stop():
+                    return Purged(deleted, batches, stopped=True)
+                n = conn.execute(PURGE_BATCH_SQL, (cutoff, batch)).rowcount
+                deleted += n
+                batches += 1
+                if n < batch:
+                    return Purged(deleted, batches)
+                time.sleep(pause)
+    except psycopg.errors.QueryCanceled as exc:  # statement_timeout or lock_timeout
+        raise DatabaseUnavailable(f"purge of {contract.SCHEMA}.{contract.EVENTS_TABLE} on {where} stopped after "
+                                  f"{deleted} rows: {first_line(exc)} (statement_timeout "
+                                  f"{statement_timeout:g} s, lock_timeout {lock_timeout:g} s); it goes on next time") from None
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise DatabaseRefused(f"cannot purge {contract.SCHEMA}.{contract.EVENTS_TABLE} on {where}: {first_line(exc)} "
+                              "(GRANT DELETE on it to the relay's role, or --retention 0)") from None
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(f"cannot purge {contract.SCHEMA}.{contract.EVENTS_TABLE} on {where}: "
+                                  f"{first_line(exc)}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +151,15 @@ class SlotSample:
     wal_status: str | None  # reserved, extended, unreserved, lost; None when the slot is gone
     retained_bytes: int | None  # pg_current_wal_lsn() - restart_lsn
     safe_wal_size: int | None  # None without max_slot_wal_keep_size (or when lost)
+    foreign_slots: int = 0  # logical slots of the cluster that outbox did not create (outbox doctor names them)
 
 
 SLOT_SAMPLE = """
 SELECT pg_current_wal_lsn()::text, s.wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,
-       s.safe_wal_size
-  FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = %s
+       s.safe_wal_size,
+       (SELECT count(*) FROM pg_replication_slots f WHERE f.slot_type = 'logical' AND f.slot_name <> %(slot)s
+           AND NOT (f.slot_name LIKE 'outbox\\_%%' AND f.plugin = 'pgoutput'))::int
+  FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots AS s ON s.slot_name = %(slot)s
 """
 
 
@@ -148,13 +185,13 @@ class SlotMonitor:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self._dsn, autocommit=True, application_name="outbox-relay-monitor", connect_timeout=5)
-            row = self._conn.execute(SLOT_SAMPLE, (self._slot,)).fetchone()
+            row = self._conn.execute(SLOT_SAMPLE, {"slot": self._slot}).fetchone()
         except psycopg.Error as exc:
             self.close()
             raise DatabaseUnavailable(f"cannot sample slot {self._slot}: {first_line(exc)}") from None
         assert row is not None
-        wal_end, wal_status, retained, safe = row
-        return SlotSample(contract.parse_lsn(wal_end), wal_status, retained, safe)
+        wal_end, wal_status, retained, safe, foreign = row
+        return SlotSample(contract.parse_lsn(wal_end), wal_status, retained, safe, foreign)
 
     def heartbeat(self, source_id: str) -> None:
         """Write a heartbeat row: it travels through the WAL and the slot like an event."""
