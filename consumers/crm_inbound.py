@@ -124,7 +124,7 @@ class WebhookReceiver:
         try:
             future = await self._producer.send(record.topic, value=record.value, key=record.key, headers=record.headers)
             await asyncio.wait_for(future, 30)
-        except (KafkaError, asyncio.TimeoutError) as exc:
+        except (KafkaError, TimeoutError) as exc:
             log.warning("unusable webhook %s not parked: Kafka did not acknowledge it (%s)", delivery or "?", exc)
             return web.json_response({"error": "Kafka unavailable, retry later"}, status=503, headers={"Retry-After": "5"})
         WEBHOOKS_PARKED.labels("invalid").inc()

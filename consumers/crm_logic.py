@@ -80,7 +80,7 @@ class Mapping:
         """The way back: CRM fields -> legacy columns (references and unknown fields are left out)."""
         return {src: crm_fields[k] for k, src in self.fields.items() if k in crm_fields}
 
-    def previous_columns(self, change: "Change") -> dict[str, Any] | None:
+    def previous_columns(self, change: Change) -> dict[str, Any] | None:
         """What the CRM held before the edit, for the columns the change writes (None: the CRM did not
         say; a field it did not have is null)."""
         if change.previous is None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any

@@ -255,7 +255,7 @@ class TestReadStore(SinkContract):
 class TestCrmSink(SinkContract):
     """The CRM sink against the reference CRM as a real process; its ledger database holds the offsets."""
 
-    guards_positions = False  # it keeps per-key Kafka order; a re-delivered event is skipped by the ledger
+    # guarded by position: crm_sink.positions holds the newest event applied per CRM record
     offsets_schema = "crm_sink"
 
     @pytest.fixture(autouse=True)
