@@ -64,12 +64,13 @@ def _target(mapping: Mapping) -> sql.Composable:
 
 
 def lock_statement(mapping: Mapping, columns: Sequence[str]) -> sql.Composed:
-    """Lock the row by key and say, per column, whether it still holds what the CRM had before the edit
-    (both typed by PostgreSQL: jsonb_populate_record). The key is compared as the column's own type
-    (the parameter is untyped), so the primary-key index is used."""
-    same = sql.SQL(", ").join(sql.SQL("t.{c} IS NOT DISTINCT FROM p.{c}").format(c=sql.Identifier(c)) for c in columns)
-    return sql.SQL("SELECT {same} FROM {t} AS t, jsonb_populate_record(NULL::{t}, %s::jsonb) AS p "
-                   "WHERE t.{key} = %s FOR UPDATE OF t").format(
+    """Lock the row by key and say, per column, whether it still holds what the CRM had before the edit,
+    or already what the edit sets (no conflict either way; all typed by PostgreSQL: jsonb_populate_record).
+    The key is compared as the column's own type (the parameter is untyped): the primary-key index is used."""
+    same = sql.SQL(", ").join(sql.SQL("t.{c} IS NOT DISTINCT FROM p.{c} OR t.{c} IS NOT DISTINCT FROM n.{c}").format(
+        c=sql.Identifier(c)) for c in columns)
+    return sql.SQL("SELECT {same} FROM {t} AS t, jsonb_populate_record(NULL::{t}, %s::jsonb) AS p, "
+                   "jsonb_populate_record(NULL::{t}, %s::jsonb) AS n WHERE t.{key} = %s FOR UPDATE OF t").format(
         same=same, t=_target(mapping), key=sql.Identifier(mapping.key_column))
 
 
@@ -236,7 +237,7 @@ class Writeback(sink_offsets.DatabaseSink[Plan]):
         names = sorted(columns)
         previous = mapping.previous_columns(change)
         row = await (await conn.execute(lock_statement(mapping, names), (
-            column_json(previous if previous is not None else {}), change.aggregate_id))).fetchone()
+            column_json(previous if previous is not None else {}), column_json(columns), change.aggregate_id))).fetchone()
         if row is None:
             return None
         same = dict(zip(names, row)) if previous is not None else dict.fromkeys(names, True)

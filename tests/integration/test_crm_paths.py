@@ -163,7 +163,7 @@ def test_the_writeback_finds_the_row_by_its_primary_key_index(store: str) -> Non
     mapping = DEFAULT_MAPPINGS["customer"]
     with psycopg.connect(store) as conn:
         conn.execute("SET enable_seqscan = off")
-        for statement, params in ((crm_writeback.lock_statement(mapping, ["phone"]), ("{}", "1")),
+        for statement, params in ((crm_writeback.lock_statement(mapping, ["phone"]), ("{}", "{}", "1")),
                                   (crm_writeback.update_statement(mapping, ["phone"]), ("{}", "1"))):
             plan = "\n".join(r[0] for r in conn.execute(psycopg.sql.SQL("EXPLAIN ") + statement, params))
             assert "Index Scan using customers_pkey" in plan or "Index Cond" in plan, plan
