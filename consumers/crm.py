@@ -31,9 +31,10 @@ from prometheus_client import Counter, Histogram
 from pydantic import Field, SecretStr, field_validator
 
 from outbox.consumers.crm_logic import (AUTH, OK, ORIGIN_CRM, PERMANENT, KeyScheduler, Mapping, MappingError, Pending,
-                                 TokenBucket, backoff, classify_status, load_mappings, parse_retry_after)
+                                        TokenBucket, backoff, cap_retry_after, classify_status, counts_attempt,
+                                        load_mappings, parse_retry_after)
 from outbox.consumers import sink_offsets
-from outbox.consumers.dlq import DeadLetter, DeadLetters, DeadLetterUnavailable, for_group
+from outbox.consumers.dlq import H_REDRIVE, DeadLetter, DeadLetters, DeadLetterUnavailable, for_group, header
 from outbox.consumers.kafka import Progress, SinkUnavailable, run_pipelined, topic_pattern
 from outbox.consumers.sink import Sink, run_sink
 from outbox import contract, metrics
@@ -84,10 +85,15 @@ class CrmSinkSettings(SinkSettings):
     burst: Annotated[int | None, Field(ge=1, description="Calls allowed at once [default: the rate]."),
                      Cli(checked=True)] = None  # None: max(1, rate)
     max_attempts: Annotated[int, Field(ge=1, description=(
-        "Attempts per record before it is dead-lettered to <topic>.dlq.")), Cli(checked=True)] = 10
+        "Failed attempts per record before it is dead-lettered to <topic>.dlq. Only failures while the CRM "
+        "answers other calls count: during an outage (every call failing) and on 429s records back off "
+        "without using up attempts.")), Cli(checked=True)] = 10
     retry_base: Annotated[float, Field(gt=0, description=(
         "First retry delay in seconds; doubles per attempt, with jitter.")), Cli(checked=True)] = 0.5
     retry_max: Annotated[float, Field(gt=0, description="Longest retry delay in seconds."), Cli(checked=True)] = 60.0
+    retry_after_max: Annotated[float, Field(gt=0, description=(
+        "Longest Retry-After honoured, in seconds: a longer one (or an HTTP-date far ahead, a CRM clock running "
+        "ahead) holds calls this long, then they are tried again.")), Cli(checked=True)] = 300.0
     timeout: Annotated[float, Field(gt=0, description=(
         "Seconds a CRM call may take before it counts as failed (and is retried).")), Cli(checked=True)] = 10.0
     max_buffered: Annotated[int, Field(ge=1, description=(  # records per partition held before it is paused
@@ -119,9 +125,15 @@ CRM_DEAD_LETTERED = metrics.sink_metric(Counter, "outbox_crm_dead_lettered_total
                             "--max-attempts), invalid (breaks the event contract or the mapping).", ["group", "reason"])
 CRM_SKIPPED = metrics.sink_metric(Counter, "outbox_crm_skipped_total",
                       "Records not sent, by reason: echo (the change came from the CRM), unmapped (no mapping for "
-                      "its aggregate type), applied (already in the ledger: a re-delivery).", ["group", "reason"])
+                      "its aggregate type), applied (already in the ledger: a re-delivery), older (a newer event of "
+                      "its record was applied already: a re-drive or a replay of an old image), redrive (re-driven "
+                      "for another group).", ["group", "reason"])
 CRM_THROTTLED = metrics.sink_metric(Counter, "outbox_crm_throttled_seconds_total",
                         "Seconds the sink held all calls back because the CRM answered 429 with Retry-After.", ["group"])
+CRM_PARK_FAILURES = metrics.sink_metric(Counter, "outbox_crm_park_failures_total",
+                        "Failed attempts to save the CRM sink's progress, by what failed: dead_letters (the dead-letter "
+                        "topic cannot be written) or ledger. While they fail the sink holds its records and pauses its "
+                        "partitions at --max-buffered.", ["group", "reason"])
 
 
 
@@ -246,13 +258,40 @@ CREATE TABLE IF NOT EXISTS crm_sink.ledger (
     at          timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (group_id, event_id)
 );
+-- per CRM record, the source position of the newest event applied to it: the position guard
+CREATE TABLE IF NOT EXISTS crm_sink.positions (
+    group_id    text NOT NULL,
+    kind        text NOT NULL,
+    external_id text NOT NULL,
+    commit_lsn  pg_lsn NOT NULL,
+    txseq       integer NOT NULL,
+    event_id    text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (group_id, kind, external_id)
+);
 """ + sink_offsets.table_sql("crm_sink")
-SEEN = "SELECT event_id FROM crm_sink.ledger WHERE group_id = %s AND event_id = ANY(%s::text[])"
+SEEN = "SELECT event_id, outcome FROM crm_sink.ledger WHERE group_id = %s AND event_id = ANY(%s::text[])"
+# a re-driven dead letter that is applied turns its ledger row from dead_lettered into applied
 RECORD = """
-INSERT INTO crm_sink.ledger (group_id, event_id, external_id, outcome)
+INSERT INTO crm_sink.ledger AS l (group_id, event_id, external_id, outcome)
 SELECT %s, u.event_id, u.external_id, u.outcome FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(event_id, external_id, outcome)
-ON CONFLICT DO NOTHING
+ON CONFLICT (group_id, event_id) DO UPDATE SET outcome = EXCLUDED.outcome, at = clock_timestamp()
+ WHERE l.outcome = 'dead_lettered' AND EXCLUDED.outcome = 'applied'
 """
+LATEST = """
+SELECT p.kind, p.external_id, p.commit_lsn::text, p.txseq FROM crm_sink.positions p
+  JOIN unnest(%s::text[], %s::text[]) AS u(kind, external_id) USING (kind, external_id) WHERE p.group_id = %s
+"""
+ADVANCE = """
+INSERT INTO crm_sink.positions AS p (group_id, kind, external_id, commit_lsn, txseq, event_id)
+SELECT %s, u.kind, u.external_id, u.commit_lsn::pg_lsn, u.txseq, u.event_id
+  FROM unnest(%s::text[], %s::text[], %s::text[], %s::int4[], %s::text[]) AS u(kind, external_id, commit_lsn, txseq, event_id)
+ON CONFLICT (group_id, kind, external_id) DO UPDATE SET
+       commit_lsn = EXCLUDED.commit_lsn, txseq = EXCLUDED.txseq, event_id = EXCLUDED.event_id, at = clock_timestamp()
+ WHERE (p.commit_lsn, p.txseq) < (EXCLUDED.commit_lsn, EXCLUDED.txseq)
+"""
+Position = tuple[int, int]
+RecordKey = tuple[str, str]  # (CRM kind, external id)
 
 
 class Ledger(sink_offsets.SinkDatabase):
@@ -268,18 +307,27 @@ class Ledger(sink_offsets.SinkDatabase):
         super().__init__(dsn, group)
         self._lock = asyncio.Lock()  # the poll loop (seen) and the flusher (record) share the connection
 
-    async def seen(self, event_ids: list[str]) -> set[str]:
+    async def seen(self, event_ids: list[str], keys: Sequence[RecordKey]) -> tuple[dict[str, str], dict[RecordKey, Position]]:
+        """The outcome of each event id the ledger knows, and the newest applied position of each record."""
         async with self._lock:
             conn = await self.connection()
             async with conn.transaction():
                 rows = await (await conn.execute(SEEN, (self.group, event_ids))).fetchall()
-        return {r[0] for r in rows}
+                latest = await (await conn.execute(LATEST, ([k for k, _ in keys], [e for _, e in keys], self.group))).fetchall()
+        return ({r[0]: r[1] for r in rows},
+                {(kind, ext): (contract.parse_lsn(lsn), seq) for kind, ext, lsn, seq in latest})
 
-    async def record(self, rows: list[tuple[str, str | None, str]], offsets: MappingABC[tuple[str, int], int]) -> None:
-        """The ledger rows and the offsets they make safe, in one transaction."""
+    async def record(self, rows: list[tuple[str, str | None, str]], offsets: MappingABC[tuple[str, int], int],
+                     positions: MappingABC[RecordKey, tuple[Position, str]] | None = None) -> None:
+        """The ledger rows, the records' newest positions and the offsets they make safe, in one transaction."""
         async with self._lock, self.transaction(offsets) as conn:
             if rows:
                 await conn.execute(RECORD, (self.group, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
+            if positions:
+                keys = sorted(positions)
+                await conn.execute(ADVANCE, (self.group, [k for k, _ in keys], [e for _, e in keys],
+                                             [contract.format_lsn(positions[k][0][0]) for k in keys],
+                                             [positions[k][0][1] for k in keys], [positions[k][1] for k in keys]))
 
 
 # --------------------------------------------------------------------------- the sink
@@ -324,6 +372,10 @@ class CrmSink(Sink):
         self._skipped = False
         self._safe: dict[TopicPartition, int] = {}
         self._done_records: list[Any] = []
+        # the newest position taken on per CRM record, until the ledger holds it (see _newest)
+        self._latest: dict[RecordKey, tuple[Position, tuple[str, bytes | None]]] = {}
+        self._successes = 0  # calls the CRM answered 2xx: transient failures count only while it does
+        self._saving_failed_since: float | None = None
         self._failure: OutboxError | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -417,16 +469,27 @@ class CrmSink(Sink):
                 p = Pending(tp, r.offset, (r.topic, r.key), "", {"idempotency_key": event.id}, r)
                 plan.append(("dead", p, f"MappingError: {exc}"))
                 continue
-            plan.append(("send", Pending(tp, r.offset, (r.topic, r.key), mapping.kind, item, r), ""))
-        ids = [p.item["idempotency_key"] for action, p, _ in plan if action == "send"]
-        seen = await self._store_retrying(lambda: self.ledger.seen(ids)) if ids else set()
+            pending = Pending(tp, r.offset, (r.topic, r.key), mapping.kind, item, r)
+            pending.position = (event.position.commit_lsn, event.position.seq)
+            plan.append(("send", pending, ""))
+        sends = [p for action, p, _ in plan if action == "send"]
+        ids = [p.item["idempotency_key"] for p in sends]
+        keys = sorted({(p.kind, p.item["external_id"]) for p in sends})
+        seen, latest = await self._store_retrying(lambda: self.ledger.seen(ids, keys)) if ids else ({}, {})
+        # no await from here on: the flusher prunes self._latest only after its ledger write, so a
+        # position is either in what the ledger answered or still in self._latest
         for action, p, why in plan:
-            if action == "send" and p.item["idempotency_key"] in seen:
-                action, why, p = "skip", "applied", p.record
+            if action == "send":
+                outcome = seen.get(p.item["idempotency_key"])
+                if outcome == "applied" or (outcome is not None and not _redriven(p.record)):
+                    action, why = "skip", "applied"  # re-delivered (a re-drive of a dead letter goes again)
+                elif not self._newest(p, latest):
+                    action, why = "skip", "older"  # an old image must not overwrite the record's newer state
             if action == "skip":
-                self.sched.skip((p.topic, p.partition), p.offset)
+                tp, offset = (p.tp, p.offset) if isinstance(p, Pending) else ((p.topic, p.partition), p.offset)
+                self.sched.skip(tp, offset)
                 self.m.skipped(why)
-                self._done_records.append(p)  # done: counted like applied records (consumer metrics, progress)
+                self._done_records.append(p.record if isinstance(p, Pending) else p)  # done: counted like applied records
                 self._skipped = True
                 self._flush_due.set()
             elif action == "dead":
@@ -436,6 +499,18 @@ class CrmSink(Sink):
             else:
                 self.sched.add(p)
         self._wake.set()
+
+    def _newest(self, p: Pending, latest: MappingABC[RecordKey, Position]) -> bool:
+        """The position guard: whether ``p`` is newer than every event of its record applied (the ledger)
+        or taken on before it (waiting, in flight, applied but not yet saved); if so it becomes the newest."""
+        assert p.position is not None
+        key = (p.kind, p.item["external_id"])
+        applied = latest.get(key)
+        taken = self._latest.get(key)
+        if (applied is not None and p.position <= applied) or (taken is not None and p.position <= taken[0]):
+            return False
+        self._latest[key] = (p.position, p.key)
+        return True
 
     def buffered(self, tp: TopicPartition) -> int:
         return self.sched.buffered((tp.topic, tp.partition))
@@ -459,6 +534,7 @@ class CrmSink(Sink):
             self.sched.drop((tp.topic, tp.partition) for tp in partitions)
             for tp in partitions:  # their next owner commits them
                 self._safe.pop(tp, None)
+            self._latest = {k: v for k, v in self._latest.items() if self.sched.queued(v[1])}
         finally:
             self._open_gate.set()
 
@@ -494,6 +570,8 @@ class CrmSink(Sink):
             wait = self.bucket.reserve(time.monotonic())
             if wait > 0:
                 await asyncio.sleep(wait)
+            for p in batch:
+                p.mark = self._successes
             started = time.perf_counter()
             result = await self.client.upsert(kind, [p.item for p in batch])
             self.m.call_seconds.observe(time.perf_counter() - started)
@@ -508,23 +586,28 @@ class CrmSink(Sink):
     def _outcome(self, batch: list[Pending], result: CallResult) -> None:
         now = time.monotonic()
         status = result.status
+        retry_after = cap_retry_after(result.retry_after, self.s.retry_after_max)
         self.m.call(("429" if status == 429 else f"{status // 100}xx") if status is not None else result.reason)
         verdict = classify_status(status) if status is not None else "retry"
-        if verdict == AUTH:
+        if verdict == OK and result.items is not None and any(classify_status(st) == AUTH for st, _ in result.items):
+            status, error = next((st, e) for st, e in result.items if classify_status(st) == AUTH)
+            verdict, result.error = AUTH, f"HTTP {status} for a record of a batch: {error or ''}".strip()
+        if verdict == AUTH:  # for the call or for one of its records: never retried, never parked
             self._failure = CrmRefused(f"the CRM at {self.s.crm_url} refused the sink's credentials ({result.error}): "
                                        "check OUTBOX_CRM_TOKEN or --crm-token-file")
             return
         if verdict == OK and result.items is not None:
+            self._successes += 1
             for p, (item_status, error) in zip(batch, result.items):
                 item_verdict = classify_status(item_status)
                 if item_verdict == OK:
                     self.sched.release(p)
                     self._applied.append(p)
-                elif item_verdict == PERMANENT or item_verdict == AUTH:
+                elif item_verdict == PERMANENT:
                     self._dead_after_call(p, "permanent", f"HTTP {item_status}: {error or ''}".strip())
-                else:
+                else:  # the CRM answers, this record fails: it counts (unless throttled)
                     self._retry(p, "server_error" if item_status != 429 else "rate_limited",
-                                f"HTTP {item_status}: {error or ''}", now, None)
+                                f"HTTP {item_status}: {error or ''}", now, None, counts=item_status != 429)
             self._flush_due.set()
             return
         if verdict == PERMANENT:
@@ -538,21 +621,25 @@ class CrmSink(Sink):
             self._flush_due.set()
             return
         if status == 429:
-            wait = result.retry_after if result.retry_after is not None else backoff(1, self.s.retry_base, self.s.retry_max, self.rng)
+            wait = retry_after if retry_after is not None else backoff(1, self.s.retry_base, self.s.retry_max, self.rng)
             if now + wait > self._throttled_until:
                 self.m.throttled.inc(now + wait - max(now, self._throttled_until))
                 self._throttled_until = now + wait
                 log.log(logging.INFO if wait >= 1 else logging.DEBUG, "CRM answered 429: holding all calls for %.1f s", wait)
         for p in batch:
-            self._retry(p, result.reason or "server_error", result.error, now, result.retry_after)
+            self._retry(p, result.reason or "server_error", result.error, now, retry_after,
+                        counts=status != 429 and counts_attempt(self._successes, p.mark))
         self._flush_due.set()
 
-    def _retry(self, p: Pending, reason: str, error: str, now: float, retry_after: float | None) -> None:
-        p.attempts += 1
-        if p.attempts >= self.s.max_attempts:
-            self._dead_after_call(p, "attempts", f"gave up after {p.attempts} attempts; last: {error}")
-            return
-        delay = max(backoff(p.attempts, self.s.retry_base, self.s.retry_max, self.rng), retry_after or 0.0)
+    def _retry(self, p: Pending, reason: str, error: str, now: float, retry_after: float | None, *,
+               counts: bool = True) -> None:
+        p.failures += 1
+        if counts:
+            p.attempts += 1
+            if p.attempts >= self.s.max_attempts:
+                self._dead_after_call(p, "attempts", f"gave up after {p.attempts} attempts; last: {error}")
+                return
+        delay = max(backoff(p.failures, self.s.retry_base, self.s.retry_max, self.rng), retry_after or 0.0)
         self.m.retried(reason)
         self.sched.retry(p, now + delay)
 
@@ -585,7 +672,8 @@ class CrmSink(Sink):
                           p.item.get("external_id", "?"), p.attempts, error)
             assert self.dlq is not None
             dlq = self.dlq
-            await self._store_retrying(lambda: dlq.park([DeadLetter.of(p.record, error) for p, _, error in dead]))
+            await self._store_retrying(lambda: dlq.park([DeadLetter.of(p.record, error) for p, _, error in dead]),
+                                       "dead_letters")
             for _, reason, _ in dead:
                 self.m.dead_lettered(reason)
         finished = applied + [p for p, _, _ in dead]
@@ -593,19 +681,49 @@ class CrmSink(Sink):
         safe = self.sched.committable()
         rows = [(p.item["idempotency_key"], p.item.get("external_id"), "applied") for p in applied]
         rows += [(p.item["idempotency_key"], p.item.get("external_id"), "dead_lettered") for p, _, _ in dead]
-        await self._store_retrying(lambda: self.ledger.record(rows, safe))
+        positions: dict[RecordKey, tuple[Position, str]] = {}
+        for p in applied:
+            key = (p.kind, p.item["external_id"])
+            if p.position is not None and (key not in positions or positions[key][0] < p.position):
+                positions[key] = (p.position, p.item["idempotency_key"])
+        await self._store_retrying(lambda: self.ledger.record(rows, safe, positions), "ledger")
+        for p in finished:  # the ledger holds their positions now (or they were parked): forget idle records
+            key = (p.kind, p.item.get("external_id", ""))
+            taken = self._latest.get(key)
+            if taken is not None and taken[0] == p.position and not self.sched.queued(p.key):
+                del self._latest[key]
         self._safe.update({TopicPartition(t, p): o for (t, p), o in safe.items()})
         self._done_records.extend(p.record for p in finished if not p.dropped)
 
-    async def _store_retrying(self, write: Any) -> Any:
-        """The ledger database or Kafka may be away for a while: keep trying (the loop keeps polling)."""
+    async def _store_retrying(self, write: Any, what: str = "ledger") -> Any:
+        """The ledger database or Kafka may be away for a while: keep trying (the loop keeps polling;
+        the records held meanwhile count as buffered, so their partitions pause at --max-buffered)."""
         while True:
             try:
-                return await write()
+                result = await write()
             except (psycopg.OperationalError, DatabaseUnavailable, SinkUnavailable, DeadLetterUnavailable, OSError) as exc:
-                log.warning("cannot save the CRM sink's progress (%s); retrying in %.0f s",
-                            dsnmod.first_line(exc), STORE_RETRY)
+                CRM_PARK_FAILURES.labels(self.group, what).inc()
+                now = time.monotonic()
+                if self._saving_failed_since is None:
+                    self._saving_failed_since = now
+                    target = "the dead-letter topic" if what == "dead_letters" else "the ledger database"
+                    log.error("cannot write %s (%s): the CRM sink holds its records and retries every %.0f s; "
+                              "partitions pause at --max-buffered until it works", target, dsnmod.first_line(exc),
+                              STORE_RETRY)
+                else:
+                    log.debug("still cannot save the CRM sink's progress: %s", dsnmod.first_line(exc))
+            else:
+                if self._saving_failed_since is not None:
+                    log.warning("the CRM sink saves its progress again after %.0f s",
+                                time.monotonic() - self._saving_failed_since)
+                    self._saving_failed_since = None
+                return result
             await asyncio.sleep(STORE_RETRY)
+
+
+def _redriven(record: Any) -> bool:
+    """A record re-driven from the dead-letter topic (consumers/dlq.py; for_group kept only ours)."""
+    return bool(record.headers) and header(record.headers, H_REDRIVE) is not None
 
 
 def _coordinates(record: Any) -> str:

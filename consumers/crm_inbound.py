@@ -17,13 +17,16 @@ import asyncio
 import contextlib
 import hmac
 import logging
+from datetime import datetime, timezone
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from prometheus_client import Counter
 
 from outbox.consumers.crm_logic import H_DELIVERY, Change, mapping_for_kind, parse_change
-from outbox import contract
+from outbox import contract, metrics
+from outbox.consumers.dlq import DeadLetter, dlq_topic
 from outbox.config import CrmWebhookSettings
 from outbox.secret import SIGNATURE_HEADER, sign
 from outbox.signals import stop_on_signals
@@ -32,6 +35,12 @@ from outbox.errors import ConfigError, KafkaUnavailable
 __all__ = ["Change", "H_DELIVERY", "WebhookReceiver", "mapping_for_kind", "parse_change", "run_webhook_receiver"]
 
 log = logging.getLogger(__name__)
+
+WEBHOOK_GROUP = "outbox-crm-webhook"  # dlq_group of the notifications the receiver parks
+WEBHOOKS_PARKED = metrics.sink_metric(
+    Counter, "outbox_crm_webhooks_parked_total",
+    "CRM notifications the webhook receiver could not use (not JSON, no <source_id>:<id> external id...), "
+    "parked in <topic>.dlq and answered 2xx so the CRM's later notifications are not held up.", ["reason"])
 
 
 # --------------------------------------------------------------------------- I/O: the webhook receiver
@@ -90,7 +99,7 @@ class WebhookReceiver:
         try:
             change = parse_change(body)
         except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+            return await self._park(request, body, f"{type(exc).__name__}: {exc}")
         assert self._producer is not None
         key = f"{change.source_id}:{change.aggregate_id}".encode()
         try:
@@ -102,6 +111,25 @@ class WebhookReceiver:
             return web.json_response({"error": "Kafka unavailable, retry later"}, status=503, headers={"Retry-After": "5"})
         self.received += 1
         return web.Response(status=204)
+
+    async def _park(self, request: web.Request, body: bytes, error: str) -> web.Response:
+        """A notification no write-back can use (a CRM-born lead without a store key, say): answering
+        4xx would make the CRM retry it forever, in order, holding up every later edit. It is parked
+        in ``<topic>.dlq`` with the reason (acknowledged by Kafka first) and answered 202."""
+        assert self._producer is not None
+        delivery = request.headers.get("X-CRM-Delivery", "")
+        letter = DeadLetter(self.s.topic, -1, -1, error, ((H_DELIVERY, delivery.encode()),) if delivery else (),
+                            None, body)
+        record = letter.record(WEBHOOK_GROUP, datetime.now(timezone.utc))
+        try:
+            future = await self._producer.send(record.topic, value=record.value, key=record.key, headers=record.headers)
+            await asyncio.wait_for(future, 30)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("unusable webhook %s not parked: Kafka did not acknowledge it (%s)", delivery or "?", exc)
+            return web.json_response({"error": "Kafka unavailable, retry later"}, status=503, headers={"Retry-After": "5"})
+        WEBHOOKS_PARKED.labels("invalid").inc()
+        log.error("parked webhook %s in %s: %s", delivery or "?", dlq_topic(self.s.topic), letter.error)
+        return web.json_response({"parked": letter.error}, status=202)
 
 
 async def run_webhook_receiver(settings: CrmWebhookSettings, stop: asyncio.Event | None = None,

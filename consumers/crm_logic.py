@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import json
+from decimal import Decimal
 import random
 import time
 from collections import deque
@@ -77,6 +78,13 @@ class Mapping:
     def columns(self, crm_fields: MappingABC[str, Any]) -> dict[str, Any]:
         """The way back: CRM fields -> legacy columns (references and unknown fields are left out)."""
         return {src: crm_fields[k] for k, src in self.fields.items() if k in crm_fields}
+
+    def previous_columns(self, change: Change) -> dict[str, Any] | None:
+        """What the CRM held before the edit, for the columns the change writes (None: the CRM did not
+        say; a field it did not have is null)."""
+        if change.previous is None:
+            return None
+        return {src: change.previous.get(k) for k, src in self.fields.items() if k in change.fields}
 
 
 DEFAULT_MAPPINGS: dict[str, Mapping] = {
@@ -152,6 +160,20 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def cap_retry_after(seconds: float | None, cap: float) -> float | None:
+    """A Retry-After is the CRM's wish, not an order: never hold calls longer than ``cap`` seconds
+    (a value of a day, or a CRM clock running ahead, would stop the sink that long)."""
+    return None if seconds is None else min(max(0.0, seconds), cap)
+
+
+def counts_attempt(successes_now: int, mark: int) -> bool:
+    """Whether a transient failure (no answer, 5xx, 408) counts toward ``--max-attempts``: only when
+    the CRM answered other calls with success since this record was sent (``successes_now > mark``).
+    While every call fails the CRM is down, and records back off without using up their attempts,
+    so an outage of any length parks nothing. 429s never count (the CRM throttles the client)."""
+    return successes_now > mark
+
+
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """The delay before retry number ``attempt`` (from 1): base*2^(attempt-1) capped, jittered into its
     upper half: the relay's reconnect policy (outbox/backoff.py), per record."""
@@ -191,7 +213,10 @@ class Pending:
     kind: str
     item: dict[str, Any]
     record: Any = None  # the Kafka record, for the dead-letter topic
-    attempts: int = 0
+    attempts: int = 0  # failures that count toward --max-attempts (see counts_attempt)
+    failures: int = 0  # every failed try: the backoff's exponent
+    position: tuple[int, int] | None = None  # the event's source position (commit LSN, index)
+    mark: int = 0  # successful calls the sink had seen when this record was last sent (see counts_attempt)
     single: bool = False  # sent alone (a batch call refused as a whole is retried item by item)
     dropped: bool = False  # its partition was revoked while it was in flight
 
@@ -248,6 +273,7 @@ class KeyScheduler:
     def hold(self, p: Pending) -> None:
         """Track an offset that completes later, through :meth:`finish` (a record bound for the dead-letter topic)."""
         self._track(p.tp).add(p.offset)
+        self._buffered[p.tp] = self._buffered.get(p.tp, 0) + 1
 
     def _track(self, tp: TP) -> _Offsets:
         track = self._offsets.get(tp)
@@ -297,7 +323,6 @@ class KeyScheduler:
         queue = self._queues[p.key]
         assert queue[0] is p
         queue.popleft()
-        self._buffered[p.tp] -= 1
         if queue:
             self._ready.setdefault(queue[0].kind, deque()).append(p.key)
         else:
@@ -312,6 +337,7 @@ class KeyScheduler:
             track = self._offsets[p.tp]
             before = track.next
             track.finish(p.offset)
+            self._buffered[p.tp] -= 1
             if track.next != before and track.next is not None:
                 moved[p.tp] = track.next
         return moved
@@ -320,7 +346,13 @@ class KeyScheduler:
         return {tp: t.next for tp, t in self._offsets.items() if t.next is not None}
 
     def buffered(self, tp: TP) -> int:
+        """Records of ``tp`` held until :meth:`finish` (waiting, in flight, or done but not yet saved:
+        a ledger or dead-letter topic that cannot be written keeps them, and the partition pauses)."""
         return self._buffered.get(tp, 0)
+
+    def queued(self, key: tuple[str, bytes | None]) -> bool:
+        """Whether events of ``key`` wait or are in flight."""
+        return key in self._queues
 
     def drop(self, tps: Iterable[TP]) -> None:
         """Forget revoked partitions: their events are re-fetched by the partitions' next owner."""
@@ -352,12 +384,17 @@ class Change:
     kind: str
     source_id: str
     aggregate_id: str
-    fields: dict[str, Any]
+    fields: dict[str, Any]  # the fields the agent changed, with their new values
+    previous: dict[str, Any] | None = None  # their values in the CRM before the edit (None: not given)
 
 
 def parse_change(value: bytes | None) -> Change:
-    """Read a notification (the reference CRM's webhook body); ValueError says why it is unusable."""
-    body = json.loads(value or b"")
+    """Read a notification (the reference CRM's webhook body); ValueError says why it is unusable.
+
+    Numbers are read as :class:`~decimal.Decimal` (never through a float): the write-back hands
+    them to PostgreSQL as their exact digits (see :func:`column_json`).
+    """
+    body = json.loads(value or b"", parse_float=Decimal)
     if not isinstance(body, dict):
         raise ValueError("the notification is not a JSON object")
     delivery, kind, external_id, fields = (body.get(k) for k in ("id", "kind", "external_id", "fields"))
@@ -366,7 +403,22 @@ def parse_change(value: bytes | None) -> Change:
     source_id, sep, aggregate_id = str(external_id).partition(":")
     if not sep or not source_id or not aggregate_id:
         raise ValueError(f"external id {external_id!r} is not <source_id>:<aggregate_id>")
-    return Change(str(delivery), str(kind), source_id, aggregate_id, fields)
+    previous = body.get("previous")
+    if previous is not None and not isinstance(previous, dict):
+        raise ValueError("the notification's previous values must be an object")
+    return Change(str(delivery), str(kind), source_id, aggregate_id, fields, previous)
+
+
+def column_json(columns: MappingABC[str, Any]) -> str:
+    """Column values as the JSON object jsonb_populate_record types: a Decimal goes as its exact
+    digits in a JSON string (PostgreSQL's input function of the column's type reads it)."""
+    return json.dumps(columns, default=_exact)
+
+
+def _exact(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def mapping_for_kind(mappings: MappingABC[str, Mapping], kind: str) -> Mapping | None:

@@ -10,7 +10,7 @@ creates nothing in the store database itself.
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import re
 from collections.abc import Mapping as MappingABC, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +21,15 @@ from psycopg import sql
 from pydantic import Field
 
 from outbox.consumers import sink_offsets
-from outbox.consumers.crm_logic import ORIGIN_CRM, Change, Mapping, load_mappings, mapping_for_kind, parse_change
+from outbox.consumers.crm_logic import (ORIGIN_CRM, Change, Mapping, column_json, load_mappings, mapping_for_kind,
+                                        parse_change)
 from outbox.consumers.dlq import Batch, DeadLetter
 from outbox.consumers.sink import run_sink
 from outbox import contract, dsn as dsnmod
 from outbox.config import Cli, Dsn, KafkaSettings, SinkSettings
 from outbox.errors import ConfigError, NotInstalled
+
+log = logging.getLogger(__name__)
 
 
 class CrmWritebackSettings(SinkSettings):
@@ -55,13 +58,31 @@ SELECT count(*) = 2, bool_and(has_schema_privilege('outbox_crm', 'USAGE'))
 CLAIM = "INSERT INTO outbox_crm.applied (delivery_id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING delivery_id"
 
 
-def update_statement(mapping: Mapping, columns: Sequence[str]) -> sql.Composed:
-    """UPDATE of the mapped columns, typed by PostgreSQL itself (jsonb_populate_record), by key."""
+def _target(mapping: Mapping) -> sql.Composable:
     schema, _, table = (mapping.table or "").rpartition(".")
-    target = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+    return sql.Identifier(schema, table) if schema else sql.Identifier(table)
+
+
+def lock_statement(mapping: Mapping, columns: Sequence[str]) -> sql.Composed:
+    """Lock the row by key and say, per column, whether it still holds what the CRM had before the edit,
+    or already what the edit sets (no conflict either way; all typed by PostgreSQL: jsonb_populate_record).
+    The key is compared as the column's own type (the parameter is untyped): the primary-key index is used."""
+    same = sql.SQL(", ").join(sql.SQL("t.{c} IS NOT DISTINCT FROM p.{c} OR t.{c} IS NOT DISTINCT FROM n.{c}").format(
+        c=sql.Identifier(c)) for c in columns)
+    return sql.SQL("SELECT {same} FROM {t} AS t, jsonb_populate_record(NULL::{t}, %s::jsonb) AS p, "
+                   "jsonb_populate_record(NULL::{t}, %s::jsonb) AS n WHERE t.{key} = %s FOR UPDATE OF t").format(
+        same=same, t=_target(mapping), key=sql.Identifier(mapping.key_column))
+
+
+def update_statement(mapping: Mapping, columns: Sequence[str]) -> sql.Composed:
+    """UPDATE of the given columns, typed by PostgreSQL itself (jsonb_populate_record), by key."""
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
     return sql.SQL("UPDATE {t} AS t SET ({cols}) = (SELECT {cols} FROM jsonb_populate_record(NULL::{t}, %s::jsonb)) "
-                   "WHERE t.{key}::text = %s").format(t=target, cols=cols, key=sql.Identifier(mapping.key_column))
+                   "WHERE t.{key} = %s").format(t=_target(mapping), cols=cols, key=sql.Identifier(mapping.key_column))
+
+
+class _Refused(Exception):
+    """Some changes must be parked: roll the transaction back, park them outside it, go again."""
 
 
 @dataclass(slots=True)
@@ -141,9 +162,40 @@ class Writeback(sink_offsets.DatabaseSink[Plan]):
             await batch.dead_letters.park(letters)
         return plan
 
+    async def apply(self, batch: Batch) -> MappingABC[str, int]:
+        """``plan``, then one transaction for the changes, their delivery ids and the offsets.
+
+        A change the store refuses (a constraint, no such row) is parked in ``<topic>.dlq``, but
+        never from inside the transaction (that would hold the rows' locks while Kafka answers):
+        the transaction is rolled back, the refused changes are parked, and the batch goes again
+        without them. They are not claimed, so a re-drive of them applies.
+        """
+        plan = await self.plan(batch)
+        refused: list[tuple[Any, DeadLetter]] = []
+        while True:
+            refused.clear()
+            try:
+                async with self.transaction(self.offsets(plan, batch)) as conn:
+                    counts = await self._write(conn, plan, refused)
+                    if refused:
+                        raise _Refused
+            except _Refused:
+                await batch.dead_letters.park([letter for _, letter in refused])  # no transaction open on the store
+                gone = {id(record) for record, _ in refused}
+                plan.changes = [c for c in plan.changes if id(c[0]) not in gone]
+                continue
+            return counts
+
     async def effect(self, conn: psycopg.AsyncConnection[Any], plan: Plan) -> dict[str, int]:
-        applied = 0
-        missing: list[DeadLetter] = []
+        refused: list[tuple[Any, DeadLetter]] = []
+        counts = await self._write(conn, plan, refused)
+        if refused:
+            raise _Refused
+        return counts
+
+    async def _write(self, conn: psycopg.AsyncConnection[Any], plan: Plan,
+                     refused: list[tuple[Any, DeadLetter]]) -> dict[str, int]:
+        applied = conflicts = 0
         # transaction-local: the capture trigger stamps it into outbox.events.origin
         await conn.execute("SELECT set_config(%s, %s, true)", (contract.ORIGIN_SETTING, ORIGIN_CRM))
         if plan.changes:
@@ -156,21 +208,51 @@ class Writeback(sink_offsets.DatabaseSink[Plan]):
                 if not columns:
                     continue
                 try:
-                    async with conn.transaction():  # a savepoint: a refused change is parked, the batch goes on
-                        cur = await conn.execute(update_statement(mapping, sorted(columns)),
-                                                 (json.dumps(columns), change.aggregate_id))
+                    async with conn.transaction():  # a savepoint: a refused change is noted, the others go on
+                        outcome = await self._write_one(conn, change, mapping, columns)
                 except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                    missing.append(DeadLetter.of(record, f"{mapping.table} refused the change: "
-                                                         f"{type(exc).__name__}: {dsnmod.first_line(exc)}"))
+                    refused.append((record, DeadLetter.of(record, f"{mapping.table} refused the change: "
+                                                   f"{type(exc).__name__}: {dsnmod.first_line(exc)}")))
                     continue
-                if cur.rowcount:
-                    applied += 1
-                else:
-                    missing.append(DeadLetter.of(record, f"no row {mapping.key_column} = {change.aggregate_id} in "
-                                                         f"{mapping.table} (records created in the CRM are not written back)"))
-        if missing:  # parked before the transaction (and its offsets) commits
-            await plan.batch.dead_letters.park(missing)
-        return {"changed": applied, "skipped": len(plan.changes) - applied - len(missing) + plan.other}
+                if outcome is None:
+                    refused.append((record, DeadLetter.of(record, f"no row {mapping.key_column} = {change.aggregate_id} in "
+                                                   f"{mapping.table} (records created in the CRM are not written back)")))
+                    continue
+                written, lost = outcome
+                applied += bool(written)
+                conflicts += bool(lost)
+        skipped = len(plan.changes) - applied + plan.other
+        return {"changed": applied, "skipped": skipped, "conflicts": conflicts}
+
+    async def _write_one(self, conn: psycopg.AsyncConnection[Any], change: Change, mapping: Mapping,
+                         columns: dict[str, Any]) -> tuple[list[str], list[str]] | None:
+        """Write the columns the store has not changed since the CRM last had them; None: no such row.
+
+        A column whose store value differs from the CRM's previous value was changed in the store
+        meanwhile (its event is on its way to the CRM): the store wins, the column is left alone, and
+        the other columns are written with origin unset, so their event carries the store's value to
+        the CRM as well (the capture trigger skips an UPDATE that changes nothing, so when every
+        column conflicts the store's own pending event is what brings the CRM in line).
+        """
+        names = sorted(columns)
+        previous = mapping.previous_columns(change)
+        row = await (await conn.execute(lock_statement(mapping, names), (
+            column_json(previous if previous is not None else {}), column_json(columns), change.aggregate_id))).fetchone()
+        if row is None:
+            return None
+        same = dict(zip(names, row)) if previous is not None else dict.fromkeys(names, True)
+        written = [c for c in names if same[c]]
+        lost = [c for c in names if not same[c]]
+        if lost:
+            log.info("CRM change %s of %s:%s: the store changed %s since the CRM had it; the store's value stays",
+                     change.delivery_id, change.source_id, change.aggregate_id, ", ".join(lost))
+        if written:
+            if lost:  # origin unset: this event goes to the CRM, which then holds the store's value too
+                await conn.execute("SELECT set_config(%s, '', true)", (contract.ORIGIN_SETTING,))
+            await conn.execute(update_statement(mapping, written), (column_json(columns), change.aggregate_id))
+            if lost:
+                await conn.execute("SELECT set_config(%s, %s, true)", (contract.ORIGIN_SETTING, ORIGIN_CRM))
+        return written, lost
 
 
 async def run_writeback(settings: CrmWritebackSettings, stop: asyncio.Event | None = None) -> MappingABC[str, int]:

@@ -348,7 +348,7 @@ async def run_pipelined(
             assigned = consumer.assignment()
             paused = consumer.paused() & assigned  # a new assignment starts unpaused
             full = {tp for tp in assigned if sink.buffered(tp) >= max_buffered}
-            drained = {tp for tp in paused if sink.buffered(tp) < max_buffered // 2}
+            drained = {tp for tp in paused if sink.buffered(tp) < max(1, max_buffered // 2)}  # --max-buffered 1: at 0
             if full - paused:
                 consumer.pause(*(full - paused))
                 log.info("paused %d partitions: the sink's backlog is full", len(full - paused))

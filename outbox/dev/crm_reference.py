@@ -221,7 +221,24 @@ SAVE_RESPONSES = """
 UPDATE crm.idempotency i SET response = u.response
   FROM unnest(%s::text[], %s::jsonb[]) AS u(key, response) WHERE i.key = u.key
 """
-NOTIFY = "INSERT INTO crm.webhooks (body) SELECT unnest(%s::jsonb[])"
+# The notification of an agent edit names only the fields the edit changed, with their values before
+# it (``previous``: null for a record the edit created); built in SQL, so numbers keep their digits.
+BEFORE = "SELECT external_id, fields::text FROM crm.records WHERE kind = %s AND external_id = ANY(%s::text[]) FOR UPDATE"
+NOTIFY = """
+INSERT INTO crm.webhooks (body)
+SELECT jsonb_build_object(
+         'id', u.id, 'type', %s::text || CASE WHEN u.before IS NULL THEN '.created' ELSE '.updated' END, 'kind', %s::text,
+         'external_id', r.external_id, 'version', r.version, 'active', r.active, 'occurred_at', r.updated_at,
+         'fields', coalesce((SELECT jsonb_object_agg(k, r.fields -> k) FROM unnest(u.sent) AS k
+                              WHERE u.before IS NULL OR u.before::jsonb -> k IS DISTINCT FROM r.fields -> k), '{}'),
+         'previous', CASE WHEN u.before IS NOT NULL THEN
+                     coalesce((SELECT jsonb_object_agg(k, coalesce(u.before::jsonb -> k, 'null'::jsonb)) FROM unnest(u.sent) AS k
+                                WHERE u.before::jsonb -> k IS DISTINCT FROM r.fields -> k), '{}') END)
+  FROM (SELECT n.id, n.external_id, n.before, ARRAY(SELECT jsonb_array_elements_text(n.sent::jsonb)) AS sent
+          FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) AS n(id, external_id, before, sent)) AS u
+  JOIN crm.records r ON r.kind = %s::text AND r.external_id = u.external_id
+ WHERE u.before IS NULL OR EXISTS (SELECT FROM unnest(u.sent) AS k WHERE u.before::jsonb -> k IS DISTINCT FROM r.fields -> k)
+"""
 READ = "SELECT id, external_id, fields, active, version, false, updated_at FROM crm.records WHERE kind = %s AND external_id = %s"
 LIST = """SELECT id, external_id, fields, active, version, false, updated_at FROM crm.records
  WHERE kind = %s AND id > %s ORDER BY id LIMIT %s"""
@@ -255,6 +272,9 @@ async def upsert(pool: AsyncConnectionPool[Any], kind: str, items: list[Item], a
                 results[n] = {"status": 400, "external_id": item.external_id, "error": problem}
             else:
                 todo.append(n)
+        before: dict[str, str] = {}
+        if todo and actor == "agent":
+            before = dict(await (await conn.execute(BEFORE, (kind, [items[n].external_id for n in todo]))).fetchall())
         if todo:
             cur = await conn.execute(UPSERT, (kind, actor, [items[n].external_id for n in todo],
                                               [json.dumps(items[n].fields) for n in todo], [items[n].active for n in todo]))
@@ -267,19 +287,13 @@ async def upsert(pool: AsyncConnectionPool[Any], kind: str, items: list[Item], a
                                             [items[n].idempotency_key for n in todo],
                                             [None if items[n].meta is None else json.dumps(items[n].meta) for n in todo]))
             if actor == "agent":
-                await conn.execute(NOTIFY, ([json.dumps(_notification(kind, results[n])) for n in todo],))
+                exts = [items[n].external_id for n in todo]
+                await conn.execute(NOTIFY, (kind, kind, [str(uuid.uuid4()) for _ in todo], exts, [before.get(e) for e in exts],
+                                            [json.dumps(list(items[n].fields)) for n in todo], kind))
         fresh = [(i.idempotency_key, r) for i, r in zip(items, results) if i.idempotency_key and i.idempotency_key not in cached]
         if fresh:
             await conn.execute(SAVE_RESPONSES, ([k for k, _ in fresh], [json.dumps(r) for _, r in fresh]))
     return [r for r in results if r is not None]
-
-
-def _notification(kind: str, result: dict[str, Any] | None) -> dict[str, Any]:
-    assert result is not None
-    record = result["record"]
-    return {"id": str(uuid.uuid4()), "type": f"{kind}.{'created' if result['status'] == 201 else 'updated'}",
-            "kind": kind, "external_id": record["external_id"], "version": record["version"],
-            "fields": record["fields"], "active": record["active"], "occurred_at": record["updated_at"]}
 
 
 # --------------------------------------------------------------------------- I/O: HTTP

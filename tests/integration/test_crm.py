@@ -14,6 +14,7 @@ import pytest
 
 from outbox.dev.demo import run_workload
 from tests.support.checksums import crm_differences, crm_expected_records
+from tests.support.crm import Crm
 from tests.support.kafka import delete_topics, kcat_read
 from tests.support.metrics import scrape
 from tests.support.crm import Crm

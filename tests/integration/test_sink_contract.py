@@ -35,9 +35,9 @@ from outbox.consumers.dlq import H_ERROR, H_GROUP, H_OFFSET, Batch, DeadLetters
 from outbox.consumers.kafka import SinkUnavailable
 from outbox.consumers.sink import Sink
 from outbox.consumers.sink_offsets import SinkDatabase
+from tests.support.crm import Crm
 from tests.support.db import install_pos
 from tests.support.kafka import kcat_read
-from tests.support.crm import Crm
 
 pytestmark = pytest.mark.integration
 
@@ -255,7 +255,7 @@ class TestReadStore(SinkContract):
 class TestCrmSink(SinkContract):
     """The CRM sink against the reference CRM as a real process; its ledger database holds the offsets."""
 
-    guards_positions = False  # it keeps per-key Kafka order; a re-delivered event is skipped by the ledger
+    # guarded by position: crm_sink.positions holds the newest event applied per CRM record
     offsets_schema = "crm_sink"
 
     @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The reference CRM (outbox dev crm) as a real process, for the CRM tests and the sink contract."""
+"""The reference CRM (``outbox dev crm``) as a process in tests, and its database for the checks."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ class Crm:
         self.proc = OutboxProcess("dev", "crm", "--port", "0", "--dsn", dsn, "--seed", "7", name="crm")
         self.url = ""
 
-    def start(self) -> "Crm":
+    def start(self) -> Crm:
         self.proc.start()
         line = self.proc.wait_for_output("listening on http://")
         self.url = re.search(r"(http://127\.0\.0\.1:\d+)", line).group(1)  # type: ignore[union-attr]

@@ -198,3 +198,16 @@ def test_reference_crm_request_rules() -> None:
     for bad in ({"error_rate": 2}, {"colour": 1}, {"retry_after_form": "never"}, {"error_rate": 0.6, "rate_limit_rate": 0.6}):
         with pytest.raises(ValueError):
             Faults.from_json(bad)
+
+
+# --------------------------------------------------------------------------- the way back: exact numbers, changed fields
+def test_a_notification_keeps_its_numbers_exact_and_names_what_the_crm_had() -> None:
+    from outbox.consumers.crm_logic import column_json, parse_change
+
+    body = (b'{"id": "d", "kind": "contacts", "external_id": "s1:7", "fields": {"balance": 12345678901234567.89},'
+            b' "previous": {"balance": 0.10}}')
+    change = parse_change(body)
+    mapping = DEFAULT_MAPPINGS["customer"]
+    assert column_json(mapping.columns(change.fields)) == '{"balance": "12345678901234567.89"}'  # never a float
+    assert column_json(mapping.previous_columns(change) or {}) == '{"balance": "0.10"}'
+    assert mapping.previous_columns(parse_change(body.replace(b', "previous": {"balance": 0.10}', b""))) is None

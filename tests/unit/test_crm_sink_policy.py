@@ -48,12 +48,42 @@ def test_a_batch_refused_whole_is_retried_record_by_record() -> None:
 
 def test_attempts_run_out_into_the_dead_letter_topic() -> None:
     s = sink(max_attempts=2)
-    [p] = batch(s, 1)
+    p, other = batch(s, 2)
     s._outcome([p], CallResult(None, reason="timeout", error="no answer within 10 s"))
     assert not s._dead
+    s._outcome([other], CallResult(200, items=[(200, None)]))  # the CRM answers others: p's failures count
+    s._outcome([p], CallResult(502, reason="server_error", error="HTTP 502: bad gateway"))
     s._outcome([p], CallResult(502, reason="server_error", error="HTTP 502: bad gateway"))
     [(dead, reason, error)] = s._dead
     assert dead is p and reason == "attempts" and "gave up after 2 attempts" in error
+
+
+def test_an_outage_longer_than_the_attempt_limit_parks_nothing() -> None:
+    s = sink(max_attempts=2)
+    [p] = batch(s, 1)
+    for result in [CallResult(None, reason="timeout", error="no answer")] * 20 + \
+            [CallResult(503, reason="server_error", error="HTTP 503")] * 20 + \
+            [CallResult(429, retry_after=0.0, reason="rate_limited", error="HTTP 429")] * 20:
+        s._outcome([p], result)  # every call fails: the CRM is down, records back off
+    assert not s._dead and p.attempts == 0 and p.failures == 60
+    assert s.sched.next_due() is not None
+
+
+def test_retry_after_is_capped() -> None:
+    s = sink(retry_after_max=5)
+    [p] = batch(s, 1)
+    s._outcome([p], CallResult(429, retry_after=86400.0, reason="rate_limited", error="HTTP 429"))
+    assert 4 < s._throttled_until - time.monotonic() <= 5
+    assert s.sched.next_due() - time.monotonic() <= 5  # type: ignore[operator]
+
+
+def test_a_401_for_one_record_of_a_batch_stops_the_sink_and_parks_nothing() -> None:
+    s = sink()
+    ok, refused = batch(s, 2)
+    s._outcome([ok, refused], CallResult(200, items=[(200, None), (403, "forbidden for this token")]))
+    assert not s._dead
+    with pytest.raises(CrmRefused, match="forbidden for this token"):
+        s.check()
 
 
 def test_429_holds_every_call_for_retry_after_and_401_stops_the_sink() -> None:
