@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
 import logging
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -248,6 +250,28 @@ class Filter:
         return self.max_attempts is not None and attempts_of(record.headers) >= self.max_attempts
 
 
+def cursor_group(flt: Filter, base: str = "outbox-redrive") -> str:
+    """The consumer group that remembers how far ``outbox replay --dlq`` with this filter has read:
+    ``base`` without a filter, ``base.<hash of the filter>`` with one. Each filter has its own
+    cursor, so a filtered run never moves another filter's past records it did not match."""
+    parts = [f"{name}={getattr(flt, attr)}" for name, attr in sorted(FILTERS.items())
+             if attr != "ids" and getattr(flt, attr) is not None]
+    parts += [f"id={i}" for i in sorted(flt.ids)]
+    if not parts:
+        return base
+    return f"{base}.{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}"
+
+
+def relay_partitioner(key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]) -> int:
+    """aiokafka's ``partitioner`` argument: the relay's (librdkafka's consistent_random, see
+    ``contract.partition_for``), so a dead letter or a re-drive of a key lands where the relay puts that key."""
+    ids = sorted(all_partitions)
+    index = contract.partition_for(key, len(ids))
+    if index is None:  # librdkafka: an empty key goes to a random (available) partition
+        return random.choice(list(available) or ids)
+    return ids[index]
+
+
 # --------------------------------------------------------------------------- the batch a sink gets
 @dataclass(slots=True)
 class Batch:
@@ -306,7 +330,7 @@ class DeadLetters:
 
 async def start_producer(kafka: KafkaSettings, client_id: str) -> AIOKafkaProducer:
     producer = AIOKafkaProducer(**kafka.client_kwargs(), client_id=client_id, acks="all", enable_idempotence=True,
-                                linger_ms=5)
+                                linger_ms=5, partitioner=relay_partitioner)
     try:
         await producer.start()
     except KafkaError as exc:
