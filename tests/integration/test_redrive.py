@@ -12,7 +12,6 @@ from outbox.config import KafkaSettings
 from outbox.consumers import dlq
 from outbox.relay.publisher import Publisher
 from tests.support.kafka import create_topics, kcat_read
-from tests.support.processes import outbox
 from tests.support.readstore import ev
 
 pytestmark = pytest.mark.integration
