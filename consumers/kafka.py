@@ -54,6 +54,10 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 LAG_EVERY = 1.0  # seconds between updates of the lag gauges (positions and high watermarks)
 POSITION_TIMEOUT = 0.2
+# How long the group waits for a silent member (killed, frozen) before it hands its partitions to
+# the others: aiokafka's default, stated here because ``outbox replay --force`` waits on it
+# (consumers/replay.py FORCE_WAIT). The Java client's default is 45 s.
+SESSION_TIMEOUT_MS = 10_000
 # Metadata of Kafka offsets committed by ``outbox replay``: on assignment such an offset wins over
 # the sink's own (a rewind the sink must follow); the loop's next commit clears it.
 REPLAY_MARK = "outbox-replay"
@@ -326,7 +330,7 @@ async def _start_consumer(kafka: KafkaSettings, group: str, client_id: str, batc
         isolation_level="read_committed",
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         max_poll_records=batch_size,
-        **options,
+        **{"session_timeout_ms": SESSION_TIMEOUT_MS, **options},
     )
     try:
         await consumer.start()

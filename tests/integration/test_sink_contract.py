@@ -35,8 +35,9 @@ from outbox.consumers.dlq import H_ERROR, H_GROUP, H_OFFSET, Batch, DeadLetters
 from outbox.consumers.kafka import SinkUnavailable
 from outbox.consumers.sink import Sink
 from outbox.consumers.sink_offsets import SinkDatabase
-from tests.integration.support import install_pos, kcat_read
 from tests.integration.test_crm import Crm
+from tests.support.db import install_pos
+from tests.support.kafka import kcat_read
 
 pytestmark = pytest.mark.integration
 
