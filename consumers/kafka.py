@@ -179,8 +179,9 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
             self._consumer.seek(tp, offset)
         self.positioning.difference_update(ready)
         self._consumer.resume(*ready)
-        log.info("assigned %d partitions, %d positioned from the sink's offsets, %d from the log start",
-                 len(ready), sum(1 for tp in ready if tp in stored), sum(1 for tp in ready if tp not in stored))
+        if ready:  # none: revoked (or the consumer stopped) while the sink was asked
+            log.info("assigned %d partitions, %d positioned from the sink's offsets, %d from the log start",
+                     len(ready), sum(1 for tp in ready if tp in stored), sum(1 for tp in ready if tp not in stored))
 
 
 async def _rewind_markers(consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
