@@ -12,7 +12,9 @@ from outbox.config import CrmWebhookSettings, ReplaySettings, options_for, setti
 from outbox.consumers import sink
 from outbox.errors import ConfigError
 
-REDRIVE_GROUP = "outbox-redrive"  # the consumer group that remembers how far replay --dlq read each topic
+# The consumer group that remembers how far replay --dlq without a filter read each topic; a filter
+# has a cursor of its own, REDRIVE_GROUP.<hash> (consumers/dlq.py cursor_group).
+REDRIVE_GROUP = "outbox-redrive"
 
 
 class SinkGroup(click.Group):
@@ -90,12 +92,15 @@ def _redrive(s: ReplaySettings) -> None:
         raise ConfigError("with --dlq, --from can only be earliest and --topic is not used")
     flt = dlq.Filter.parse(s.filters, s.group)
     rescan = s.from_ == "earliest"
-    scan = asyncio.run(dlq.redrive(s.kafka, s.dlq_topics, flt, cursor_group=REDRIVE_GROUP, from_beginning=rescan,
-                                   dry_run=True, strict=True))
+    cursor = dlq.cursor_group(flt, REDRIVE_GROUP)
+    scan = asyncio.run(dlq.redrive(s.kafka, s.dlq_topics, flt, cursor_group=cursor, from_beginning=rescan,
+                                   dry_run=True, strict=True, base_group=REDRIVE_GROUP))
     click.echo(f"{scan.redriven} of {scan.scanned} parked records in {', '.join(s.dlq_topics)} match; "
                f"{scan.exhausted} are past the attempt limit and stay parked", err=True)
     if s.dry_run or not scan.redriven:
         return
     confirm(f"re-drive {scan.redriven} records?", s.yes)
-    done = asyncio.run(dlq.redrive(s.kafka, s.dlq_topics, flt, cursor_group=REDRIVE_GROUP, from_beginning=rescan))
-    click.echo(f"re-drove {done.redriven} records to their topics, for the groups that parked them", err=True)
+    done = asyncio.run(dlq.redrive(s.kafka, s.dlq_topics, flt, cursor_group=cursor, from_beginning=rescan,
+                                   base_group=REDRIVE_GROUP))
+    click.echo(f"re-drove {done.redriven} records to their topics, for the groups that parked them "
+               f"(this filter's cursor: consumer group {cursor})", err=True)

@@ -386,7 +386,7 @@ class CrmSink(Sink):
         token = settings.crm_token.get_secret_value() if settings.crm_token else None
         client = CrmClient(settings.crm_url, token, timeout=settings.timeout, concurrency=settings.concurrency,
                            batch=settings.batch_size > 1)
-        return cls(settings, client, Ledger(settings.dsn, settings.group), load_mappings(settings.mapping))
+        return cls(settings, client, Ledger(settings.dsn, settings.group).bounded(settings), load_mappings(settings.mapping))
 
     async def start(self) -> None:
         """Open the ledger (creating its schema) and the CRM client, then start sending."""

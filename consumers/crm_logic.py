@@ -57,6 +57,8 @@ class Mapping:
             image = json.loads(event.payload)
         except ValueError as exc:
             raise MappingError(f"payload is not JSON: {exc}") from None
+        except RecursionError:  # about 1,000 levels: a poison record, parked, not a crash loop
+            raise MappingError("payload is JSON nested too deeply") from None
         deleted = contract.is_deletion(event.type)
         if not isinstance(image, dict):
             if deleted and image is None:
@@ -394,7 +396,10 @@ def parse_change(value: bytes | None) -> Change:
     Numbers are read as :class:`~decimal.Decimal` (never through a float): the write-back hands
     them to PostgreSQL as their exact digits (see :func:`column_json`).
     """
-    body = json.loads(value or b"", parse_float=Decimal)
+    try:
+        body = json.loads(value or b"", parse_float=Decimal)
+    except RecursionError:
+        raise ValueError("the notification is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise ValueError("the notification is not a JSON object")
     delivery, kind, external_id, fields = (body.get(k) for k in ("id", "kind", "external_id", "fields"))

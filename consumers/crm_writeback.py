@@ -118,7 +118,7 @@ class Writeback(sink_offsets.DatabaseSink[Plan]):
     @classmethod
     def create(cls, settings: CrmWritebackSettings) -> Writeback:
         group = settings.group or f"outbox-crm-writeback-{settings.source_id}"
-        return cls(settings.dsn, settings.source_id, group, load_mappings(settings.mapping))
+        return cls(settings.dsn, settings.source_id, group, load_mappings(settings.mapping)).bounded(settings)
 
     @classmethod
     def stopped(cls, totals: MappingABC[str, int]) -> str:

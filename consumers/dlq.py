@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
 import logging
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -248,6 +250,28 @@ class Filter:
         return self.max_attempts is not None and attempts_of(record.headers) >= self.max_attempts
 
 
+def cursor_group(flt: Filter, base: str = "outbox-redrive") -> str:
+    """The consumer group that remembers how far ``outbox replay --dlq`` with this filter has read:
+    ``base`` without a filter, ``base.<hash of the filter>`` with one. Each filter has its own
+    cursor, so a filtered run never moves another filter's past records it did not match."""
+    parts = [f"{name}={getattr(flt, attr)}" for name, attr in sorted(FILTERS.items())
+             if attr != "ids" and getattr(flt, attr) is not None]
+    parts += [f"id={i}" for i in sorted(flt.ids)]
+    if not parts:
+        return base
+    return f"{base}.{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}"
+
+
+def relay_partitioner(key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]) -> int:
+    """aiokafka's ``partitioner`` argument: the relay's (librdkafka's consistent_random, see
+    ``contract.partition_for``), so a dead letter or a re-drive of a key lands where the relay puts that key."""
+    ids = sorted(all_partitions)
+    index = contract.partition_for(key, len(ids))
+    if index is None:  # librdkafka: an empty key goes to a random (available) partition
+        return random.choice(list(available) or ids)
+    return ids[index]
+
+
 # --------------------------------------------------------------------------- the batch a sink gets
 @dataclass(slots=True)
 class Batch:
@@ -306,7 +330,7 @@ class DeadLetters:
 
 async def start_producer(kafka: KafkaSettings, client_id: str) -> AIOKafkaProducer:
     producer = AIOKafkaProducer(**kafka.client_kwargs(), client_id=client_id, acks="all", enable_idempotence=True,
-                                linger_ms=5)
+                                linger_ms=5, partitioner=relay_partitioner)
     try:
         await producer.start()
     except KafkaError as exc:
@@ -354,23 +378,26 @@ async def topic_partitions(kafka: KafkaSettings, topics: Sequence[str], *, stric
 
 
 async def redrive(kafka: KafkaSettings, topics: Sequence[str], flt: Filter, *, cursor_group: str,
-                  from_beginning: bool = False, dry_run: bool = False, strict: bool = False) -> Redriven:
+                  from_beginning: bool = False, dry_run: bool = False, strict: bool = False,
+                  base_group: str | None = None) -> Redriven:
     """Send the parked records of ``topics`` (``*.dlq``) that match ``flt`` back to their topic.
 
     Reads each partition from the cursor group's committed offset (or the beginning) up to the end
     offset seen at start; produces the re-drives, waits for every acknowledgement, then commits
     the cursor, so a record is re-driven at least once and, barring a crash, at most once.
+
+    Each filter has a cursor of its own (:func:`cursor_group`). ``base_group`` is the cursor of the
+    run without a filter: a filtered run moves it only across records the filter matched (from
+    where it stands up to the first record the filter did not match), so an unfiltered run later
+    still finds every record no filtered run re-drove, and is not handed those one did.
     """
     result = Redriven(topics=tuple(topics))
-    consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=cursor_group, enable_auto_commit=False,
-                                auto_offset_reset="earliest", client_id="outbox-redrive", isolation_level="read_committed")
-    try:
-        await consumer.start()
-    except KafkaError as exc:
-        await consumer.stop()
-        raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
+    consumer = await _cursor_consumer(kafka, cursor_group)
+    base: AIOKafkaConsumer | None = None
     producer = None
     try:
+        if base_group and base_group != cursor_group:
+            base = await _cursor_consumer(kafka, base_group)
         tps = await topic_partitions(kafka, topics, strict=strict)
         if not tps:
             return result
@@ -378,6 +405,16 @@ async def redrive(kafka: KafkaSettings, topics: Sequence[str], flt: Filter, *, c
         ends = await consumer.end_offsets(tps)
         if from_beginning:
             await consumer.seek_to_beginning(*tps)
+        own = {tp: await consumer.position(tp) for tp in tps}
+        base_at: dict[TopicPartition, int] = {}
+        if base is not None:
+            base.assign(tps)
+            base_at = {tp: await base.position(tp) for tp in tps}
+            for tp in tps:
+                if base_at[tp] < own[tp]:
+                    consumer.seek(tp, base_at[tp])  # read from there too, to see how far the base may move
+        base_next = dict(base_at)
+        prefix = {tp for tp in base_at if base_at[tp] < ends[tp]}  # still matching from the base's position
         pending = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
         records: list[contract.Record] = []
         while pending:
@@ -386,10 +423,18 @@ async def redrive(kafka: KafkaSettings, topics: Sequence[str], flt: Filter, *, c
                 for rec in part:
                     if rec.offset >= ends[tp]:
                         break
+                    matched = flt.matches(rec)
+                    if tp in prefix and rec.offset >= base_at[tp]:
+                        if matched or redrive_record(rec) is None:
+                            base_next[tp] = rec.offset + 1
+                        else:
+                            prefix.discard(tp)
+                    if rec.offset < own[tp]:  # this filter's earlier runs handled it
+                        continue
                     result.scanned += 1
                     if flt.exhausted(rec) and flt.matches_except_attempts(rec):
                         result.exhausted += 1
-                    elif flt.matches(rec) and (back := redrive_record(rec)) is not None:
+                    elif matched and (back := redrive_record(rec)) is not None:
                         records.append(back)
             pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
         if records and not dry_run:
@@ -398,8 +443,24 @@ async def redrive(kafka: KafkaSettings, topics: Sequence[str], flt: Filter, *, c
         result.redriven = len(records)
         if not dry_run:
             await consumer.commit({tp: ends[tp] for tp in tps})
+            moved = {tp: o for tp, o in base_next.items() if o > base_at[tp]}
+            if base is not None and moved:
+                await base.commit(moved)
         return result
     finally:
         if producer is not None:
             await producer.stop()
+        if base is not None:
+            await base.stop()
         await consumer.stop()
+
+
+async def _cursor_consumer(kafka: KafkaSettings, group: str) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=group, enable_auto_commit=False,
+                                auto_offset_reset="earliest", client_id="outbox-redrive", isolation_level="read_committed")
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise KafkaUnavailable(f"cannot reach Kafka at {kafka.bootstrap}: {exc} (check --kafka-bootstrap)") from None
+    return consumer

@@ -54,6 +54,10 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 LAG_EVERY = 1.0  # seconds between updates of the lag gauges (positions and high watermarks)
 POSITION_TIMEOUT = 0.2
+# How long the group waits for a silent member (killed, frozen) before it hands its partitions to
+# the others: aiokafka's default, stated here because ``outbox replay --force`` waits on it
+# (consumers/replay.py FORCE_WAIT). The Java client's default is 45 s.
+SESSION_TIMEOUT_MS = 10_000
 # Metadata of Kafka offsets committed by ``outbox replay``: on assignment such an offset wins over
 # the sink's own (a rewind the sink must follow); the loop's next commit clears it.
 REPLAY_MARK = "outbox-replay"
@@ -97,14 +101,32 @@ def topic_pattern(prefix: str) -> str:
 
 class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
     """On assignment, start each partition where the sink says; on revocation, let the batch in
-    flight finish first (it commits its own offsets in the sink)."""
+    flight finish first (it commits its own offsets in the sink).
 
-    def __init__(self, consumer: AIOKafkaConsumer, sink: Sink | PipelinedSink, busy: asyncio.Lock) -> None:
+    The sink is the truth, never Kafka's committed offset: a partition the sink has no offset for
+    starts at the log start (the sink's guard makes what it already holds a no-op: a read store
+    restored from a backup catches up instead of skipping what it lacks), and a stored offset
+    below the log start (retention deleted records the sink never got) is an error line naming
+    the lost range plus ``outbox_consumer_records_lost_total``, never a silent reset.
+
+    A freshly assigned partition stays paused until it is positioned: ``positioning`` holds those
+    (the loops must not resume them, or Kafka fetches from its committed offset and the records
+    come twice). When the sink's offsets cannot be read, they stay paused and :meth:`retry`
+    (called by the loops) tries again with backoff.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer, sink: Sink | PipelinedSink, busy: asyncio.Lock,
+                 stats: metrics.ConsumerMetrics) -> None:
         self._consumer = consumer
         self._sink = sink
         self._busy = busy
+        self._stats = stats
+        self.positioning: set[TopicPartition] = set()
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_FIRST
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.positioning -= revoked
         async with self._busy:
             pass
         release = getattr(self._sink, "release", None)
@@ -117,21 +139,49 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         # Nothing may be returned from Kafka's committed position while the sink is asked: pause
         # first (before any await), seek, then resume.
         self._consumer.pause(*assigned)
+        self.positioning |= assigned
+        self._retry_at = 0.0
+        await self._position(set(assigned))
+
+    async def retry(self) -> None:
+        """Position the partitions an earlier attempt left paused (the sink's database was unreachable)."""
+        self.positioning &= self._consumer.assignment()
+        if self.positioning and time.monotonic() >= self._retry_at:
+            await self._position(set(self.positioning))
+
+    async def _position(self, partitions: set[TopicPartition]) -> None:
         try:
-            stored = await self._sink.stored_offsets(sorted(assigned))
-        except Exception as exc:  # noqa: BLE001 - Kafka's offsets are never ahead of the sink's: safe
-            log.warning("cannot read the sink's offsets (%s); starting from Kafka's committed offsets", exc)
-            stored = {}
-        rewound = await _rewind_markers(self._consumer, assigned)
+            stored = await self._sink.stored_offsets(sorted(partitions))
+            starts = await self._consumer.beginning_offsets(sorted(partitions))
+        except Exception as exc:  # noqa: BLE001 - the partitions stay paused: nothing is read from a wrong offset
+            self._retry_at = time.monotonic() + self._backoff
+            log.warning("cannot read the sink's offsets (%s); %d partitions stay paused, retrying in %.1f s",
+                        exc, len(partitions), self._backoff)
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            return
+        self._backoff = BACKOFF_FIRST
+        rewound = await _rewind_markers(self._consumer, partitions)
         if rewound:
-            log.info("rewound by outbox replay: %s", ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(rewound.items())))
+            log.info("rewound by outbox replay: %s",
+                     ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(rewound.items())))
             stored = {**stored, **rewound}
         current = self._consumer.assignment()
-        for tp, offset in stored.items():
-            if tp in current:
-                self._consumer.seek(tp, offset)
-        self._consumer.resume(*(tp for tp in assigned if tp in current))
-        log.info("assigned %d partitions, %d positioned from the sink's offsets", len(assigned), len(stored))
+        ready = sorted(tp for tp in partitions if tp in current and tp in self.positioning)
+        for tp in ready:
+            start = starts.get(tp, 0)
+            offset = stored.get(tp, start)
+            if offset < start:
+                log.error("%s[%d]: offsets %d..%d were deleted from Kafka (retention) before this sink read them: "
+                          "%d records lost to it; resuming at the log start %d (rebuild the sink from the sources, "
+                          "docs/backfill.md)", tp.topic, tp.partition, offset, start - 1, start - offset, start)
+                self._stats.lost(tp.topic).inc(start - offset)
+                offset = start
+            self._consumer.seek(tp, offset)
+        self.positioning.difference_update(ready)
+        self._consumer.resume(*ready)
+        if ready:  # none: revoked (or the consumer stopped) while the sink was asked
+            log.info("assigned %d partitions, %d positioned from the sink's offsets, %d from the log start",
+                     len(ready), sum(1 for tp in ready if tp in stored), sum(1 for tp in ready if tp not in stored))
 
 
 async def _rewind_markers(consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
@@ -205,14 +255,16 @@ async def run_consumer(
     lag_updated = 0.0
     dead_letters = DeadLetters(kafka, group)
     redriver: asyncio.Task[None] | None = None
+    listener = _SeekToStored(consumer, sink, busy, stats)
     try:
-        consumer.subscribe(pattern=pattern, listener=_SeekToStored(consumer, sink, busy))
+        consumer.subscribe(pattern=pattern, listener=listener)
         log.info("consumer group %s subscribed to /%s/", group, pattern)
         if redrive_every:
             redriver = asyncio.create_task(_redrive_periodically(consumer, kafka, group, redrive_every * 60,
                                                                  redrive_max_attempts, stop, stats))
         backoff = BACKOFF_FIRST
         while not stop.is_set():
+            await listener.retry()
             batches = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=batch_size)
             records = [r for part in batches.values() for r in part]
             if not records:
@@ -279,7 +331,7 @@ async def _start_consumer(kafka: KafkaSettings, group: str, client_id: str, batc
         isolation_level="read_committed",
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         max_poll_records=batch_size,
-        **options,
+        **{"session_timeout_ms": SESSION_TIMEOUT_MS, **options},
     )
     try:
         await consumer.start()
@@ -336,17 +388,20 @@ async def run_pipelined(
     stats = metrics.ConsumerMetrics(group, getattr(sink, "name", type(sink).__name__.lower()))
     lag_updated = 0.0
     dead_letters = DeadLetters(kafka, group)
+    listener = _SeekToStored(consumer, sink, asyncio.Lock(), stats)
     try:
-        consumer.subscribe(pattern=pattern, listener=_SeekToStored(consumer, sink, asyncio.Lock()))
+        consumer.subscribe(pattern=pattern, listener=listener)
         log.info("consumer group %s subscribed to /%s/", group, pattern)
         while not stop.is_set():
             sink.check()
+            await listener.retry()
             batches = await consumer.getmany(timeout_ms=100, max_records=batch_size)
             records = [r for part in batches.values() for r in part]
             if records:
                 await sink.submit(records, dead_letters)
             assigned = consumer.assignment()
-            paused = consumer.paused() & assigned  # a new assignment starts unpaused
+            # a new assignment starts unpaused; partitions still being positioned are the listener's to resume
+            paused = (consumer.paused() & assigned) - listener.positioning
             full = {tp for tp in assigned if sink.buffered(tp) >= max_buffered}
             drained = {tp for tp in paused if sink.buffered(tp) < max(1, max_buffered // 2)}  # --max-buffered 1: at 0
             if full - paused:

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from outbox.consumers.dlq import Batch, DeadLetter, DeadLetters, RecordLike
 from outbox.consumers.sink import run_sink
-from outbox.consumers.sink_offsets import RETRIABLE, DatabaseSink
+from outbox.consumers.sink_offsets import RETRIABLE, DatabaseSink, refused
 from outbox import contract, dsn as dsnmod
 from outbox.config import Cli, Dsn, KafkaSettings, RedriveSettings, SinkSettings
 from outbox.errors import NotInstalled
@@ -114,6 +114,8 @@ def classify(record: RecordLike) -> Row | Rejected:
             if not isinstance(marker, dict) or not isinstance(marker.get("start_lsn"), str):
                 raise ValueError(f"{contract.SNAPSHOT_COMPLETE_TYPE} without a start_lsn")
             reconcile_from = contract.parse_lsn(marker["start_lsn"])
+    except RecursionError:  # JSON nested deeper than Python's parser goes (about 1,000 levels)
+        return DeadLetter.of(record, "ValueError: the payload is JSON nested too deeply to check")
     except (ValueError, UnicodeDecodeError) as exc:  # ContractError is a ValueError
         error = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
         return DeadLetter.of(record, error)
@@ -330,7 +332,7 @@ class ReadStore(DatabaseSink[Plan]):
 
     @classmethod
     def create(cls, settings: ReadStoreSettings) -> ReadStore:
-        return cls(settings.dsn, settings.group)
+        return cls(settings.dsn, settings.group).bounded(settings)
 
     @classmethod
     def prepare(cls, settings: ReadStoreSettings) -> None:
@@ -401,8 +403,9 @@ class ReadStore(DatabaseSink[Plan]):
     async def write(self, plan: Plan, dead_letters: DeadLetters) -> int:
         """Park the plan's rejections, then write its rows and offsets in one transaction; returns
         how many rows changed. Retriable errors raise SinkUnavailable (or DeadLetterUnavailable).
-        A row PostgreSQL refuses (a DataError the checks did not foresee) is found row by row,
-        parked too (``plan`` is updated), and the batch goes through."""
+        A row PostgreSQL refuses (a DataError the checks did not foresee, or a program limit, SQLSTATE
+        class 54: an index row too large, a document nested too deeply) is found row by row, parked
+        too (``plan`` is updated), and the batch goes through."""
         await dead_letters.park(plan.rejected)  # acknowledged by Kafka before the offsets pass them
         try:
             async with self.transaction(plan.offsets) as conn:
@@ -421,7 +424,9 @@ class ReadStore(DatabaseSink[Plan]):
             plan.rejected.extend(parked)
             async with self.transaction(plan.offsets) as conn:
                 return (await self.effect(conn, plan))["changed"]
-        except psycopg.DataError:
+        except psycopg.Error as exc:
+            if not refused(exc):
+                raise
             isolated = await self._isolate(plan)
             await dead_letters.park(isolated.rejected[len(plan.rejected):])
             plan.rows, plan.rejected = isolated.rows, isolated.rejected
@@ -475,8 +480,11 @@ class ReadStore(DatabaseSink[Plan]):
                         async with conn.transaction():
                             await conn.execute(UPSERT, row_columns([row]))
                         good.append(row)
-                    except psycopg.DataError as exc:
-                        rejected.append(DeadLetter.of(plan.records[row.key], f"DataError: {dsnmod.first_line(exc)}"))
+                    except psycopg.Error as exc:
+                        if not refused(exc):
+                            raise
+                        kind = "DataError" if isinstance(exc, psycopg.DataError) else type(exc).__name__
+                        rejected.append(DeadLetter.of(plan.records[row.key], f"{kind}: {dsnmod.first_line(exc)}"))
         except RETRIABLE as exc:
             raise SinkUnavailable(f"{self.what}: {dsnmod.first_line(exc)}") from None
         return Plan(rows=good, rejected=rejected, offsets=plan.offsets, received=plan.received, records=plan.records,

@@ -37,7 +37,9 @@ from outbox.errors import ConfigError, KafkaUnavailable, OutboxError, Preconditi
 
 log = logging.getLogger(__name__)
 
-FORCE_WAIT = 90.0  # seconds --force waits for members to leave (the default session timeout is 45 s)
+# Seconds --force waits for members to leave: a killed member of ours leaves after its session timeout
+# (consumers/kafka.py SESSION_TIMEOUT_MS, 10 s) plus a rebalance; 90 s also covers a Java client's 45 s default.
+FORCE_WAIT = 90.0
 
 
 class ReplayError(OutboxError):

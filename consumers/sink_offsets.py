@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
 import psycopg
 from aiokafka import TopicPartition
 
 from outbox import dsn as dsnmod
+from outbox.config import SinkDbTimeouts
 from outbox.consumers.sink import BatchSink
 from outbox.errors import DatabaseUnavailable
 
@@ -28,8 +29,27 @@ if TYPE_CHECKING:
 
 P = TypeVar("P")
 
-# What can heal by itself: a lost connection, a failover, a serialization failure or deadlock.
-RETRIABLE = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+# What can heal by itself: a lost connection, a failover, a serialization failure or deadlock, a lock
+# or statement timeout (lock_timeout, statement_timeout), our session ended by
+# idle_in_transaction_session_timeout (we were frozen; a reconnect follows), a server out of resources (SQLSTATE
+# class 53: disk full, out of memory, too many connections). Not class 54 (program limit exceeded:
+# "index row size exceeds btree maximum", "stack depth limit exceeded"): that is the row's doing and
+# never heals; see ``retriable`` and ``refused``.
+RETRIABLE = (psycopg.OperationalError, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
+             psycopg.errors.IdleInTransactionSessionTimeout)  # our own session, ended while we were frozen
+LIMIT_CLASS = "54"
+
+
+def retriable(exc: BaseException) -> bool:
+    """Whether a database error is worth retrying as is (see RETRIABLE)."""
+    return isinstance(exc, RETRIABLE) and not refused(exc)
+
+
+def refused(exc: BaseException) -> bool:
+    """A row the database will never take: a data exception (class 22) or a program limit (class 54)."""
+    if isinstance(exc, psycopg.DataError):
+        return True
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith(LIMIT_CLASS)
 
 
 def table_sql(schema: str) -> str:
@@ -86,12 +106,18 @@ class SinkDatabase:
     described_as: ClassVar[str] = ""  # prefix of the database in "cannot connect to ..." ("the ledger database ")
     setup_sql: ClassVar[str | None] = None  # DDL run at start (one migrator at a time: an advisory lock)
 
-    def __init__(self, dsn: str, group: str) -> None:
+    def __init__(self, dsn: str, group: str, timeouts: SinkDbTimeouts | None = None) -> None:
         self.dsn = dsn
         self.group = group
+        self.timeouts = timeouts or SinkDbTimeouts()
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._save = save_sql(self.schema)
         self._load = load_sql(self.schema)
+
+    def bounded(self, timeouts: SinkDbTimeouts) -> Self:
+        """Use these session bounds (the sink's settings: ``db_lock_timeout``...) on every connection; returns self."""
+        self.timeouts = timeouts
+        return self
 
     async def __aenter__(self) -> Any:
         await self.start()
@@ -104,10 +130,23 @@ class SinkDatabase:
         """A new connection; one line naming the database when it cannot be reached (DatabaseUnavailable)."""
         dsnmod.parse(self.dsn)
         try:
-            return await psycopg.AsyncConnection.connect(self.dsn, application_name=self.application_name)
+            conn = await psycopg.AsyncConnection.connect(self.dsn, application_name=self.application_name)
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(f"cannot connect to {self.described_as}{dsnmod.describe(self.dsn)}: "
                                       f"{dsnmod.first_line(exc)} (check --dsn and the PG* environment variables)") from None
+        try:  # session settings: bounded lock waits, statements and idle transactions (SinkDbTimeouts)
+            names, values = zip(*self.timeouts.session_settings().items())
+            await conn.execute("SELECT set_config(n, v, false) FROM unnest(%s::text[], %s::text[]) AS s(n, v)",
+                               (list(names), list(values)))
+            await conn.commit()
+        except psycopg.OperationalError as exc:
+            await conn.close()
+            raise DatabaseUnavailable(f"{self.described_as or self.what + ' '}{dsnmod.describe(self.dsn)}: "
+                                      f"{dsnmod.first_line(exc)}") from None
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
 
     async def start(self) -> None:
         self._conn = await self.connect()
@@ -154,7 +193,7 @@ class SinkDatabase:
             raise SinkUnavailable(exc.message) from None
         try:
             return await load(conn, self._load, self.group, partitions)
-        except RETRIABLE as exc:
+        except RETRIABLE as exc:  # a lost connection, a lock timeout: the loop asks again
             raise SinkUnavailable(f"{self.what}: {dsnmod.first_line(exc)}") from None
         finally:
             await conn.close()
@@ -175,6 +214,8 @@ class SinkDatabase:
                 yield conn
                 await self.save_offsets(conn, offsets)
         except RETRIABLE as exc:
+            if not retriable(exc):  # a program limit (class 54): the caller isolates the row, or it is fatal
+                raise
             raise SinkUnavailable(f"{self.what}: {dsnmod.first_line(exc)}") from None
 
 

@@ -343,9 +343,32 @@ class RedriveSettings(_Settings):
         Cli(metavar="N")] = 5
 
 
-class SinkSettings(MetricsSettings):
-    """The base of every ``outbox consume <sink>``'s settings (consumers/sink.py): metrics, and a field
-    ``kafka: KafkaSettings`` declared by each where its ``--kafka-*`` options go."""
+class SinkDbTimeouts(_Settings):
+    """Bounds on a sink's own database sessions (consumers/sink_offsets.py ``SinkDatabase``), so a
+    consumer frozen mid-transaction (SIGSTOP, a VM paused) cannot block its successor forever."""
+
+    db_lock_timeout: Annotated[float, Field(ge=0, description=(
+        "lock_timeout of the sink's database sessions: a statement waiting longer for a lock (held by a frozen "
+        "consumer) fails and the batch is retried with backoff; 0: wait forever.")), Cli(metavar="SECONDS")] = 10.0
+    db_statement_timeout: Annotated[float, Field(ge=0, description=(
+        "statement_timeout of the sink's database sessions (the batch is retried); 0: none.")),
+        Cli(metavar="SECONDS")] = 300.0
+    db_idle_in_transaction_timeout: Annotated[float, Field(ge=0, description=(
+        "idle_in_transaction_session_timeout of the sink's database sessions: PostgreSQL ends a session that holds "
+        "a transaction open this long without a statement (a frozen consumer), releasing its locks; 0: never.")),
+        Cli(metavar="SECONDS")] = 60.0
+
+    def session_settings(self) -> dict[str, str]:
+        """The PostgreSQL settings, in milliseconds."""
+        return {"lock_timeout": f"{round(self.db_lock_timeout * 1000)}ms",
+                "statement_timeout": f"{round(self.db_statement_timeout * 1000)}ms",
+                "idle_in_transaction_session_timeout": f"{round(self.db_idle_in_transaction_timeout * 1000)}ms"}
+
+
+class SinkSettings(SinkDbTimeouts, MetricsSettings):
+    """The base of every ``outbox consume <sink>``'s settings (consumers/sink.py): metrics, the bounds of
+    its database sessions, and a field ``kafka: KafkaSettings`` declared by each where its ``--kafka-*``
+    options go."""
 
     kafka: KafkaSettings
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -116,6 +117,20 @@ def topic_for(prefix: str, aggregate_type: str) -> str:
 
 def key_for(source_id: str, aggregate_id: str) -> str:
     return f"{source_id}:{aggregate_id}"
+
+
+# The relay's producer (librdkafka) partitions with its default, consistent_random: CRC32 of the
+# key modulo the partition count, a random partition for an empty key. Every other producer of
+# event records (dead letters, re-drives) must do the same, or one key's events end up on two
+# partitions and lose their order (consumers/dlq.py ``relay_partitioner``).
+PARTITIONER = "consistent_random"
+
+
+def partition_for(key: bytes | None, partitions: int) -> int | None:
+    """The partition the relay puts ``key`` on, among ``partitions``; None for an empty key (any partition)."""
+    if not key:
+        return None
+    return zlib.crc32(key) % partitions
 
 
 def source_for(source_id: str) -> str:

@@ -167,6 +167,9 @@ CONSUMER_REDRIVEN = Counter("outbox_consumer_dead_letters_redriven_total",
 CONSUMER_EXHAUSTED = Counter("outbox_consumer_dead_letters_exhausted_total",
                              "Dead letters past --redrive-max-attempts, found by the periodic re-drive: they stay parked.",
                              ["group", "sink"])
+CONSUMER_LOST = Counter("outbox_consumer_records_lost_total",
+                        "Records the sink never got: its stored offset was below the partition's log start (deleted "
+                        "by retention before it read them), so it resumed at the log start.", ["group", "sink", "topic"])
 CONSUMER_RETRIES = Counter("outbox_consumer_retries_total",
                            "Batches the sink could not apply for a retriable reason, fetched again after a backoff.",
                            ["group", "sink"])
@@ -264,6 +267,10 @@ class ConsumerMetrics:
         if child is None:
             child = self._applied[topic] = CONSUMER_APPLIED.labels(self.group, self.sink, topic)
         return child
+
+    def lost(self, topic: str) -> Counter:
+        """Records of ``topic`` deleted (retention) before the sink read them."""
+        return CONSUMER_LOST.labels(self.group, self.sink, topic)
 
     def partition(self, topic: str, partition: int) -> PartitionState:
         state = self.partitions.get((topic, partition))
