@@ -1,6 +1,6 @@
 # The two commands of the README. Each does its own set-up first (.ci/setup: OS packages when
 # root on Debian/Ubuntu, the Kafka jars, a Python venv), so both work on a fresh machine.
-.PHONY: setup demo test unit clean-sandbox
+.PHONY: setup demo test unit lint clean-sandbox
 
 setup:
 	@bash .ci/setup
@@ -9,7 +9,11 @@ demo: setup
 	.venv/bin/outbox demo
 
 test: setup
+	bash .ci/lint
 	.venv/bin/pytest
+
+lint: setup
+	bash .ci/lint
 
 unit: setup
 	.venv/bin/pytest tests/unit

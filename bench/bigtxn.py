@@ -15,8 +15,7 @@ import time
 
 import psycopg
 
-from bench.common import (Offsets, Result, Scratch, create_topics, figure, install_outbox, relay_args, rss_bytes, say,
-                          wait_slot_active)
+from bench.common import Offsets, Result, Scratch, create_topics, figure, install_outbox, relay_args, rss_bytes, say, wait_slot_active
 
 NAME = "bigtxn"
 MB = 2**20

@@ -68,9 +68,8 @@ async def _applied(conn: psycopg.AsyncConnection[Any], group: str) -> int:
 
 
 async def run(quick: bool, events: int | None = None, runs: int | None = None) -> Result:
-    from outbox.consumers.readstore import migrate, run_readstore
     from outbox.config import KafkaSettings
-    from outbox.consumers.readstore import ReadStoreSettings
+    from outbox.consumers.readstore import ReadStoreSettings, migrate, run_readstore
 
     n = events or (10_000 if quick else 100_000)
     runs = runs or (1 if quick else 3)

@@ -78,9 +78,8 @@ async def _done(conn: psycopg.AsyncConnection[Any], group: str) -> int:
 
 
 async def _one_run(scratch: Scratch, prefix: str, n: int, label: str, i: int) -> dict[str, Any]:
-    from outbox.consumers.crm import run_crm
     from outbox.config import KafkaSettings
-    from outbox.consumers.crm import CrmSinkSettings
+    from outbox.consumers.crm import CrmSinkSettings, run_crm
 
     url, crm_db = await asyncio.to_thread(_start_crm, scratch, i)
     await asyncio.to_thread(_set_faults, url, FAULTS[label][1])

@@ -28,8 +28,22 @@ from typing import Any
 
 import psycopg
 
-from bench.common import (Result, Scratch, bootstrap, create_topics, figure, install_outbox, median, percentile,
-                          delivery_args, relay_args, say, spread, wait_slot_active, OUTBOX)
+from bench.common import (
+    OUTBOX,
+    Result,
+    Scratch,
+    bootstrap,
+    create_topics,
+    delivery_args,
+    figure,
+    install_outbox,
+    median,
+    percentile,
+    relay_args,
+    say,
+    spread,
+    wait_slot_active,
+)
 from outbox import contract
 
 NAME = "latency"

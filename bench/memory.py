@@ -17,8 +17,22 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bench.common import (Offsets, Result, Scratch, create_topics, figure, install_outbox, median, mixed_sizes, relay_args,
-                          rss_bytes, say, spread, wait_slot_active, write_events)
+from bench.common import (
+    Offsets,
+    Result,
+    Scratch,
+    create_topics,
+    figure,
+    install_outbox,
+    median,
+    mixed_sizes,
+    relay_args,
+    rss_bytes,
+    say,
+    spread,
+    wait_slot_active,
+    write_events,
+)
 
 NAME = "memory"
 MB = 2**20

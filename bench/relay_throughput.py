@@ -26,9 +26,26 @@ from typing import Any
 
 import psycopg
 
-from bench.common import (Offsets, Result, Scratch, Sentinel, bootstrap, create_topics, delivery_args, figure,
-                          install_outbox, median, mixed_sizes, pg_binary, relay_args, rss_bytes, say, spread, stop_process,
-                          write_events)
+from bench.common import (
+    Offsets,
+    Result,
+    Scratch,
+    Sentinel,
+    bootstrap,
+    create_topics,
+    delivery_args,
+    figure,
+    install_outbox,
+    median,
+    mixed_sizes,
+    pg_binary,
+    relay_args,
+    rss_bytes,
+    say,
+    spread,
+    stop_process,
+    write_events,
+)
 from outbox import contract
 
 NAME = "relay"

@@ -20,7 +20,8 @@ import logging
 import random
 import re
 import time
-from collections.abc import Mapping as MappingABC, Sequence
+from collections.abc import Mapping as MappingABC
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 from urllib.parse import quote
@@ -30,16 +31,30 @@ from aiokafka import TopicPartition
 from prometheus_client import Counter, Histogram
 from pydantic import Field, SecretStr, field_validator
 
-from outbox.consumers.crm_logic import (AUTH, OK, ORIGIN_CRM, PERMANENT, KeyScheduler, Mapping, MappingError, Pending,
-                                        TokenBucket, backoff, cap_retry_after, classify_status, counts_attempt,
-                                        load_mappings, parse_retry_after)
-from outbox.consumers import sink_offsets
-from outbox.consumers.dlq import H_REDRIVE, DeadLetter, DeadLetters, DeadLetterUnavailable, for_group, header
-from outbox.consumers.kafka import Progress, SinkUnavailable, run_pipelined, topic_pattern
-from outbox.consumers.sink import Sink, run_sink
 from outbox import contract, metrics
 from outbox import dsn as dsnmod
 from outbox.config import Cli, Dsn, KafkaSettings, Secret, SinkSettings
+from outbox.consumers import sink_offsets
+from outbox.consumers.crm_logic import (
+    AUTH,
+    OK,
+    ORIGIN_CRM,
+    PERMANENT,
+    KeyScheduler,
+    Mapping,
+    MappingError,
+    Pending,
+    TokenBucket,
+    backoff,
+    cap_retry_after,
+    classify_status,
+    counts_attempt,
+    load_mappings,
+    parse_retry_after,
+)
+from outbox.consumers.dlq import H_REDRIVE, DeadLetter, DeadLetters, DeadLetterUnavailable, for_group, header
+from outbox.consumers.kafka import Progress, SinkUnavailable, run_pipelined, topic_pattern
+from outbox.consumers.sink import Sink, run_sink
 from outbox.errors import DatabaseUnavailable, OutboxError
 
 if TYPE_CHECKING:  # aiohttp is imported when the sink starts: outbox consume --help does not need it
@@ -223,7 +238,7 @@ class CrmClient:
                     result.error = f"HTTP {response.status}: {_error_text(text)}"
                     result.reason = "rate_limited" if response.status == 429 else "server_error"
                 return result
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return CallResult(None, reason="timeout", error=f"no answer within {self._timeout:g} s")
         except ClientConnectionError as exc:
             return CallResult(None, reason="connection", error=f"{type(exc).__name__}: {exc}")
@@ -427,7 +442,7 @@ class CrmSink(Sink):
         if self._failure is None:
             try:
                 await asyncio.wait_for(self._flush(), CLOSE_FLUSH_TIMEOUT)
-            except asyncio.TimeoutError:  # nothing is lost: what the ledger lacks is sent again, same keys
+            except TimeoutError:  # nothing is lost: what the ledger lacks is sent again, same keys
                 log.warning("could not save the CRM sink's last progress within %.0f s", CLOSE_FLUSH_TIMEOUT)
 
     async def consume(self, settings: CrmSinkSettings, stop: asyncio.Event, progress: Progress) -> None:
@@ -667,7 +682,7 @@ class CrmSink(Sink):
             return
         self._skipped = False
         if dead:
-            for p, reason, error in dead:
+            for p, _reason, error in dead:
                 log.error("dead-lettered %s[%d]@%d (%s) after %d attempt(s): %s", p.tp[0], p.tp[1], p.offset,
                           p.item.get("external_id", "?"), p.attempts, error)
             assert self.dlq is not None

@@ -24,13 +24,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 
-from outbox.consumers.crm_logic import H_DELIVERY, Change, mapping_for_kind, parse_change
 from outbox import contract, metrics
-from outbox.consumers.dlq import DeadLetter, dlq_topic
 from outbox.config import CrmWebhookSettings
+from outbox.consumers.crm_logic import H_DELIVERY, Change, mapping_for_kind, parse_change
+from outbox.consumers.dlq import DeadLetter, dlq_topic
+from outbox.errors import ConfigError, KafkaUnavailable
 from outbox.secret import SIGNATURE_HEADER, sign
 from outbox.signals import stop_on_signals
-from outbox.errors import ConfigError, KafkaUnavailable
 
 __all__ = ["Change", "H_DELIVERY", "WebhookReceiver", "mapping_for_kind", "parse_change", "run_webhook_receiver"]
 
@@ -106,7 +106,7 @@ class WebhookReceiver:
             future = await self._producer.send(self.s.topic, value=body, key=key, headers=[
                 (H_DELIVERY, change.delivery_id.encode()), (contract.H_CONTENT_TYPE, contract.CONTENT_TYPE.encode())])
             await asyncio.wait_for(future, 30)
-        except (KafkaError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, KafkaError) as exc:
             log.warning("webhook %s not taken: Kafka did not acknowledge it (%s)", change.delivery_id, exc)
             return web.json_response({"error": "Kafka unavailable, retry later"}, status=503, headers={"Retry-After": "5"})
         self.received += 1

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import heapq
 import json
-from decimal import Decimal
 import random
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping as MappingABC
+from collections.abc import Iterable
+from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 from outbox import contract
-from outbox.errors import ConfigError
 from outbox.backoff import Backoff
+from outbox.errors import ConfigError
 
 ORIGIN_CRM = "crm"  # outbox.origin of a change that came from the CRM: never sent back to it
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Mapping as MappingABC, Sequence
+from collections.abc import Mapping as MappingABC
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -20,13 +21,13 @@ import psycopg
 from psycopg import sql
 from pydantic import Field
 
+from outbox import contract
+from outbox import dsn as dsnmod
+from outbox.config import Cli, Dsn, KafkaSettings, SinkSettings
 from outbox.consumers import sink_offsets
-from outbox.consumers.crm_logic import (ORIGIN_CRM, Change, Mapping, column_json, load_mappings, mapping_for_kind,
-                                        parse_change)
+from outbox.consumers.crm_logic import ORIGIN_CRM, Change, Mapping, column_json, load_mappings, mapping_for_kind, parse_change
 from outbox.consumers.dlq import Batch, DeadLetter
 from outbox.consumers.sink import run_sink
-from outbox import contract, dsn as dsnmod
-from outbox.config import Cli, Dsn, KafkaSettings, SinkSettings
 from outbox.errors import ConfigError, NotInstalled
 
 log = logging.getLogger(__name__)

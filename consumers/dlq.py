@@ -149,7 +149,7 @@ class DeadLetter:
     attempts: int = 1
 
     @classmethod
-    def of(cls, record: RecordLike, error: str, attempts: int | None = None) -> "DeadLetter":
+    def of(cls, record: RecordLike, error: str, attempts: int | None = None) -> DeadLetter:
         """``attempts`` defaults to one more than the record carries (1 for a fresh record)."""
         tries = attempts if attempts is not None else attempts_of(record.headers) + 1
         return cls(record.topic, record.partition, record.offset, one_line(error), tuple(record.headers),
@@ -207,7 +207,7 @@ class Filter:
     max_attempts: int | None = None  # only records with fewer attempts
 
     @classmethod
-    def parse(cls, items: Sequence[str], group: str | None = None) -> "Filter":
+    def parse(cls, items: Sequence[str], group: str | None = None) -> Filter:
         """``--filter`` values: group=G, error=TEXT, type=PATTERN, key=PATTERN, id=UUID (repeatable), attempts-below=N."""
         values: dict[str, Any] = {"group": group}
         ids: set[str] = set()
@@ -279,7 +279,7 @@ class Batch:
 
     records: Sequence[Any]
     offsets: Mapping[tuple[str, int], int]  # (topic, partition) -> next offset, the whole fetch
-    dead_letters: "DeadLetters"
+    dead_letters: DeadLetters
     skipped: int = 0  # records of the fetch re-driven for another group, not in ``records``
 
 
@@ -296,7 +296,7 @@ class DeadLetters:
     parked: int = 0  # records parked since the last take_count()
     _producer: AIOKafkaProducer | None = field(default=None, repr=False)
 
-    async def __aenter__(self) -> "DeadLetters":
+    async def __aenter__(self) -> DeadLetters:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -344,7 +344,7 @@ async def send_all(producer: AIOKafkaProducer, records: Sequence[contract.Record
     try:
         futures = [await producer.send(r.topic, value=r.value, key=r.key, headers=r.headers) for r in records]
         await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT)
-    except (KafkaError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, KafkaError) as exc:
         raise DeadLetterUnavailable(f"Kafka did not acknowledge {len(records)} {what} "
                                     f"({type(exc).__name__}: {exc}); the batch is retried") from None
 

@@ -30,16 +30,16 @@ import os
 import re
 import signal
 import time
-from datetime import datetime
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from outbox.consumers.dlq import Batch, DeadLetters, Filter, dlq_topic, for_group, redrive
 from outbox import metrics
 from outbox.config import KafkaSettings
+from outbox.consumers.dlq import Batch, DeadLetters, Filter, dlq_topic, for_group, redrive
 from outbox.contract import DLQ_SUFFIX, H_TIME
 from outbox.errors import ConfigError, KafkaUnavailable, OutboxError
 

@@ -27,11 +27,12 @@ import click
 import psycopg
 from pydantic import Field
 
+from outbox import contract
+from outbox import dsn as dsnmod
+from outbox.config import Cli, Dsn, KafkaSettings, RedriveSettings, SinkSettings
 from outbox.consumers.dlq import Batch, DeadLetter, DeadLetters, RecordLike
 from outbox.consumers.sink import run_sink
 from outbox.consumers.sink_offsets import RETRIABLE, DatabaseSink, refused
-from outbox import contract, dsn as dsnmod
-from outbox.config import Cli, Dsn, KafkaSettings, RedriveSettings, SinkSettings
 from outbox.errors import NotInstalled
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from outbox.config import KafkaSettings
 from outbox.consumers.dlq import topic_partitions
 from outbox.consumers.kafka import REPLAY_MARK
-from outbox.config import KafkaSettings
 from outbox.errors import ConfigError, KafkaUnavailable, OutboxError, PreconditionFailed
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 import click
 import psycopg
+
 from outbox import contract
 from outbox.config import BackfillSettings, options_for, settings_from
 from outbox.dsn import connect, describe, first_line

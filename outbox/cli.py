@@ -11,7 +11,6 @@ from outbox.config import default_map_for, load_file
 from outbox.errors import OutboxError
 from outbox.lazy import LazyGroup
 
-
 # each package owns its commands; a command's module is imported only when it runs (outbox/lazy.py)
 COMMANDS = {
     "dev": "outbox.dev.sandbox:dev",

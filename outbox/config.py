@@ -20,9 +20,9 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import click
 from annotated_types import Ge, Gt, Le, Lt
@@ -397,7 +397,7 @@ class Capture(_Settings):
         return v
 
     @classmethod
-    def parse(cls, text: str) -> "Capture":
+    def parse(cls, text: str) -> Capture:
         table, sep, aggregate = text.partition("=")
         if not sep or not table or not aggregate:
             raise ConfigError(f"invalid --capture {text!r}: expected SCHEMA.TABLE=AGGREGATE, e.g. pos.customers=customer")

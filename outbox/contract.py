@@ -167,7 +167,7 @@ class OutboxRow:
     traceparent: str | None = None
 
 
-    def encoded(self) -> "RawRow":
+    def encoded(self) -> RawRow:
         def enc(value: str | None) -> bytes | None:
             return None if value is None else value.encode()
 
@@ -216,7 +216,7 @@ class TxnContext:
 
     @classmethod
     def of(cls, *, source_id: str, prefix: str, commit_lsn: int, commit_time: datetime | int, xid: int,
-           history: bytes | None = None) -> "TxnContext":
+           history: bytes | None = None) -> TxnContext:
         """``commit_time``: a datetime, or a pgoutput timestamp (microseconds since 2000-01-01 UTC);
         ``history``: the session's ``ce_history`` value (see :func:`history_for`), encoded once per session."""
         time_text = format_pg_time(commit_time) if isinstance(commit_time, int) else format_time(commit_time)

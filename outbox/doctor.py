@@ -101,7 +101,7 @@ def diagnose(f: DoctorFacts) -> list[Check]:
     if not installed:
         if b.schema_exists and not b.schema_empty:
             checks.append(Check("outbox installed", "fail", f"schema {contract.SCHEMA} exists but was not made by outbox",
-                                f"rename or drop it, then outbox install --dsn ... --capture SCHEMA.TABLE=AGGREGATE"))
+                                "rename or drop it, then outbox install --dsn ... --capture SCHEMA.TABLE=AGGREGATE"))
         else:
             checks.append(Check("outbox installed", "fail", f"no outbox in {b.where}",
                                 "outbox install --dsn ... --capture SCHEMA.TABLE=AGGREGATE (review first with --sql)"))

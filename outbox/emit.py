@@ -6,8 +6,8 @@ commits. The relay streams the row from the WAL once the caller commits.
 
 Accepted connections: a psycopg 3 ``Connection`` (sync), a SQLAlchemy ``Connection``, ``Session``
 or ``scoped_session``. On a psycopg connection in autocommit mode outside ``conn.transaction()``
-the server commits the row on its own: use a transaction to tie it to your writes. Everything is validated before the database is touched, so a bad
-argument raises in Python and never aborts the caller's transaction.
+the server commits the row on its own: use a transaction to tie it to your writes. Everything is
+validated before the database is touched, so a bad argument raises in Python and never aborts the caller's transaction.
 """
 from __future__ import annotations
 

@@ -41,10 +41,9 @@ import click
 import psycopg
 
 from outbox import config as cfg
-from outbox import contract
-from outbox import lockwait
-from outbox.dsn import parse as parse_dsn
+from outbox import contract, lockwait
 from outbox.dsn import connect, describe, first_line
+from outbox.dsn import parse as parse_dsn
 from outbox.errors import ConfigError, NotInstalled, OutboxError, PreconditionFailed
 
 VERSION_TABLE = "alembic_version"  # in schema outbox
@@ -1175,7 +1174,8 @@ def grant(dsn: str, relay_role: str | None, consumer_role: str | None, writeback
 __all__ = [
     "CapturePlan", "Facts", "InstallResult", "RoleFacts", "apply_grants", "consumer_role_sql", "grant", "grant_sql",
     "read_role", "relay_role_sql", "SlotFacts", "TableFacts", "UninstallResult",
-    "capture_sql", "register_sql", "parse_exclude", "plan_excludes", "check_install", "check_wal_level", "create_slot_sql", "drop_slot_sql", "install", "install_outbox",
+    "capture_sql", "register_sql", "parse_exclude", "plan_excludes", "check_install", "check_wal_level", "create_slot_sql",
+    "drop_slot_sql", "install", "install_outbox",
     "install_problems", "install_sql", "plan_captures", "read_facts", "uncapture_sql", "uninstall", "uninstall_outbox",
     "uninstall_sql", "wal_level_problem", "writeback_role_sql",
 ]

@@ -245,7 +245,8 @@ def _checked(decoder: Callable[[bytes], tuple[_T, int]], buf: bytes) -> _T:
     except (struct.error, IndexError):
         raise ProtocolError(f"truncated pgoutput message {_name(buf[0])} ({len(buf)} bytes)") from None
     except UnicodeDecodeError as exc:
-        raise ProtocolError(f"pgoutput message {_name(buf[0])} holds text that is not UTF-8 ({exc.reason}); the source database must use UTF8") from None
+        raise ProtocolError(f"pgoutput message {_name(buf[0])} holds text that is not UTF-8 ({exc.reason}); "
+                            "the source database must use UTF8") from None
     if end != len(buf):
         raise ProtocolError(f"pgoutput message {_name(buf[0])} has {len(buf) - end} unexpected trailing bytes")
     return message

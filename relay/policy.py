@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from outbox import contract
-from outbox.errors import KafkaUnavailable, OutboxError
 from outbox.contract import pg_time_to_unix
+from outbox.errors import KafkaUnavailable, OutboxError
 from outbox.relay.errors import DeliveryFailed, SlotInUse
 
 RECONNECT_INITIAL = 0.5  # seconds before the first reconnect attempt; doubles up to RECONNECT_CAP

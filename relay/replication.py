@@ -10,17 +10,17 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import pq
 
 from outbox import contract
+from outbox.config import slot_name_for
 from outbox.dsn import connect, describe, first_line
 from outbox.errors import DatabaseRefused, DatabaseUnavailable, NotInstalled, PreconditionFailed
-from outbox.config import slot_name_for
 from outbox.relay import pgoutput, policy
 from outbox.relay.errors import SlotInUse as SlotInUse
 
@@ -249,7 +249,8 @@ class Parker:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self._dsn, autocommit=True, application_name="outbox-relay-parker", connect_timeout=5)
             self._conn.execute(PARK_INSERT, (
-                r.id, r.aggregatetype, r.aggregateid, r.type, r.payload, r.origin, r.traceparent, r.id, event.topic, contract.format_lsn(event.commit_lsn),
+                r.id, r.aggregatetype, r.aggregateid, r.type, r.payload, r.origin, r.traceparent, r.id, event.topic,
+                contract.format_lsn(event.commit_lsn),
                 event.xid, event.txseq, event.size, event.error))
         except psycopg.errors.UndefinedTable:
             raise NotInstalled(f"{contract.SCHEMA}.{contract.PARKED_TABLE} is missing on {describe(self._dsn)}: "

@@ -11,20 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from functools import partial
-from typing import Any, Awaitable
+from typing import Any
 
 from confluent_kafka import KafkaError
 
-from outbox import contract, metrics
+from outbox import contract
 from outbox.backoff import Backoff
 from outbox.config import RelaySettings
 from outbox.errors import OutboxError
 from outbox.relay import pgoutput, policy
-from outbox.relay.policy import CAPTURE_PARKED_TYPE, HEARTBEAT_TYPE, PublishFailed
 from outbox.relay.events import RowReader
+from outbox.relay.policy import CAPTURE_PARKED_TYPE, HEARTBEAT_TYPE, PublishFailed
 from outbox.relay.positions import PositionTracker, Txn
-from outbox.relay.publisher import DeliveryFailed, Publisher, delivery_failed, RecordTooLarge, Report, topic_max_bytes
+from outbox.relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, Report, delivery_failed, topic_max_bytes
 from outbox.relay.replication import ParkedEvent, Parker, ReplicationStream, SlotInfo, pg_now_us
 from outbox.relay.state import RelayState
 from outbox.relay.transactional import ExactlyOnce

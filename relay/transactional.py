@@ -273,7 +273,7 @@ def fenced_or_fatal(transactional_id: str, fenced: bool, reason: str) -> OutboxE
     return OutboxError(f"Kafka producer failed fatally (transactional id {transactional_id}): {reason}")
 
 
-def exactly_once(settings: RelaySettings, metrics: RelayMetrics) -> "ExactlyOnce":
+def exactly_once(settings: RelaySettings, metrics: RelayMetrics) -> ExactlyOnce:
     return ExactlyOnce(settings.kafka, source_id=settings.source_id,
                        transactional_id=settings.transactional_id or default_transactional_id(settings.source_id),
                        offsets_topic=settings.offsets_topic, interval=settings.transaction_interval,

@@ -98,7 +98,7 @@ class Faults:
     hang: bool = False  # API calls wait until this is set back to false
 
     @classmethod
-    def from_json(cls, data: Any, base: "Faults | None" = None) -> "Faults":
+    def from_json(cls, data: Any, base: Faults | None = None) -> Faults:
         if not isinstance(data, dict):
             raise ValueError("expected a JSON object")
         known = {f.name: f.type for f in fields(cls)}
@@ -536,7 +536,7 @@ class ReferenceCrm:
                     async with http.post(url, data=data, headers=headers) as response:
                         if response.status >= 300:
                             error = f"HTTP {response.status}"
-                except (ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, ClientError) as exc:
                     error = f"{type(exc).__name__}: {exc}"
                 if error is None:
                     await conn.execute("UPDATE crm.webhooks SET delivered_at = clock_timestamp(), attempts = %s WHERE seq = %s",

@@ -214,7 +214,7 @@ async def _prepare_topics(bootstrap: str, prefix: str) -> None:
         await admin.close()
 
 
-def _wait_ready(store_names: list[str], consumer_log: Path, procs: list["subprocess.Popen[bytes]"], timeout: float = 60) -> None:
+def _wait_ready(store_names: list[str], consumer_log: Path, procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
     """Until every relay streams its slot and the consumer has its partitions."""
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -17,8 +17,8 @@ from typing import Any
 
 import psycopg
 
-from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, Mapping
 from outbox import contract
+from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, Mapping
 from outbox.errors import OutboxError
 
 CRM_DB = "demo_crm"

@@ -14,7 +14,7 @@ from outbox.errors import SandboxError
 from tests.faults import report
 from tests.faults.checker import CheckResult, WriterRecord, check, topics_of
 from tests.support import kafka
-from tests.support.db import wal_lsn, wait_slot_confirmed
+from tests.support.db import wait_slot_confirmed, wal_lsn
 from tests.support.processes import RelayProcess
 from tests.support.wait import WaitTimeout, wait_until
 

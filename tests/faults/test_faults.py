@@ -20,7 +20,7 @@ import pytest
 from outbox.consumers.kafka import FAULT_KILL_AFTER_SINK_COMMIT
 from outbox.dev.sandbox import Sandbox
 from tests.faults.checker import CheckResult
-from tests.faults.harness import Pipeline, SOURCE_ID, record_outcome, restart, run_with_writer
+from tests.faults.harness import SOURCE_ID, Pipeline, record_outcome, restart, run_with_writer
 from tests.faults.writer import Writer
 from tests.support.processes import ConsumerProcess, wait_converged
 from tests.support.wait import wait_until

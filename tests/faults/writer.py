@@ -24,7 +24,6 @@ from outbox.dev.demo import NAMES, SKUS
 from tests.faults.checker import XID_MASK, WriterRecord
 from tests.support.wait import wait_until
 
-
 SIZES = (1, 1, 1, 2, 3, 5, 8, 13, 21, 34, 50)  # captured rows per transaction, mostly small
 
 
@@ -50,7 +49,7 @@ class Writer:
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
 
-    def start(self) -> "Writer":
+    def start(self) -> Writer:
         self._threads = [threading.Thread(target=self._run, args=(self.seed * 100 + i,), name=f"writer-{i}", daemon=True)
                          for i in range(self.connections)]
         for t in self._threads:

@@ -15,13 +15,11 @@ import pytest
 from outbox.dev.demo import run_workload
 from tests.support.checksums import crm_differences, crm_expected_records
 from tests.support.crm import Crm
+from tests.support.db import admin_conn
 from tests.support.kafka import delete_topics, kcat_read
 from tests.support.metrics import scrape
-from tests.support.crm import Crm
-from tests.support.processes import OutboxProcess, RelayProcess
+from tests.support.processes import OutboxProcess, RelayProcess, outbox
 from tests.support.wait import WaitTimeout, wait_until
-from tests.support.db import admin_conn
-from tests.support.processes import outbox
 
 pytestmark = pytest.mark.integration
 
@@ -244,7 +242,8 @@ def test_sigkill_mid_batch_and_restart_creates_no_duplicates(
         processes.append(sink)
         target = 60 * (round_ + 1)
         wait_until(lambda: crm.query("SELECT count(*) FROM crm.writes")[0][0], timeout=60, interval=0.05,
-                   until=lambda writes: writes >= target, message=lambda: f"{target} CRM writes: {sink.output()}")
+                   until=lambda writes, target=target: writes >= target,
+                   message=lambda target=target, sink=sink: f"{target} CRM writes: {sink.output()}")
         sink.kill()  # SIGKILL: calls in flight, answers lost, ledger behind the CRM
         with psycopg.connect(ledger, autocommit=True) as conn:
             recorded = conn.execute("SELECT count(*) FROM crm_sink.ledger").fetchone()[0]  # type: ignore[index]
@@ -281,7 +280,7 @@ def test_a_hanging_crm_times_out_and_is_retried_until_it_answers(
     port = int(sink.wait_for_output("/metrics").rsplit(":", 1)[1].split("/")[0])
     run_workload(store, transactions=30, seed=3)
     wait_until(lambda: sink_metric(port, "outbox_crm_retries_total").get(
-                   'outbox_crm_retries_total{group="%s-crm",reason="timeout"}' % topic_prefix, 0), timeout=30,
+                   f'outbox_crm_retries_total{{group="{topic_prefix}-crm",reason="timeout"}}', 0), timeout=30,
                until=lambda retries: retries >= 3, message=lambda: f"3 retries after timeouts: {sink.output()}")
     assert crm_records(crm) == {}
     crm.faults(hang=False)

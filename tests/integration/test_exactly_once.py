@@ -14,16 +14,17 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from outbox.consumers.kafka import topic_pattern
 from outbox import contract
 from outbox.config import KafkaSettings
+from outbox.consumers.kafka import topic_pattern
 from outbox.dev.demo import run_workload
 from outbox.relay.offsets import OffsetsCorrupt, OffsetsTopic, SourcePosition, encode_position
 from outbox.relay.transactional import TransactionalPublisher
@@ -260,7 +261,7 @@ def test_kafka_down_past_the_message_timeout_ends_the_session_and_nothing_repeat
     sandbox.stop_kafka()
     try:
         with psycopg.connect(store) as conn:
-            for t in range(20):
+            for _ in range(20):
                 conn.execute("INSERT INTO pos.customers (name) SELECT 'during' || g FROM generate_series(1, 10) g")
                 conn.commit()
         # deliveries time out: the session ends, the relay waits for Kafka, running

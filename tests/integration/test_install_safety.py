@@ -14,12 +14,11 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from tests.support.kafka import kcat_read
-from tests.support.processes import OutboxProcess
 from click.testing import Result
 
 from tests.support.install import LEGACY, dbname, events, ok, query, run
+from tests.support.kafka import kcat_read
+from tests.support.processes import OutboxProcess
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,9 @@ import subprocess
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -53,7 +54,7 @@ class Prometheus:
         self.log = self.dir / "prometheus.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Prometheus":
+    def start(self) -> Prometheus:
         binary = tool("prometheus")
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([binary, f"--config.file={self.dir / 'prometheus.yml'}",

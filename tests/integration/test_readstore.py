@@ -17,8 +17,7 @@ from outbox.consumers import readstore as rs
 from outbox.errors import KafkaUnavailable, NotInstalled
 from tests.support.kafka import committed_offsets, kcat_read
 from tests.support.processes import NO_CONFIG, outbox
-from tests.support.readstore import (caught_up, entities, ev, expected_state, history, produce, run_until, settings,
-                                     stored_offsets, wait_for)
+from tests.support.readstore import caught_up, entities, ev, expected_state, history, produce, run_until, settings, stored_offsets, wait_for
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration

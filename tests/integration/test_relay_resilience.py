@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -28,7 +29,7 @@ def wait_all_arrive(bootstrap: str, prefix: str, ids: set[str], timeout: float =
 
 def write_customers(dsn: str, transactions: int, rows: int) -> None:
     with psycopg.connect(dsn) as conn:
-        for t in range(transactions):
+        for _ in range(transactions):
             conn.execute("INSERT INTO pos.customers (name) SELECT 'c' || g FROM generate_series(1, %s) g", (rows,))
             conn.commit()
 

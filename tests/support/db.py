@@ -87,12 +87,12 @@ def slot_state(dsn: str) -> tuple[int | None, str]:
     return row[0], row[1]
 
 
-def _watch(relay: "OutboxProcess | None") -> None:
+def _watch(relay: OutboxProcess | None) -> None:
     if relay is not None:
         relay.assert_running()
 
 
-def wait_slot_confirmed(dsn: str, lsn: int, timeout: float = 60, relay: "OutboxProcess | None" = None) -> int:
+def wait_slot_confirmed(dsn: str, lsn: int, timeout: float = 60, relay: OutboxProcess | None = None) -> int:
     """Wait until the store's slot confirmed ``lsn`` (from :func:`wal_lsn`) or later; returns the position.
 
     A relay confirms a position only once Kafka acknowledged everything committed before it, and
@@ -109,7 +109,7 @@ def wait_slot_confirmed(dsn: str, lsn: int, timeout: float = 60, relay: "OutboxP
                                       + (f"; relay: {relay.output()}" if relay is not None else ""))
 
 
-def wait_relay_received(dsn: str, lsn: int, timeout: float = 60, relay: "OutboxProcess | None" = None) -> int:
+def wait_relay_received(dsn: str, lsn: int, timeout: float = 60, relay: OutboxProcess | None = None) -> int:
     """Wait until the relay streaming the store's slot reported it received ``lsn`` or later
     (pg_stat_replication.write_lsn: what the relay read, acknowledged by Kafka or not)."""
     def received() -> int:

@@ -49,7 +49,7 @@ def kafka_bootstrap(servers: dict[str, str]) -> str:
 
 
 @pytest.fixture
-def sandbox(servers: dict[str, str]) -> Iterator["Sandbox"]:
+def sandbox(servers: dict[str, str]) -> Iterator[Sandbox]:
     """The test sandbox itself, for tests that stop Kafka or restart PostgreSQL; both run again afterwards."""
     if external():
         unavailable("this test stops and starts servers: it needs the project's test sandbox, "

@@ -39,7 +39,7 @@ class OutboxProcess:
         self.log = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "OutboxProcess":
+    def start(self) -> OutboxProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(OUTBOX + self.args, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, **NO_CONFIG, **(self.env or {})})
@@ -93,7 +93,7 @@ class RelayProcess(OutboxProcess):
                          "--topic-prefix", prefix, *extra, name="relay", env=env)
         self.dsn = dsn
 
-    def start(self, wait: bool = True) -> "RelayProcess":
+    def start(self, wait: bool = True) -> RelayProcess:
         super().start()
         if wait:
             self.wait_streaming()
@@ -118,7 +118,7 @@ class ConsumerProcess(OutboxProcess):
                          "--group", group, name="readstore", env=env)
         self.dsn = dsn
 
-    def start(self) -> "ConsumerProcess":
+    def start(self) -> ConsumerProcess:
         super().start()
         return self
 

@@ -14,8 +14,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from outbox import contract
 from outbox.config import KafkaSettings
-from outbox.consumers.readstore import ReadStoreSettings
 from outbox.consumers import readstore as rs
+from outbox.consumers.readstore import ReadStoreSettings
 from tests.support.wait import wait_until
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)

@@ -42,7 +42,7 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"integration servers unavailable: {reason}")
 
 
-def make_sandbox() -> "Sandbox":
+def make_sandbox() -> Sandbox:
     """The test sandbox (not started: ``up()`` starts what is not running)."""
     from outbox.dev.sandbox import Sandbox
 

@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 import pytest
 from aiokafka import TopicPartition
 
-from outbox.consumers.replay import From, format_plan, parse_from, plan_rewind
 from outbox.backfill import Progress, Target, chunk_sql, format_duration, key_sql
+from outbox.consumers.replay import From, format_plan, parse_from, plan_rewind
 from outbox.errors import ConfigError
 
 T = Target('pos."Order Lines"', 1, "order_line", ("order_id", "line_no"), ("bigint", "integer"))

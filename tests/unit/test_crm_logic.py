@@ -8,9 +8,22 @@ from email.utils import formatdate
 
 import pytest
 
-from outbox.consumers.crm_logic import (AUTH, DEFAULT_MAPPINGS, OK, PERMANENT, RETRY, KeyScheduler, MappingError, Pending,
-                                 TokenBucket, backoff, classify_status, load_mappings, parse_retry_after)
 from outbox import contract
+from outbox.consumers.crm_logic import (
+    AUTH,
+    DEFAULT_MAPPINGS,
+    OK,
+    PERMANENT,
+    RETRY,
+    KeyScheduler,
+    MappingError,
+    Pending,
+    TokenBucket,
+    backoff,
+    classify_status,
+    load_mappings,
+    parse_retry_after,
+)
 from outbox.dev.crm_reference import Faults, parse_items, retry_after_header, validate_fields
 from outbox.errors import ConfigError
 

@@ -6,10 +6,9 @@ from typing import Any
 
 import pytest
 
-from outbox.consumers.crm import CallResult, CrmRefused, CrmSink
-from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, Pending
 from outbox.config import KafkaSettings
-from outbox.consumers.crm import CrmSinkSettings
+from outbox.consumers.crm import CallResult, CrmRefused, CrmSink, CrmSinkSettings
+from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, Pending
 
 
 def sink(**settings: Any) -> CrmSink:

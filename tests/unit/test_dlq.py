@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from outbox.consumers import dlq
 from outbox import contract
+from outbox.consumers import dlq
 from tests.support.records import Rec
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)

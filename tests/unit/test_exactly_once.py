@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from outbox.consumers.kafka import topic_pattern
 from outbox import contract, metrics
 from outbox.cli import cli
 from outbox.config import KafkaSettings, RelaySettings, build
+from outbox.consumers.kafka import topic_pattern
 from outbox.errors import ConfigError
 from outbox.relay.offsets import SourcePosition, decode_position, encode_position, newest
 from outbox.relay.positions import PositionTracker

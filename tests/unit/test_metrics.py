@@ -10,8 +10,8 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
 
-from outbox.consumers.kafka import _count_applied
 from outbox import metrics
+from outbox.consumers.kafka import _count_applied
 from outbox.contract import H_TIME, format_time
 
 ALLOWED_LABELS = {"source_id", "slot", "database", "version", "topic", "group", "sink", "partition", "wal_status",

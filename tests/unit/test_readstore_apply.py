@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 
 import pytest
 
+from outbox import contract
 from outbox.consumers.kafka import topic_pattern
 from outbox.consumers.readstore import Rejected, Row, check_payload, classify, plan_batch, row_columns
-from outbox import contract
 from tests.support.records import Rec
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)

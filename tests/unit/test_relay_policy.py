@@ -7,16 +7,25 @@ import pytest
 from confluent_kafka import KafkaError
 
 from outbox import contract
-from outbox.errors import (ConfigError, DatabaseRefused, DatabaseUnavailable, KafkaUnavailable, NotInstalled, OutboxError,
-                           PreconditionFailed)
+from outbox.errors import ConfigError, DatabaseRefused, DatabaseUnavailable, KafkaUnavailable, NotInstalled, OutboxError, PreconditionFailed
 from outbox.metrics import PG_EPOCH_UNIX
 from outbox.relay import policy
-from outbox.relay.policy import (SLOT_BUSY_GRACE, STATUS_EVERY, Change, Delivery, KafkaOutage, Next, PublishFailed,
-                                 after_preflight, after_session, classify_delivery, delivery_error)
+from outbox.relay.policy import (
+    SLOT_BUSY_GRACE,
+    STATUS_EVERY,
+    Change,
+    Delivery,
+    KafkaOutage,
+    Next,
+    PublishFailed,
+    after_preflight,
+    after_session,
+    classify_delivery,
+    delivery_error,
+)
 from outbox.relay.positions import PositionTracker
 from outbox.relay.publisher import DeliveryFailed, delivery_failed
 from outbox.relay.replication import SlotInUse
-
 
 # --------------------------------------------------------------------------- status cadence
 
