@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import click
 import psycopg
@@ -134,31 +133,7 @@ def run_workload(dsn: str, transactions: int, seed: int, rollback_share: float =
     return result
 
 
-# --------------------------------------------------------------------------- comparing
-def source_checksum(conn: psycopg.Connection[Any]) -> dict[str, tuple[int, str]]:
-    """Per aggregate type: (row count, md5 over id=row image) of the legacy tables."""
-    out = {}
-    for table, (aggregate, id_expr) in POS_CAPTURES.items():
-        count, digest = conn.execute(
-            f"SELECT count(*), coalesce(md5(string_agg(aid || '=' || img, ',' ORDER BY aid)), '')"
-            f" FROM (SELECT {id_expr} AS aid, to_jsonb(t)::text AS img FROM {table} t) s"
-        ).fetchone()  # type: ignore[misc]
-        out[aggregate] = (count, digest)
-    return out
-
-
-def readstore_checksum(conn: psycopg.Connection[Any], source_id: str) -> dict[str, tuple[int, str]]:
-    out = {}
-    for aggregate, _ in POS_CAPTURES.values():
-        count, digest = conn.execute(
-            "SELECT count(*), coalesce(md5(string_agg(aggregate_id || '=' || payload::text, ',' ORDER BY aggregate_id)), '')"
-            " FROM readstore.current_entities WHERE source_id = %s AND aggregate_type = %s",
-            (source_id, aggregate),
-        ).fetchone()  # type: ignore[misc]
-        out[aggregate] = (count, digest)
-    return out
-
-
+# --------------------------------------------------------------------------- comparing: outbox/dev/oracles.py
 # --------------------------------------------------------------------------- processes
 def outbox_command() -> list[str]:
     return [sys.executable, "-m", "outbox.cli"]
@@ -256,6 +231,7 @@ def demo(stores: int, transactions: int, timeout: float, seed: int, with_crm: bo
     the read store (database demo_readstore) matches every store, and reports events/s and
     commit-to-read-store latency. The databases and topics are left for you to explore.
     """
+    from outbox.dev import oracles  # imports this module: not at its top
     from outbox.dev.sandbox import Sandbox
 
     def say(msg: str) -> None:
@@ -324,7 +300,7 @@ def demo(stores: int, transactions: int, timeout: float, seed: int, with_crm: bo
         events = 0
         for i, name in enumerate(store_names, 1):
             with psycopg.connect(dbname=name) as conn:
-                expected[f"store{i}"] = source_checksum(conn)
+                expected[f"store{i}"] = oracles.source_checksum(conn)
                 events += conn.execute("SELECT count(*) FROM outbox.events WHERE type <> %s",
                                        (contract.HEARTBEAT_TYPE,)).fetchone()[0]  # type: ignore[index]
         deadline = time.time() + timeout
@@ -335,7 +311,7 @@ def demo(stores: int, transactions: int, timeout: float, seed: int, with_crm: bo
                         raise OutboxError(f"a pipeline process exited with {p.returncode}: see the logs in {logdir}")
                 actual = {}
                 try:
-                    actual = {s: readstore_checksum(rs, s) for s in expected}
+                    actual = {s: oracles.readstore_checksum(rs, s) for s in expected}
                 except psycopg.errors.UndefinedTable:
                     pass
                 if actual == expected:

@@ -18,43 +18,10 @@ from typing import Any
 import psycopg
 
 from outbox import contract
-from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, Mapping
 from outbox.errors import OutboxError
 
 CRM_DB = "demo_crm"
 LEDGER_DB = "demo_crmsink"
-
-
-def expected_records(store_dsn: str, source_id: str,
-                     mappings: dict[str, Mapping] | None = None) -> dict[tuple[str, str], dict[str, Any]]:
-    """What a CRM must hold for one store through the mappings: (kind, external id) -> fields."""
-    from outbox.dev.demo import POS_CAPTURES
-
-    mappings = mappings or DEFAULT_MAPPINGS
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    with psycopg.connect(store_dsn, autocommit=True) as conn:
-        for table, (aggregate, id_expr) in POS_CAPTURES.items():
-            m = mappings.get(aggregate)
-            if m is None:
-                continue
-            for aid, image in conn.execute(f"SELECT {id_expr}, to_jsonb(t) FROM {table} t"):
-                fields = {k: image.get(src) for k, src in m.fields.items() if src in image}
-                fields.update({k: contract.key_for(source_id, str(image[src]))
-                               for k, src in m.references.items() if image.get(src) is not None})
-                out[(m.kind, contract.key_for(source_id, aid))] = fields
-    return out
-
-
-def differences(expected: dict[tuple[str, str], dict[str, Any]], crm_dsn: str) -> list[str]:
-    """How the CRM's records differ from what the stores say (deleted rows must be inactive)."""
-    with psycopg.connect(crm_dsn, autocommit=True) as conn:
-        have = {(k, e): (f, a) for k, e, f, a in conn.execute("SELECT kind, external_id, fields, active FROM crm.records")}
-    problems = [f"{key} missing" for key in expected if key not in have]
-    problems += [f"{key}: {have[key]} != {fields}" for key, fields in expected.items()
-                 if key in have and have[key] != (fields, True)]
-    problems += [f"{key} deleted in the store, active in the CRM" for key, (_, active) in have.items()
-                 if key not in expected and active]
-    return problems
 
 
 def _wait_line(log: Path, pattern: str, procs: list[Any], timeout: float = 30) -> re.Match[str]:
@@ -106,11 +73,13 @@ class CrmDemo:
                        f"crm-writeback-{source}.log")
 
     def wait_converged(self, timeout: float) -> int:
+        from outbox.dev import oracles  # it imports the demo, which imports this module
+
         expected: dict[tuple[str, str], dict[str, Any]] = {}
         for source, db in self.sources.items():
-            expected.update(expected_records(f"dbname={db}", source))
+            expected.update(oracles.expected_records(f"dbname={db}", source))
         deadline = time.time() + timeout
-        while problems := differences(expected, f"dbname={CRM_DB}"):
+        while problems := oracles.differences(expected, f"dbname={CRM_DB}"):
             if time.time() > deadline:
                 raise OutboxError(f"the CRM did not converge within {timeout:.0f} s ({len(problems)} differences, "
                                   f"e.g. {problems[0]}): see {self.logdir / 'crm-sink.log'}")
