@@ -11,7 +11,6 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,6 +20,7 @@ from click.testing import CliRunner
 
 from outbox import contract
 from outbox.cli import cli
+from tests.support.records import Rec
 
 pytestmark = pytest.mark.integration
 
@@ -167,15 +167,6 @@ def test_truncate_emits_a_truncated_event(legacy: str) -> None:
     assert [(i, t) for i, t, _, _ in got] == [("1:1", "order_line.created"), ("*", "order_line.truncated")]
     assert got[-1][2] == {"table": "pos.order_lines"}
 
-
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class NoDeadLetters:

@@ -9,7 +9,6 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,6 +28,7 @@ from tests.support.crm import Crm
 from tests.support.kafka import kcat_read
 from tests.support.metrics import scrape
 from tests.support.processes import OutboxProcess, RelayProcess
+from tests.support.records import Rec
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,15 +37,6 @@ SOURCE = "store1"
 AGENT = {"X-CRM-Actor": "agent"}
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
-
-@dataclass(frozen=True)
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
 
 
 @pytest.fixture

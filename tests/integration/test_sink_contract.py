@@ -38,22 +38,12 @@ from outbox.consumers.sink_offsets import SinkDatabase
 from tests.support.crm import Crm
 from tests.support.db import install_pos
 from tests.support.kafka import kcat_read
+from tests.support.records import Rec
 
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
-
-@dataclass(frozen=True)
-class Rec:
-    """A fetched Kafka record, as the consumer loop hands it to a sink."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
 
 
 @dataclass
