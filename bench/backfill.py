@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 
 from bench.common import Result, Scratch, figure, install_outbox, median, say, spread
-from outbox.dev.demo import POS_SCHEMA
+from outbox.dev.pos import POS_SCHEMA
 
 NAME = "backfill"
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from outbox.dev.demo import drop_database
+from outbox.dev.pos import drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(os.environ.get("OUTBOX_BENCH_RESULTS") or ROOT / "bench" / "results")

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 
 from bench.common import Result, Scratch, figure, install_outbox, median, pg_binary, say, spread
-from outbox.dev.demo import POS_CAPTURES, POS_SCHEMA
+from outbox.dev.pos import POS_CAPTURES, POS_SCHEMA
 
 NAME = "overhead"
 CUSTOMERS = 10_000

@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 
 from bench.common import OUTBOX, Result, Scratch, bootstrap, create_topics, figure, install_outbox, say, wait_slot_active
-from outbox.dev.demo import POS_CAPTURES, POS_SCHEMA, run_workload
 from outbox.dev.oracles import readstore_checksum, source_checksum
+from outbox.dev.pos import POS_CAPTURES, POS_SCHEMA, run_workload
 
 NAME = "replay"
 TIMEOUT = 600.0

@@ -27,7 +27,7 @@ from prometheus_client import Counter
 from outbox import contract, metrics
 from outbox.config import CrmWebhookSettings
 from outbox.consumers.crm_logic import H_DELIVERY, Change, mapping_for_kind, parse_change
-from outbox.consumers.dlq import DeadLetter, dlq_topic
+from outbox.consumers.dlq import DeadLetter, dlq_topic, relay_partitioner
 from outbox.errors import ConfigError, KafkaUnavailable
 from outbox.secret import SIGNATURE_HEADER, sign
 from outbox.signals import stop_on_signals
@@ -56,8 +56,9 @@ class WebhookReceiver:
         self.received = 0
 
     async def start(self) -> None:
+        # the relay's partitioner, as every producer of ours (consumers/dlq.py): one key, one partition
         self._producer = AIOKafkaProducer(**self.s.kafka.client_kwargs(), client_id="outbox-crm-webhook", acks="all",
-                                          enable_idempotence=True, linger_ms=2)
+                                          enable_idempotence=True, linger_ms=2, partitioner=relay_partitioner)
         try:
             await self._producer.start()
         except KafkaError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from outbox import contract
+from outbox.dev import oracles
 from outbox.errors import OutboxError
 
 CRM_DB = "demo_crm"
@@ -53,7 +54,7 @@ class CrmDemo:
         self.url = ""
 
     def start(self) -> None:
-        from outbox.dev.demo import recreate_database
+        from outbox.dev.pos import recreate_database
 
         for name in (CRM_DB, LEDGER_DB):
             recreate_database(name)
@@ -73,8 +74,6 @@ class CrmDemo:
                        f"crm-writeback-{source}.log")
 
     def wait_converged(self, timeout: float) -> int:
-        from outbox.dev import oracles  # it imports the demo, which imports this module
-
         expected: dict[tuple[str, str], dict[str, Any]] = {}
         for source, db in self.sources.items():
             expected.update(oracles.expected_records(f"dbname={db}", source))

@@ -12,7 +12,7 @@ import psycopg
 
 from outbox import contract
 from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, Mapping
-from outbox.dev.demo import POS_CAPTURES
+from outbox.dev.pos import POS_CAPTURES
 
 
 def source_checksum(conn: psycopg.Connection[Any]) -> dict[str, tuple[int, str]]:

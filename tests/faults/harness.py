@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from outbox.dev.demo import POS_CAPTURES
+from outbox.dev.pos import POS_CAPTURES
 from outbox.dev.sandbox import Sandbox
 from outbox.errors import SandboxError
 from tests.faults import report

@@ -1,7 +1,7 @@
 """The fault suite's writer: concurrent POS transactions that commit or roll back, recorded for sure.
 
 Several threads, one connection each, run transactions of 1..50 captured rows (new customers,
-orders with lines, updates, deletes with cascades) against the POS schema of outbox.dev.demo, and
+orders with lines, updates, deletes with cascades) against the POS schema of outbox.dev.pos, and
 roll back a share of them on purpose. Each transaction takes its id first
 (``pg_current_xact_id()``), so its outcome is known even when the connection breaks during
 COMMIT (PostgreSQL restarting): such ambiguous transactions are looked up afterwards with
@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from outbox.dev.demo import NAMES, SKUS
+from outbox.dev.pos import NAMES, SKUS
 from tests.faults.checker import XID_MASK, WriterRecord
 from tests.support.wait import wait_until
 

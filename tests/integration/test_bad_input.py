@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox.dev.demo import POS_CAPTURES, POS_SCHEMA
+from outbox.dev.pos import POS_CAPTURES, POS_SCHEMA
 from outbox.dev.sandbox import find_pg_bindir, pg_os_user
 from tests.support.kafka import kcat_read, wait_for_records
 from tests.support.processes import RelayProcess, outbox

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox.dev.demo import run_workload
+from outbox.dev.pos import run_workload
 from tests.support.checksums import crm_differences, crm_expected_records
 from tests.support.crm import Crm
 from tests.support.db import admin_conn

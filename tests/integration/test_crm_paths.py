@@ -22,7 +22,7 @@ from outbox.consumers import crm, crm_writeback
 from outbox.consumers.crm_inbound import WEBHOOKS_PARKED, WebhookReceiver
 from outbox.consumers.crm_logic import DEFAULT_MAPPINGS, H_DELIVERY, Mapping
 from outbox.consumers.dlq import H_ERROR, H_REDRIVE, Batch, DeadLetters
-from outbox.dev.demo import run_workload
+from outbox.dev.pos import run_workload
 from tests.support.checksums import crm_differences, crm_expected_records
 from tests.support.crm import Crm
 from tests.support.kafka import kcat_read

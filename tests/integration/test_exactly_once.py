@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from outbox import contract
 from outbox.config import KafkaSettings
 from outbox.consumers.kafka import topic_pattern
-from outbox.dev.demo import run_workload
+from outbox.dev.pos import run_workload
 from outbox.relay.offsets import OffsetsCorrupt, OffsetsTopic, SourcePosition, encode_position
 from outbox.relay.transactional import TransactionalPublisher
 from tests.support.db import committed_ids, install_pos

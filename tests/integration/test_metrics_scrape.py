@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox.dev.demo import run_workload
+from outbox.dev.pos import run_workload
 from tests.support.db import install_pos
 from tests.support.processes import ConsumerProcess, RelayProcess
 from tests.support.prometheus import DASHBOARDS, tool

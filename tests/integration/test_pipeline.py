@@ -8,7 +8,7 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from outbox.dev.demo import run_workload
+from outbox.dev.pos import run_workload
 from tests.support.db import install_pos
 from tests.support.processes import ConsumerProcess, RelayProcess, wait_converged
 from tests.support.wait import wait_until

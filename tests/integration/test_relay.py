@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import outbox
-from outbox.dev.demo import run_workload
+from outbox.dev.pos import run_workload
 from tests.support.db import committed_ids, wait_slot_confirmed, wal_lsn
 from tests.support.kafka import kcat_read, wait_for_ids, wait_for_records
 from tests.support.metrics import scrape

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from outbox import contract
-from outbox.dev.demo import POS_CAPTURES, POS_SCHEMA
+from outbox.dev.pos import POS_CAPTURES, POS_SCHEMA
 from tests.support.wait import wait_until
 
 if TYPE_CHECKING:
