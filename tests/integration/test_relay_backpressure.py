@@ -53,12 +53,15 @@ def test_a_full_producer_queue_keeps_answering_postgresql_and_sigterm_returns_wi
         _, _, written_at = reply_state(store)
         # Whatever the relay could read it has read within seconds; from then on it waits for Kafka. It must
         # keep sending standby status all along: reply_time keeps advancing, on the same connection.
-        for ahead in (6, 12):
-            pid, replied, _ = wait_until(lambda: reply_state(store), timeout=40, interval=0.5,
-                                         until=lambda got: got[1] >= written_at + ahead,
-                                         message=lambda: f"the relay's reply_time to pass {ahead} s after the writes "
-                                                         f"(it stopped answering PostgreSQL): {reply_state(store)}; "
-                                                         f"{relay.output()}")
+        for ahead in (6.0, 12.0):
+            def past(got: tuple[int, float, float], ahead: float = ahead) -> bool:
+                return got[1] >= written_at + ahead
+
+            def stalled(ahead: float = ahead) -> str:
+                return (f"the relay's reply_time to pass {ahead:.0f} s after the writes (it stopped answering "
+                        f"PostgreSQL): {reply_state(store)}; {relay.output()}")
+
+            pid, _, _ = wait_until(lambda: reply_state(store), timeout=40, interval=0.5, until=past, message=stalled)
             assert pid == pid_before, "the replication connection was replaced while Kafka was down"
             assert relay.proc is not None and relay.proc.poll() is None, relay.output()
         started = time.monotonic()
