@@ -459,6 +459,11 @@ class RelaySettings(MetricsSettings):
         Cli(metavar="NAME")] = None
     max_in_flight: Annotated[int, Field(ge=1, description=(
         "Events sent and not yet acknowledged before the relay stops reading the WAL."))] = 20_000
+    max_in_flight_bytes: Annotated[int, Field(ge=1, le=2**31, description=(  # the producer's queue is sized above it
+        "Bytes of event values sent and not yet acknowledged before the relay stops reading the WAL, whichever of "
+        "this and --max-in-flight comes first: large events fill the producer's queue long before --max-in-flight "
+        "events wait. The producer's queue (queue.buffering.max.kbytes) is twice this, at least 32 MB.")),
+        Cli(metavar="BYTES")] = 16 * 2**20
     status_interval: Annotated[float, Field(gt=0, description=(
         "Seconds between standby status updates to PostgreSQL when nothing moves."))] = 10.0
     retention: Annotated[float, Field(ge=0, description=(

@@ -33,6 +33,9 @@ PROGRESS_EVERY = 30.0  # seconds between progress log lines
 MONITOR_EVERY = 10.0  # seconds between samples of pg_replication_slots and checks of Kafka
 KAFKA_PROBE_TIMEOUT = 5.0
 MAX_BATCH_BYTES = 1_000_000  # the producer's batch.size when no topic's limit is known to be lower
+QUEUE_MESSAGES = 100_000  # the producer's queue.buffering.max.messages at least (librdkafka's default)
+QUEUE_KBYTES = 32 * 1024  # ... and its queue.buffering.max.kbytes (32 MB)
+ROOM_POLL = 0.005  # seconds between attempts to queue a record while the producer's queue is full
 READ_TIMEOUT_CAP = 1.0  # seconds a read of the stream waits at most, so the loop looks around often
 
 
@@ -77,9 +80,17 @@ def read_timeout(status_interval: float, transaction_time_left: float | None) ->
     return timeout if transaction_time_left is None else min(timeout, transaction_time_left)
 
 
-def must_pause(in_flight: int, max_in_flight: int) -> bool:
-    """Back-pressure: stop reading the WAL while this many events wait for Kafka."""
-    return in_flight >= max_in_flight
+def must_pause(in_flight: int, max_in_flight: int, in_flight_bytes: int = 0, max_in_flight_bytes: int = 0) -> bool:
+    """Back-pressure: stop reading the WAL while this many events, or this many bytes of them, wait
+    for Kafka (``max_in_flight_bytes`` 0: no bound by bytes)."""
+    return in_flight >= max_in_flight or 0 < max_in_flight_bytes <= in_flight_bytes
+
+
+def producer_queue(max_in_flight: int, max_in_flight_bytes: int) -> tuple[int, int]:
+    """librdkafka's queue.buffering.max.messages and queue.buffering.max.kbytes: twice the relay's own
+    bounds (at least librdkafka's defaults), so the relay pauses reading before the producer refuses a
+    record; what one read of the stream brings past them, keys and headers fit in the rest."""
+    return max(QUEUE_MESSAGES, 2 * max_in_flight), max(QUEUE_KBYTES, -(-2 * max_in_flight_bytes // 1024))
 
 
 # --------------------------------------------------------------------------- session set-up

@@ -70,7 +70,9 @@ class Publisher:
         self._extra = extra or {}  # more librdkafka settings (a transactional.id, say)
         self._linger_ms = linger_ms
         self._queue_messages = queue_messages
-        self._queue_kbytes = queue_kbytes  # bounds the relay's memory: a full queue is back-pressure
+        # bound the relay's memory; sized above --max-in-flight(-bytes) (policy.producer_queue): the relay pauses
+        # reading first, and a full queue only catches what one read of the stream brought past those bounds
+        self._queue_kbytes = queue_kbytes
         self._message_timeout_ms = message_timeout_ms
         self._batch_bytes = batch_bytes  # at most the smallest topic's max.message.bytes: Kafka limits batches
         self._producer: Producer | None = None
@@ -132,7 +134,8 @@ class Publisher:
             raise self._refused(record, exc) from None
 
     async def send(self, record: Record, report: Report) -> None:
-        """Queue one record; waits only while librdkafka's queue is full (back-pressure)."""
+        """Queue one record; waits only while librdkafka's queue is full (back-pressure). Waits without
+        bound: the session's own path (``Session._send_when_room``) keeps answering PostgreSQL and stops."""
         while not self.try_send(record, report):
             await asyncio.sleep(0.005)
 

@@ -57,6 +57,8 @@ class Session:
         self._publisher: Publisher | None = None
         self._stream: ReplicationStream | None = None
         self._progress = asyncio.Event()  # set whenever an acknowledgement frees room
+        self._in_flight_bytes = 0  # value bytes sent and not yet reported on (policy.must_pause)
+        self._stop = asyncio.Event()  # the run's stop event (set in _loop): waiting for room honours it
         self._error: OutboxError | None = None  # what a delivery report says ends the session
         self._reported = -1  # the confirmed position last sent in a status update
         self._over = False  # ended: a late report of its producer changes nothing
@@ -66,8 +68,10 @@ class Session:
         if state.oversized_topics:
             state.size_limits.update(await topic_max_bytes(s.kafka, sorted(state.oversized_topics)))
             state.oversized_topics.clear()
+        queue_messages, queue_kbytes = policy.producer_queue(s.max_in_flight, s.max_in_flight_bytes)
         options: dict[str, Any] = {"message_timeout_ms": int(s.kafka_message_timeout * 1000),
-                                   "batch_bytes": policy.batch_bytes(state.size_limits)}
+                                   "batch_bytes": policy.batch_bytes(state.size_limits),
+                                   "queue_messages": queue_messages, "queue_kbytes": queue_kbytes}
         publisher = self._eos.new_publisher(**options) if self._eos is not None else Publisher(s.kafka, **options)
         stream: ReplicationStream | None = None
         try:
@@ -100,6 +104,8 @@ class Session:
 
     async def _loop(self, stop: asyncio.Event) -> None:
         assert self._stream is not None
+        self._stop = stop
+        settings = self.settings
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
@@ -107,13 +113,16 @@ class Session:
                     raise self._error
                 if self._eos is not None:
                     self._eos_progress()
-                if policy.must_pause(self.tracker.in_flight, self.settings.max_in_flight):
+                if policy.must_pause(self.tracker.in_flight, settings.max_in_flight, self._in_flight_bytes,
+                                     settings.max_in_flight_bytes):
                     # Kafka away or slow: back-pressure, stop reading the WAL until Kafka catches up; the
                     # replication connection stays open (status updates with the confirmed position every
                     # status_interval keep wal_sender_timeout away)
                     self._progress.clear()
-                    await asyncio.wait([stopping, asyncio.ensure_future(self._progress.wait())],
-                                       timeout=self.settings.status_interval, return_when=asyncio.FIRST_COMPLETED)
+                    progress = asyncio.ensure_future(self._progress.wait())
+                    await asyncio.wait([stopping, progress], timeout=settings.status_interval,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    progress.cancel()
                     self._status()
                     continue
                 messages = await self._stream.read(timeout=self._read_timeout())
@@ -124,6 +133,8 @@ class Session:
                         waiting = handle(message)
                         if waiting is not None:  # Kafka's queue is full, or an event must be parked
                             await waiting
+                            if stop.is_set() or self._error is not None:
+                                break  # the rest of this read is never confirmed: a restart reads it again
                     if self.stats.events > before:
                         self.metrics.read_batch.observe(self.stats.events - before)
                 self._status()
@@ -212,12 +223,14 @@ class Session:
         except RecordTooLarge:
             return self._park_too_large(row, record, txn, seq)
         self.stats.events += 1
+        self._in_flight_bytes += len(record.value)
         return None
 
     def _on_report(self, txn: Txn, err: KafkaError | None, msg: Any) -> None:
         """librdkafka's delivery report for one event of ``txn`` (on the loop, from ``poll``)."""
         if self._over:
             return  # a report from an ended session: its positions are gone
+        self._in_flight_bytes -= len(msg)  # its value's length (a parked event's marker: 0, never counted)
         if err is None:
             self.tracker.acked(txn)
             self._acked[msg.topic()] += 1
@@ -257,13 +270,24 @@ class Session:
 
     async def _send_when_room(self, row: contract.RawRow, record: contract.Record, txn: Txn, seq: int,
                               report: Report) -> None:
-        assert self._publisher is not None
+        """librdkafka's queue is full (one read of the stream brought more than the room above
+        --max-in-flight(-bytes)): wait for room as the paused loop does, still sending standby status,
+        and give up on stop or on a failed delivery: the record is then never sent, so its transaction
+        is never confirmed (a restart reads it again)."""
+        publisher = self._publisher
+        assert publisher is not None
+        stop = self._stop
         try:
-            await self._publisher.send(record, report)
+            while not publisher.try_send(record, report):  # try_send serves delivery reports meanwhile
+                if stop.is_set() or self._error is not None:
+                    return
+                self._status()
+                await asyncio.sleep(policy.ROOM_POLL)
         except RecordTooLarge:  # librdkafka checks the size before the queue, but be sure
             await self._park_too_large(row, record, txn, seq)
             return
         self.stats.events += 1
+        self._in_flight_bytes += len(record.value)
 
     def _park_too_large(self, row: contract.RawRow, record: contract.Record, txn: Txn, seq: int) -> Awaitable[None]:
         assert self._publisher is not None

@@ -60,8 +60,9 @@ class RelayState:
         self.metrics.kafka_connected.set(1 if reachable else 0)
         change = policy.reachability_change(self._kafka_up, reachable)
         if change is policy.Change.DOWN:
-            log.warning("Kafka %s is unreachable: reading from PostgreSQL pauses when %d events are in flight, "
-                        "nothing unacknowledged is confirmed", self.settings.kafka.bootstrap, self.settings.max_in_flight)
+            log.warning("Kafka %s is unreachable: reading from PostgreSQL pauses when %d events or %d bytes are in "
+                        "flight, nothing unacknowledged is confirmed", self.settings.kafka.bootstrap,
+                        self.settings.max_in_flight, self.settings.max_in_flight_bytes)
         elif change is policy.Change.UP:
             log.info("Kafka %s is reachable again", self.settings.kafka.bootstrap)
         self._kafka_up = reachable

@@ -77,6 +77,22 @@ def test_back_pressure_at_max_in_flight() -> None:
     assert policy.must_pause(20_001, 20_000)
 
 
+def test_back_pressure_at_max_in_flight_bytes_whichever_bound_comes_first() -> None:
+    mb16 = 16 * 2**20
+    assert not policy.must_pause(1_999, 20_000, mb16 - 1, mb16)
+    assert policy.must_pause(2_000, 20_000, mb16, mb16)  # 8 kB events: the bytes bound, far below 20,000 events
+    assert policy.must_pause(2_001, 20_000, mb16 + 8_000, mb16)
+    assert policy.must_pause(20_000, 20_000, 100, mb16)  # small events: the count bound
+    assert not policy.must_pause(10, 20_000, 2**40)  # no bound by bytes given: the count alone
+
+
+def test_the_producers_queue_has_room_above_both_bounds() -> None:
+    assert policy.producer_queue(20_000, 16 * 2**20) == (100_000, 32 * 1024)  # librdkafka's defaults at least
+    messages, kbytes = policy.producer_queue(80_000, 64 * 2**20)
+    assert messages == 160_000 and kbytes * 1024 == 2 * 64 * 2**20
+    assert policy.producer_queue(1, 2**31 + 1)[1] * 1024 >= 2 * (2**31 + 1)  # rounded up, never below twice
+
+
 # --------------------------------------------------------------------------- session set-up
 
 def test_batch_bytes_stays_under_the_smallest_known_topic_limit() -> None:
