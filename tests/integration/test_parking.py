@@ -1,0 +1,114 @@
+"""Parking (issue #19 items 6, 12, 14): a row whose aggregate type cannot name a topic is parked like
+an oversized one and the relay goes on; the store refuses new ones (CHECK, store revision 0007);
+the parker's commits are durable whatever the database's synchronous_commit; a parked event is
+re-published with its own id and position. Real servers."""
+from __future__ import annotations
+
+import socket
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbox import contract
+from outbox.relay.replication import ParkedEvent, Parker
+from tests.support.install import dbname, query
+from tests.support.kafka import kcat_read, wait_for_ids
+from tests.support.metrics import scrape
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.integration
+
+BAD = "bad topic!"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_row_whose_aggregate_type_names_no_topic_is_parked_and_the_relay_goes_on(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any) -> None:
+    port = free_port()
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--status-interval", "1",
+                   "--metrics-port", str(port)).start()
+    with psycopg.connect(store) as conn:
+        # an application's own INSERT past the CHECK (a store where it is not there, or dropped)
+        conn.execute(f"ALTER TABLE outbox.events DROP CONSTRAINT IF EXISTS {contract.AGGREGATE_TYPE_CONSTRAINT}")
+        conn.commit()
+        bad_id = str(uuid.uuid4())
+        conn.execute("INSERT INTO pos.customers (name) VALUES ('before')")
+        conn.execute("INSERT INTO outbox.events (id, aggregatetype, aggregateid, type, payload)"
+                     " VALUES (%s, %s, '7', 'thing.created', '{\"a\": 1}')", (bad_id, BAD))
+        conn.commit()
+        conn.execute("INSERT INTO pos.customers (name) VALUES ('after')")
+        conn.commit()
+        good = {r[0] for r in conn.execute("SELECT id::text FROM outbox.events WHERE aggregatetype = 'customer'")}
+    assert len(good) == 2
+    topic = f"{topic_prefix}.customer"
+    marker_topic = f"{topic_prefix}.{contract.UNROUTABLE_AGGREGATE}.dlq"
+    wait_for_ids(kafka_bootstrap, [topic], good, timeout=90)  # the events after it still arrive
+    markers = wait_until(lambda: kcat_read(kafka_bootstrap, marker_topic), timeout=60, interval=1,
+                         until=lambda got: bool(got), message=lambda: f"a marker on {marker_topic}: {relay.output()}")
+    assert [m["headers"]["ce_id"] for m in markers] == [bad_id]
+    h = markers[0]["headers"]
+    assert h["ce_aggregatetype"] == BAD and "cannot name a Kafka topic" in h["dlq_error"]
+    assert h["dlq_lsn"] == h["ce_commitlsn"] and h["ce_txseq"] == "1" and markers[0]["key"] == "s1:7"
+    parked = query(store, "SELECT id::text, aggregatetype, payload::text, topic, error, commit_lsn::text, txseq"
+                          " FROM outbox.parked")
+    assert parked == [(bad_id, BAD, '{"a": 1}', f"{topic_prefix}.{contract.UNROUTABLE_AGGREGATE}", h["dlq_error"],
+                       h["ce_commitlsn"], 1)]
+    samples = wait_until(lambda: scrape(port, "outbox_relay_events_parked_total"), timeout=30, interval=0.5,
+                         until=lambda got: any(v >= 1 for v in got.values()), message="the parked metric")
+    assert samples == {f'outbox_relay_events_parked_total{{source_id="s1",topic="{topic_prefix}.'
+                       f'{contract.UNROUTABLE_AGGREGATE}"}}': 1.0}
+    assert relay.proc is not None and relay.proc.poll() is None, relay.output()
+    assert "parked in outbox.parked" in relay.output()
+    assert relay.terminate() == 0
+
+
+def test_the_store_refuses_an_aggregate_type_that_names_no_topic(store: str) -> None:
+    assert query(store, "SELECT convalidated FROM pg_constraint WHERE conname = %s",
+                 contract.AGGREGATE_TYPE_CONSTRAINT) == [(True,)]
+    with psycopg.connect(store) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO outbox.events (aggregatetype, aggregateid, type, payload)"
+                     " VALUES (%s, '1', 't', '{}')", (BAD,))
+
+
+def test_install_keeps_the_check_not_valid_when_existing_rows_break_it(store: str) -> None:
+    from tests.support.install import ok
+    with psycopg.connect(store) as conn:
+        conn.execute(f"ALTER TABLE outbox.events DROP CONSTRAINT {contract.AGGREGATE_TYPE_CONSTRAINT}")
+        conn.execute("INSERT INTO outbox.events (aggregatetype, aggregateid, type, payload) VALUES (%s, '1', 't', '{}')",
+                     (BAD,))
+        conn.execute("DELETE FROM outbox.alembic_version")
+        conn.execute("INSERT INTO outbox.alembic_version VALUES ('0006')")
+        conn.commit()
+    out = ok("install", "--dsn", store)
+    assert f"constraint {contract.AGGREGATE_TYPE_CONSTRAINT} on outbox.events stays NOT VALID" in out
+    assert query(store, "SELECT convalidated FROM pg_constraint WHERE conname = %s",
+                 contract.AGGREGATE_TYPE_CONSTRAINT) == [(False,)]
+    with psycopg.connect(store) as conn, pytest.raises(psycopg.errors.CheckViolation):  # new rows are checked
+        conn.execute("INSERT INTO outbox.events (aggregatetype, aggregateid, type, payload) VALUES ('a b', '1', 't', '{}')")
+    query(store, "DELETE FROM outbox.events WHERE aggregatetype = %s", BAD)
+    out = ok("install", "--dsn", store)
+    assert f"constraint {contract.AGGREGATE_TYPE_CONSTRAINT} on outbox.events validated" in out
+    assert query(store, "SELECT convalidated FROM pg_constraint WHERE conname = %s",
+                 contract.AGGREGATE_TYPE_CONSTRAINT) == [(True,)]
+
+
+def test_the_parker_commits_synchronously_when_the_database_default_is_off(store: str) -> None:
+    query(store, f'ALTER DATABASE "{dbname(store)}" SET synchronous_commit = off')
+    assert query(store, "SHOW synchronous_commit") == [("off",)]  # what a new session of the database gets
+    parker = Parker(store)
+    try:
+        event_id = str(uuid.uuid4())
+        row = contract.OutboxRow(event_id, "customer", "1", "customer.created", "{}")
+        parker.park(ParkedEvent(row, "outbox.customer", 0x16B3748, 1, 0, 10, "test"))
+        assert parker._conn is not None
+        assert parker._conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    finally:
+        parker.close()
+    assert query(store, "SELECT id::text FROM outbox.parked") == [(event_id,)]
