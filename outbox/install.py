@@ -801,7 +801,6 @@ def validate_constraints(work: psycopg.Connection[Any], where: str, *, lock_time
         echo(f"warning: constraint {name} on {table} stays NOT VALID (it checks every new row) on {where}: {why}; "
              "run install again to validate it")
         return False
-    echo(f"constraint {name} on {table} validated")
     return True
 
 
@@ -946,9 +945,6 @@ def install_sql(settings: cfg.InstallSettings) -> str:
     out.write(migrate.offline_sql(migrate.STORE, start, attributes=_statements(
         before=[f"CREATE SCHEMA IF NOT EXISTS {contract.SCHEMA}"], after=_role_statements(settings, facts),
         lock_timeout=settings.lock_timeout)))
-    out.write(f"\n-- after the COMMIT above, in a transaction of its own (SHARE UPDATE EXCLUSIVE: writes go on;\n"
-              f"-- if existing rows break it, it fails and the constraint stays NOT VALID, checking new rows):\n"
-              f"{VALIDATE_SQL};\n")
     if facts.slot is None:
         out.write("\n-- after the COMMIT above, outside any transaction block, before any capture trigger exists\n"
                   "-- (it waits for the transactions running when it starts to end; no table lock is taken):\n")
@@ -962,6 +958,10 @@ def install_sql(settings: cfg.InstallSettings) -> str:
     for p in changes:
         out.write("BEGIN;\n" + "".join(f"{s};\n" for s in [lockwait.lock_timeout_sql(settings.lock_timeout), *p.statements()])
                   + "COMMIT;\n")
+    out.write("\n-- revision 0007's CHECK on outbox.events, added NOT VALID, validated in a transaction of its own\n"
+              "-- (SHARE UPDATE EXCLUSIVE: writes go on); if existing rows break it, it fails and the constraint\n"
+              "-- stays NOT VALID, still checking new rows (docs/operations.md, Parked events):\n")
+    out.write(f"BEGIN;\n{lockwait.lock_timeout_sql(settings.lock_timeout)};\n{VALIDATE_SQL};\nCOMMIT;\n")
     return out.getvalue()
 
 
