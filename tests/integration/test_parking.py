@@ -70,6 +70,9 @@ def test_a_row_whose_aggregate_type_names_no_topic_is_parked_and_the_relay_goes_
 
 
 def test_the_store_refuses_an_aggregate_type_that_names_no_topic(store: str) -> None:
+    from tests.support.install import ok
+    assert ok("install", "--dsn", store, "--sql").rstrip().endswith(
+        f"ALTER TABLE outbox.events VALIDATE CONSTRAINT {contract.AGGREGATE_TYPE_CONSTRAINT};")
     assert query(store, "SELECT convalidated FROM pg_constraint WHERE conname = %s",
                  contract.AGGREGATE_TYPE_CONSTRAINT) == [(True,)]
     with psycopg.connect(store) as conn, pytest.raises(psycopg.errors.CheckViolation):
