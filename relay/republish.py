@@ -25,7 +25,7 @@ Echo = Callable[[str], None]
 # the relay's parked events (the capture trigger's have a table_name and no position)
 SELECT_PARKED = (
     f"SELECT id::text, aggregatetype, aggregateid, type, payload::text, origin, traceparent, created_at, parked_at,"
-    f" commit_lsn::text, xid, txseq FROM {contract.SCHEMA}.{contract.PARKED_TABLE}"
+    f" commit_lsn::text, xid, txseq, topic FROM {contract.SCHEMA}.{contract.PARKED_TABLE}"
     " WHERE table_name IS NULL AND (cardinality(%(ids)s::uuid[]) = 0 OR id = ANY(%(ids)s::uuid[]))"
     " ORDER BY commit_lsn, txseq"
 )
@@ -62,7 +62,7 @@ def republish(settings: RepublishSettings, *, echo: Echo) -> int:
                                          f"on {where} has id {', '.join(sorted(missing))}")
             records: list[tuple[str, contract.Record]] = []
             for (event_id, aggregatetype, aggregateid, type_, payload, origin, traceparent, created_at, parked_at,
-                 lsn, xid, txseq) in rows:
+                 lsn, xid, txseq, parked_for) in rows:
                 row = contract.OutboxRow(event_id, aggregatetype, aggregateid, type_, payload, origin, traceparent)
                 try:
                     record = contract.build_record(
@@ -73,6 +73,9 @@ def republish(settings: RepublishSettings, *, echo: Echo) -> int:
                     raise PreconditionFailed(f"parked event {event_id}: {exc}: correct it first (UPDATE "
                                              f"{contract.SCHEMA}.{contract.PARKED_TABLE} SET aggregatetype = ... "
                                              f"WHERE id = '{event_id}')") from None
+                if record.topic != parked_for and parked_for != contract.unroutable_topic(settings.topic_prefix):
+                    raise PreconditionFailed(f"parked event {event_id} was meant for topic {parked_for}, not "
+                                             f"{record.topic}: give the relay's --topic-prefix")
                 records.append((event_id, record))
                 echo(f"{event_id} -> {record.topic} at {lsn}#{txseq} ({contract.record_size(record)} bytes)")
             if settings.dry_run or not records:
