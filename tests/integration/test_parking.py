@@ -146,3 +146,40 @@ def test_a_parked_event_is_republished_with_its_own_id_and_position(
     assert copy["headers"]["ce_aggregatetype"] == "customer"
     assert query(store, "SELECT count(*) FROM outbox.parked") == [(0,)]
     assert relay.terminate() == 0
+
+
+def test_an_event_parked_as_too_large_is_republished_once_the_limit_is_raised(
+        store: str, topic_prefix: str, kafka_bootstrap: str, relays: Any) -> None:
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+
+    from tests.support.install import ok
+    topic = f"{topic_prefix}.customer"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1, config={"max.message.bytes": "200000"})])[topic].result(30)
+    relay = relays(store, "s1", topic_prefix, kafka_bootstrap, "--status-interval", "1").start()
+    with psycopg.connect(store) as conn:
+        for name in ("y" * 500_000, "after"):
+            conn.execute("INSERT INTO pos.customers (name) VALUES (%s)", (name,))
+            conn.commit()
+        ids = [r[0] for r in conn.execute("SELECT id::text FROM outbox.events WHERE aggregatetype = 'customer'"
+                                          " ORDER BY created_at")]
+    big = ids[0]
+    marker = wait_until(lambda: kcat_read(kafka_bootstrap, topic + ".dlq"), timeout=90, interval=1, until=bool,
+                        message=lambda: f"a marker on {topic}.dlq: {relay.output()}")[0]["headers"]
+    assert marker["ce_id"] == big
+    wait_for_ids(kafka_bootstrap, [topic], {ids[1]}, timeout=60)
+    resource = ConfigResource("topic", topic, incremental_configs=[
+        ConfigEntry("max.message.bytes", "2000000", incremental_operation=AlterConfigOpType.SET)])
+    admin.incremental_alter_configs([resource])[resource].result(30)
+    with pytest.raises(AssertionError, match="give the relay's --topic-prefix"):  # another prefix: refused
+        ok("republish-parked", "--dsn", store, "--source-id", "s1", "--kafka-bootstrap", kafka_bootstrap,
+           "--topic-prefix", "elsewhere")
+    out = ok("republish-parked", "--dsn", store, "--source-id", "s1", "--kafka-bootstrap", kafka_bootstrap,
+             "--topic-prefix", topic_prefix)
+    assert "re-published 1 parked event" in out
+    copies = [r for r in wait_for_ids(kafka_bootstrap, [topic], {big}, timeout=60) if r["headers"]["ce_id"] == big]
+    assert len(copies) == 1 and len(copies[0]["payload"]) > 500_000
+    for header in ("ce_id", "ce_commitlsn", "ce_txseq", "ce_xid", "ce_source", "ce_type", "ce_subject", "ce_history"):
+        assert copies[0]["headers"][header] == marker[header], header
+    assert query(store, "SELECT count(*) FROM outbox.parked") == [(0,)]
+    assert relay.terminate() == 0
