@@ -23,6 +23,7 @@ COMMANDS = {
     "consume": "outbox.consumers.cli:consume",
     "backfill": "outbox.backfill:backfill",
     "replay": "outbox.consumers.cli:replay",
+    "republish-parked": "outbox.relay.cli:republish_parked",
     "demo": "outbox.dev.demo:demo",
 }
 

@@ -565,6 +565,20 @@ class BackfillSettings(_Settings):
         "--source-id (killed, failed or interrupted)."))] = False
 
 
+class RepublishSettings(_Settings):
+    """``outbox republish-parked`` (relay/republish.py)."""
+
+    dsn: StoreDsn
+    source_id: Annotated[str, Field(description=(
+        "The --source-id of the relay that parked the events (their keys and ce_source).")), Cli(metavar="ID")]
+    kafka: KafkaSettings
+    topic_prefix: Annotated[str, Field(description="The relay's --topic-prefix.")] = contract.DEFAULT_TOPIC_PREFIX
+    ids: Annotated[tuple[str, ...], Field(description=(
+        "Re-publish only this parked event (its id; repeat for several). Default: every event the relay parked.")),
+        Cli(flag="--id", metavar="UUID")] = ()
+    dry_run: Annotated[bool, Field(description="Show what would be re-published; change nothing.")] = False
+
+
 class ReplaySettings(_Settings):
     """``outbox replay`` (consumers/replay.py, consumers/dlq.py)."""
 

@@ -258,6 +258,38 @@ class TxnContext:
         )
 
 
+    def unroutable_record(self, row: RawRow, seq: int) -> Record:
+        """The record of a row whose aggregate type cannot name a topic (:func:`topic_for` refused it):
+        the same key and headers as :meth:`record_raw`, on :func:`unroutable_topic`. Only the relay's
+        parking path builds it (the row goes to outbox.parked, its marker to ``<that topic>.dlq``)."""
+        headers = [
+            *self.shared,
+            (H_ID, row.id),
+            (H_TYPE, row.type),
+            (H_SUBJECT, row.aggregateid),
+            (H_AGGREGATE_TYPE, row.aggregatetype),
+            (H_TXSEQ, str(seq).encode()),
+        ]
+        if row.origin:
+            headers.append((H_ORIGIN, row.origin))
+        if row.traceparent:
+            headers.append((H_TRACEPARENT, row.traceparent))
+        return Record(topic=unroutable_topic(self.prefix), key=self.key_prefix + row.aggregateid, value=row.payload,
+                      headers=headers)
+
+
+def unroutable_topic(prefix: str) -> str:
+    """Where events of an aggregate type that cannot name a topic would go: ``<prefix>.__unroutable``.
+    Nothing is published there; their markers go to ``<prefix>.__unroutable.dlq``."""
+    return f"{prefix}.{UNROUTABLE_AGGREGATE}" if prefix else UNROUTABLE_AGGREGATE
+
+
+# The topic part of unroutable_topic; the leading "__" keeps it apart from application aggregate types.
+UNROUTABLE_AGGREGATE = "__unroutable"
+# outbox.events' CHECK constraint (store revision 0007): topic_for's rule on aggregatetype.
+AGGREGATE_TYPE_CONSTRAINT = "events_aggregatetype_names_a_topic"
+
+
 @functools.lru_cache(maxsize=4096)
 def _topic_for_raw(prefix: str, aggregate_type: bytes) -> str:
     return topic_for(prefix, aggregate_type.decode())

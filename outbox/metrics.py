@@ -84,7 +84,8 @@ RELAY_PUBLISH_ERRORS = Counter("outbox_relay_publish_errors_total",
                                ["source_id"])
 RELAY_EVENTS_PARKED = Counter("outbox_relay_events_parked_total",
                               "Events larger than Kafka takes (producer message.max.bytes or the topic's "
-                              "max.message.bytes): written to the store's outbox.parked, a marker sent to <topic>.dlq.",
+                              "max.message.bytes), or whose aggregate type names no topic (topic <prefix>.__unroutable): "
+                              "written to the store's outbox.parked, a marker sent to <topic>.dlq.",
                               ["source_id", "topic"])
 RELAY_CAPTURE_PARKED = Counter("outbox_relay_capture_parked_total",
                                "Changes the capture trigger could not key (the table has no primary key) and parked in "

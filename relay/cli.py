@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from outbox.config import RelaySettings, options_for, settings_from
+from outbox.config import RelaySettings, RepublishSettings, options_for, settings_from
 
 
 @click.command()
@@ -39,3 +39,22 @@ def relay(**params: Any) -> None:
         stats = asyncio.run(run_relay(settings))
     parked = f", {stats.parked} parked in outbox.parked" if stats.parked else ""
     click.echo(f"relay stopped: {stats.events} events in {stats.transactions} transactions published{parked}", err=True)
+
+
+@click.command("republish-parked")
+@options_for(RepublishSettings)
+def republish_parked(**params: Any) -> None:
+    """Publish events the relay parked in outbox.parked, as they would have been published.
+
+    Each goes to its topic with its own ce_id, ce_commitlsn, ce_txseq and ce_xid, the same key
+    and payload, so sinks that deduplicate by id or guard by position treat it as the event it
+    always was; its outbox.parked row is deleted once Kafka acknowledged it. Running it again
+    after a failure publishes the same copies again (sinks drop the duplicate). Fix the cause
+    first: raise Kafka's limits, or correct the row's aggregatetype. See docs/operations.md.
+    """
+    from outbox.relay.republish import republish
+
+    settings = settings_from(RepublishSettings, params)
+    done = republish(settings, echo=click.echo)
+    verb = "would re-publish" if settings.dry_run else "re-published"
+    click.echo(f"{verb} {done} parked event{'s' if done != 1 else ''}")

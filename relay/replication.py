@@ -236,7 +236,8 @@ class ParkedEvent:
 class Parker:
     """Writes events Kafka cannot take into outbox.parked (rare: one connection, opened on first use).
 
-    Blocking: call :meth:`park` through ``asyncio.to_thread``; it returns once the row is committed.
+    Blocking: call :meth:`park` through ``asyncio.to_thread``; it returns once the row is committed
+    and flushed (its session turns ``synchronous_commit`` on when the default is off).
     """
 
     def __init__(self, dsn: str) -> None:
@@ -248,6 +249,11 @@ class Parker:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self._dsn, autocommit=True, application_name="outbox-relay-parker", connect_timeout=5)
+                # The slot moves past the event once its marker is acknowledged: the parked row must be
+                # on disk by then, whatever the role's or the database's default (issue #19 item 12).
+                # (off only: local, remote_write, remote_apply already wait for the flush)
+                self._conn.execute("SELECT set_config('synchronous_commit', 'on', false)"
+                                   " WHERE current_setting('synchronous_commit') = 'off'")
             self._conn.execute(PARK_INSERT, (
                 r.id, r.aggregatetype, r.aggregateid, r.type, r.payload, r.origin, r.traceparent, r.id, event.topic,
                 contract.format_lsn(event.commit_lsn),

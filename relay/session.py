@@ -23,7 +23,7 @@ from outbox.config import RelaySettings
 from outbox.errors import OutboxError
 from outbox.relay import pgoutput, policy
 from outbox.relay.events import RowReader
-from outbox.relay.policy import CAPTURE_PARKED_TYPE, HEARTBEAT_TYPE, PublishFailed
+from outbox.relay.policy import CAPTURE_PARKED_TYPE, HEARTBEAT_TYPE
 from outbox.relay.positions import PositionTracker, Txn
 from outbox.relay.publisher import DeliveryFailed, Publisher, RecordTooLarge, Report, delivery_failed, topic_max_bytes
 from outbox.relay.replication import ParkedEvent, Parker, ReplicationStream, SlotInfo, pg_now_us
@@ -207,9 +207,8 @@ class Session:
         seq = self.tracker.sent(txn)  # counted as sent: never confirmed if what follows fails
         try:
             record = context.record_raw(row, seq)
-        except contract.ContractError as exc:
-            raise PublishFailed(f"event {row.id.decode()} of transaction {txn.xid} cannot be published: {exc}; "
-                                "nothing after it is confirmed (fix or delete the row's cause, then restart)") from None
+        except contract.ContractError as exc:  # its aggregate type cannot name a topic: park it, go on
+            return self._park(row, context.unroutable_record(row, seq), txn, seq, f"not publishable: {exc}")
         publisher = self._publisher
         assert publisher is not None
         limit = self._size_limits.get(record.topic)
@@ -295,9 +294,10 @@ class Session:
                           f"larger than the producer's message.max.bytes {self._publisher.max_message_bytes}")
 
     async def _park(self, row: contract.RawRow, record: contract.Record, txn: Txn, seq: int, error: str) -> None:
-        """Kafka will never take this event: keep the whole row in outbox.parked (before anything past it
-        is confirmed) and send a small marker to ``<topic>.dlq`` in its place; its acknowledgement
-        stands for the event's."""
+        """Kafka will never take this event (too large, or its aggregate type names no topic: then
+        ``record.topic`` is ``<prefix>.__unroutable``): keep the whole row in outbox.parked (before
+        anything past it is confirmed) and send a small marker to ``<topic>.dlq`` in its place; its
+        acknowledgement stands for the event's."""
         size = contract.record_size(record)
         await asyncio.to_thread(self._parker.park, ParkedEvent(row.decoded(), record.topic, txn.commit_lsn, txn.xid,
                                                                seq, size, error))

@@ -117,3 +117,9 @@ def test_revoked_partitions_drop_their_series() -> None:
     assert sample("outbox_consumer_offset", partition="1", **labels) == 7
     m.close()
     assert sample("outbox_consumer_offset", partition="1", **labels) is None
+
+
+def test_the_served_registry_has_the_process_start_time_the_restart_alert_watches() -> None:
+    # OutboxRelayRestarting (dashboards/alerts.yml) counts changes of process_start_time_seconds
+    start = sample("process_start_time_seconds")
+    assert start is not None and 0 < start <= time.time()
