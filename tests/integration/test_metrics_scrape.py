@@ -33,6 +33,17 @@ SOURCE_ID = "scrape1"
 RATE_INTERVAL = "30s"  # what Grafana's $__rate_interval becomes at a 1 s scrape interval (at least 4 scrapes)
 
 
+
+# Series this pipeline (a relay and the read-store consumer, all healthy) cannot have: the CRM
+# sink's (not running here), and counters whose label values exist only once the event happened
+# (the aggregate type of a table whose capture trigger parked a change). Prometheus still
+# evaluates their rules here (health "ok"); dashboards/alerts.test.yml fires each of them.
+NOT_IN_THIS_PIPELINE = {
+    "outbox_crm_park_failures_total": "the CRM sink",
+    "outbox_relay_capture_parked_total": "labelled by the aggregate type of a parked capture",
+    "outbox_relay_events_parked_total": "labelled by the topic of a parked event",
+}
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -230,6 +241,8 @@ def test_prometheus_scrapes_every_hop_and_every_query_has_data(
             found = selectors(rule["query"])
             assert found, f"no selector found in {rule['name']}: {rule['query']}"
             for selector in found:
+                if selector.split("{")[0] in NOT_IN_THIS_PIPELINE:
+                    continue
                 if not prometheus.query(selector):
                     failures.append(f"alert {rule['name']}: no data for {selector}")
         firing = [r["name"] for r in rules if r["state"] != "inactive"]
