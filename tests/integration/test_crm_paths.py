@@ -271,7 +271,8 @@ def test_an_unusable_webhook_is_parked_with_its_reason_and_answered_2xx(kafka_bo
     statuses = asyncio.run(main())
     assert all(200 <= s < 300 for s in statuses), statuses
     parked = kcat_read(kafka_bootstrap, f"{topic}.dlq")
-    assert len(parked) == 2 and "lead-42" in parked[0]["headers"][H_ERROR], parked
+    # keyless letters: the relay's partitioner spreads them, so their order across partitions is not defined
+    assert len(parked) == 2 and any("lead-42" in p["headers"][H_ERROR] for p in parked), parked
     assert WEBHOOKS_PARKED.labels("invalid")._value.get() - before == 2
 
 

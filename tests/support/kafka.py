@@ -1,6 +1,7 @@
 """Kafka helpers: reading topics with kcat (an independent client), topics and groups of a test's own."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Sequence
@@ -104,11 +105,19 @@ async def delete_groups_named(bootstrap: str, prefix: str) -> None:
     """Delete the consumer groups whose names start with ``prefix`` (an exactly-once relay's position
     groups are ``<offsets topic>.<source id>``)."""
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import GroupLoadInProgressError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        names = [g[0] for g in await admin.list_consumer_groups() if g[0].startswith(prefix)]
+        for attempt in range(60):  # right after a broker restart the coordinator loads its groups first
+            try:
+                names = [g[0] for g in await admin.list_consumer_groups() if g[0].startswith(prefix)]
+                break
+            except GroupLoadInProgressError:
+                if attempt == 59:
+                    raise
+                await asyncio.sleep(0.5)
     finally:
         await admin.close()
     if names:
